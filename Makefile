@@ -1,0 +1,25 @@
+# The two commands of the README. Each installs what is missing, builds the package in
+# place, then runs. Where torch is already importable (a CUDA machine) it is used as is.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+# Packages the tests and benchmarks need besides torch, installed only when missing.
+DEPS = triton numpy pytest pytest-benchmark ninja pybind11 matplotlib
+
+.PHONY: setup build test bench clean
+
+setup:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
+	@missing=$$($(PYTHON) tools/missing_packages.py $(DEPS)); \
+	 if [ -n "$$missing" ]; then $(PIP) install $$missing; fi
+
+build: setup
+	$(PIP) install --no-build-isolation --no-deps -e .
+
+test: build
+	$(PYTHON) -m pytest -q tests
+
+bench: build
+	$(PYTHON) -m benchmarks.run
+
+clean:
+	rm -rf build *.egg-info vsr_kernels/*.so .pytest_cache .benchmarks

@@ -1,0 +1,101 @@
+// CPU launchers of local argmax attention: at::parallel_for over rows of pixels, each
+// pixel computed by the shared per-pixel functions in kernels/local_argmax_attention.h.
+// Inputs are copied channels-last so each dot product streams contiguous memory.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../tensor_frames.h"
+
+namespace vsr_kernels {
+namespace {
+
+void check_cpu_dtype(const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "vsr_kernels CPU backend supports float32 and float64, got ", t.scalar_type());
+}
+
+// Rows of pixels per task: enough work to amortise scheduling, small enough to balance.
+constexpr int64_t kRowsPerTask = 4;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, int64_t kernel_size,
+    int64_t dilation, double scale, bool zero_border) {
+  check_cpu_dtype(query);
+  const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
+  auto out = at::empty({B, T, value.size(2), H, W}, value.options());
+  auto score = at::empty({B, T, H, W}, query.options());
+  auto index = at::empty({B, T, H, W}, query.options().dtype(at::kLong));
+  if (score.numel() == 0) return {out, score, index};
+  const auto q = channels_last(query), k = channels_last(key), v = channels_last(value);
+  const Window w = make_window(key, kernel_size, dilation, zero_border);
+  const Extent e = make_extent(key, value);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "local_argmax_attention_cpu", [&] {
+    at::parallel_for(0, B * T * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / (T * H), t = row / H % T, y = row % H;
+        scalar_t* sc = score.data_ptr<scalar_t>() + (b * T + t) * H * W + y * W;
+        int64_t* ix = index.data_ptr<int64_t>() + (b * T + t) * H * W + y * W;
+        for (int64_t x = 0; x < W; ++x)
+          local_argmax_forward_pixel<scalar_t, scalar_t>(
+              frames_at<const scalar_t>(q, b), frames_at<const scalar_t>(k, b),
+              frames_at<const scalar_t>(v, b), frames_at<scalar_t>(out, b), e, w,
+              static_cast<scalar_t>(scale), t, y, x, sc + x, ix + x);
+      }
+    });
+  });
+  return {out, score, index};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& grad_score, const at::Tensor& query,
+    const at::Tensor& key, const at::Tensor& value, const at::Tensor& score, const at::Tensor& index,
+    int64_t kernel_size, int64_t dilation, double scale, bool zero_border) {
+  check_cpu_dtype(query);
+  const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
+  auto grad_query = at::empty(query.sizes(), query.options());
+  auto grad_key = at::empty(key.sizes(), key.options());
+  auto grad_value = at::empty(value.sizes(), value.options());
+  if (B == 0 || H == 0 || W == 0) return {grad_query.zero_(), grad_key.zero_(), grad_value.zero_()};
+  const auto go = channels_last(grad_out), q = channels_last(query), k = channels_last(key),
+             v = channels_last(value);
+  const auto gs = grad_score.contiguous(), sc = score.contiguous(), ix = index.contiguous();
+  const Window w = make_window(key, kernel_size, dilation, zero_border);
+  const Extent e = make_extent(key, value);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "local_argmax_attention_backward_cpu", [&] {
+    const scalar_t s = static_cast<scalar_t>(scale);
+    // A (b, t) map of grad_score, score or index: contiguous (B, T, H, W).
+    auto map_at = [&](const at::Tensor& m, int64_t b) { return m.data_ptr<scalar_t>() + b * T * H * W; };
+    at::parallel_for(0, B * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / H, y = row % H;
+        for (int64_t x = 0; x < W; ++x)
+          local_argmax_query_grad_pixel<scalar_t, scalar_t>(
+              frames_at<const scalar_t>(go, b), map_at(gs, b), frames_at<const scalar_t>(k, b),
+              frames_at<const scalar_t>(v, b), ix.data_ptr<int64_t>() + b * T * H * W,
+              frames_at<scalar_t>(grad_query, b), e, w, s, y, x);
+      }
+    });
+    at::parallel_for(0, B * T * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / (T * H), t = row / H % T, y = row % H;
+        for (int64_t x = 0; x < W; ++x)
+          local_argmax_key_value_grad_pixel<scalar_t, scalar_t>(
+              frames_at<const scalar_t>(go, b), map_at(gs, b), frames_at<const scalar_t>(q, b),
+              frames_at<const scalar_t>(v, b), map_at(sc, b), ix.data_ptr<int64_t>() + b * T * H * W,
+              frames_at<scalar_t>(grad_key, b), frames_at<scalar_t>(grad_value, b), e, w, s, t, y, x);
+      }
+    });
+  });
+  return {grad_query, grad_key, grad_value};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vsr_kernels, CPU, m) {
+  m.impl("local_argmax_attention", &forward_cpu);
+  m.impl("local_argmax_attention_backward", &backward_cpu);
+}
+
+}  // namespace vsr_kernels

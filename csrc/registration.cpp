@@ -1,0 +1,22 @@
+// Every schema of the vsr_kernels library. Kernels are registered per device in
+// cpu/*.cpp and cuda_ops.cpp; autograd and fake tensors in vsr_kernels/ops (Python).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import vsr_kernels._C` loads this library, which runs the TORCH_LIBRARY blocks below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(vsr_kernels, m) {
+  m.def(
+      "local_argmax_attention(Tensor query, Tensor key, Tensor value, int kernel_size, "
+      "int dilation, float scale, bool zero_border) -> (Tensor out, Tensor score, Tensor index)");
+  m.def(
+      "local_argmax_attention_backward(Tensor grad_out, Tensor grad_score, Tensor query, "
+      "Tensor key, Tensor value, Tensor score, Tensor index, int kernel_size, int dilation, "
+      "float scale, bool zero_border) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+}

@@ -1,0 +1,41 @@
+// Torch glue shared by the CPU and CUDA launchers: views of tensors as kernels/ Frames.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "kernels/local_argmax_attention.h"
+
+namespace vsr_kernels {
+
+// The strides of a (B, T, C, H, W) frame stack or a (B, C, H, W) map (frame stride 0),
+// whose H and W dimensions must flatten into one pixel dimension.
+inline Strides frame_strides(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() == 4 || t.dim() == 5, "vsr_kernels: expected a 4-D or 5-D tensor");
+  TORCH_CHECK(t.size(-2) <= 1 || t.stride(-2) == t.size(-1) * t.stride(-1),
+              "vsr_kernels: H and W must flatten into one pixel dimension");
+  const bool stack = t.dim() == 5;
+  return {stack ? t.stride(1) : 0, t.stride(stack ? 2 : 1), t.stride(-1)};
+}
+
+// Batch element b of t as Frames; T is the element type the kernels see.
+template <typename T>
+Frames<T> frames_at(const at::Tensor& t, int64_t b) {
+  return {static_cast<T*>(t.data_ptr()) + b * t.stride(0), frame_strides(t)};
+}
+
+// The frames of a (B, T, C, H, W) or (B, C, H, W) tensor laid out channels-last, with the
+// logical shape unchanged: per-pixel dot products then read contiguous memory.
+inline at::Tensor channels_last(const at::Tensor& t) {
+  if (t.dim() == 5) return t.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
+  return t.permute({0, 2, 3, 1}).contiguous().permute({0, 3, 1, 2});
+}
+
+inline Window make_window(const at::Tensor& key, int64_t kernel_size, int64_t dilation, bool zero_border) {
+  return {key.size(-2), key.size(-1), static_cast<int>(kernel_size), static_cast<int>(dilation), zero_border};
+}
+
+inline Extent make_extent(const at::Tensor& key, const at::Tensor& value) {
+  return {key.size(1), key.size(2), value.size(2)};
+}
+
+}  // namespace vsr_kernels
