@@ -1,0 +1,11 @@
+"""Test session set-up.
+
+Without a CUDA device, Triton kernels run on CPU tensors through Triton's interpreter, which
+must be switched on before any kernel module is imported: hence here, before vsr_kernels.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
