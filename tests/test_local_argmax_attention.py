@@ -1,0 +1,252 @@
+"""local_argmax_attention: the reference against a plain loop, the C++ CPU backend against
+the reference, gradients, registration, torch.compile and every documented edge.
+
+Triton-specific tests live in test_triton.py, GPU-only ones in test_gpu.py.
+"""
+import itertools
+import random
+import zlib
+
+import pytest
+import torch
+
+import vsr_kernels
+from vsr_kernels import reference
+from vsr_kernels.ops import _backend
+
+CPU_BACKENDS = [b for b in ("cpu",) if _backend._unavailable(b, torch.device("cpu")) is None]
+needs_cpu_kernels = pytest.mark.skipif(not CPU_BACKENDS, reason="vsr_kernels._C is not built")
+
+
+def make_inputs(B, T, C, Cv, H, W, dtype=torch.float64, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    k = torch.randn(B, T, C, H, W, generator=g, dtype=dtype)
+    v = torch.randn(B, T, Cv, H, W, generator=g, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def loop_oracle(q, k, v, kernel_size, dilation, scale, border):
+    """The definition in the README, one pixel at a time, independent of unfold and gather."""
+    B, T, _, H, W = k.shape
+    r = kernel_size // 2
+    out = torch.zeros(B, T, v.shape[2], H, W, dtype=q.dtype)
+    score = torch.zeros(B, T, H, W, dtype=q.dtype)
+    index = torch.zeros(B, T, H, W, dtype=torch.int64)
+    for b, t, y, x in itertools.product(range(B), range(T), range(H), range(W)):
+        best = None
+        for j in range(kernel_size * kernel_size):
+            cy, cx = y + (j // kernel_size - r) * dilation, x + (j % kernel_size - r) * dilation
+            inside = 0 <= cy < H and 0 <= cx < W
+            if not inside and border == "exclude":
+                continue
+            s = scale * float(q[b, :, y, x] @ k[b, t, :, cy, cx]) if inside else 0.0
+            if best is None or s > best[0]:
+                best = (s, j, v[b, t, :, cy, cx] if inside else torch.zeros(v.shape[2], dtype=q.dtype))
+        score[b, t, y, x], index[b, t, y, x] = best[0], best[1]
+        out[b, t, :, y, x] = best[0] * best[2]
+    return out, score, index
+
+
+def assert_same_outputs(got, want, **tol):
+    torch.testing.assert_close(got[0], want[0], equal_nan=True, **tol)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True, **tol)
+    assert torch.equal(got[2], want[2])
+
+
+def grads(fn, q, k, v, seed=1):
+    """Gradients of a random linear function of out and score."""
+    out, score, _ = fn(q, k, v)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + \
+        (score * torch.randn(score.shape, generator=g, dtype=score.dtype)).sum()
+    return torch.autograd.grad(loss, (q, k, v))
+
+
+# Shapes that exercise the borders: windows larger than the frame, 1-pixel frames, T = 1.
+SHAPES = [  # B, T, C, Cv, H, W
+    (2, 3, 4, 5, 6, 7), (1, 1, 3, 2, 5, 5), (1, 2, 2, 3, 1, 9), (2, 2, 5, 1, 3, 2), (1, 3, 1, 4, 8, 4),
+]
+WINDOWS = [(1, 1), (3, 1), (3, 2), (9, 1), (5, 2)]  # kernel_size, dilation
+
+
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 1)])
+def test_reference_matches_loop_oracle(border, kernel_size, dilation):
+    q, k, v = make_inputs(2, 2, 3, 2, 4, 5, seed=kernel_size * 10 + dilation)
+    want = loop_oracle(q, k, v, kernel_size, dilation, 0.5, border)
+    assert_same_outputs(reference.local_argmax_attention(q, k, v, kernel_size, dilation, 0.5, border), want)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("window", WINDOWS)
+def test_matches_reference_float64(backend, border, shape, window):
+    seed = zlib.crc32(repr((border, shape, window)).encode())
+    q, k, v = make_inputs(*shape, seed=seed, requires_grad=True)
+    scale = random.Random(seed).uniform(-2, 2)
+    call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
+        q, k, v, *window, scale=scale, border=border, backend=backend)
+    assert_same_outputs(call(backend)(q, k, v), call("reference")(q, k, v), rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+def test_float32_close_to_float64_reference(border):
+    q, k, v = make_inputs(2, 3, 16, 8, 12, 10, seed=7)
+    want = reference.local_argmax_attention(q, k, v, 5, 1, 0.25, border)
+    got = vsr_kernels.local_argmax_attention(q.float(), k.float(), v.float(), 5, 1, 0.25, border, "cpu")
+    agree = got[2] == want[2]
+    assert agree.float().mean() > 0.99  # float32 rounding may flip near-ties only
+    torch.testing.assert_close(got[1][agree].double(), want[1][agree], rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+def test_planted_ties_pick_the_lowest_candidate(border):
+    # Integer-valued inputs make many candidates score exactly the same.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-1, 2, (2, 2, 6, 6), generator=g).double()
+    k = torch.randint(-1, 2, (2, 3, 2, 6, 6), generator=g).double()
+    v = torch.randn(2, 3, 3, 6, 6, generator=g, dtype=torch.float64)
+    want = loop_oracle(q, k, v, 3, 1, 1.0, border)
+    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend="cpu")
+    assert_same_outputs(got, want)
+    assert_same_outputs(reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border), want)
+    # scale 0 ties every candidate: the first one inside the window wins.
+    _, _, index = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.0, border, backend="cpu")
+    first = reference.local_argmax_attention(q, k, v, 3, 1, 0.0, border)[2]
+    assert torch.equal(index, first)
+    assert index[0, 0, 0, 0] == (0 if border == "zeros" else 4)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("window", [(3, 1), (3, 2)])
+def test_gradcheck(border, window):
+    q, k, v = make_inputs(2, 2, 3, 2, 4, 5, seed=11, requires_grad=True)
+    fn = lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
+        q, k, v, *window, scale=0.7, border=border, backend="cpu")[:2]
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@needs_cpu_kernels
+def test_index_is_not_differentiable():
+    q, k, v = make_inputs(1, 2, 3, 2, 4, 4, requires_grad=True)
+    out, score, index = vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
+    assert out.requires_grad and score.requires_grad and not index.requires_grad
+    assert index.dtype == torch.int64
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", [False, True])
+def test_opcheck(border):
+    q, k, v = make_inputs(2, 2, 3, 4, 5, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.vsr_kernels.local_argmax_attention, (q, k, v, 3, 2, 0.5, border))
+    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.5, border)
+    go, gs = torch.randn_like(out), torch.randn_like(score)
+    torch.library.opcheck(torch.ops.vsr_kernels.local_argmax_attention_backward,
+                          (go, gs, q.detach(), k.detach(), v.detach(), score.detach(), index, 3, 2, 0.5, border))
+
+
+@needs_cpu_kernels
+def test_torch_compile_fullgraph_matches_eager():
+    def step(q, k, v):
+        out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.5, "zeros", backend="cpu")
+        return (out.sin().sum() + score.square().sum())
+
+    q, k, v = make_inputs(1, 2, 4, 3, 6, 5, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True)
+    eager_loss, compiled_loss = step(q, k, v), compiled(q, k, v)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
+def test_batch_zero(backend):
+    q, k, v = make_inputs(0, 3, 4, 5, 6, 7, requires_grad=True)
+    out, score, index = vsr_kernels.local_argmax_attention(q, k, v, 3, backend=backend)
+    assert out.shape == (0, 3, 5, 6, 7) and score.shape == (0, 3, 6, 7) and index.shape == (0, 3, 6, 7)
+    gq, gk, gv = torch.autograd.grad(out.sum() + score.sum(), (q, k, v))
+    assert gq.shape == q.shape and gk.shape == k.shape and gv.shape == v.shape
+
+
+@needs_cpu_kernels
+def test_non_contiguous_inputs_match_contiguous():
+    q, k, v = make_inputs(2, 3, 4, 5, 7, 6, seed=5)
+    # The same values behind transposed, strided and permuted layouts.
+    qn = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    kn = torch.empty(2, 3, 8, 7, 6, dtype=k.dtype)[:, :, ::2].copy_(k)
+    vn = v.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
+    fn = lambda q, k, v: vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.3, backend="cpu")  # noqa: E731
+    strided = [t.requires_grad_() for t in (qn, kn, vn)]
+    dense = [t.requires_grad_() for t in (q, k, v)]
+    assert_same_outputs(fn(*strided), fn(*dense), rtol=0, atol=0)
+    for got, want in zip(grads(fn, *strided), grads(fn, *dense)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+def test_nan_propagates(border):
+    q, k, v = make_inputs(1, 2, 3, 2, 6, 6, seed=9)
+    q[0, 1, 2, 2] = float("nan")  # one query pixel
+    k[0, 1, 0, 4, 4] = float("nan")  # one key pixel of frame 1
+    v[0, 0, 1, 0, 0] = float("nan")  # one value pixel of frame 0
+    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend="cpu")
+    want = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border)
+    assert_same_outputs(got, want)
+    assert got[1][0, :, 2, 2].isnan().all()  # the NaN query poisons its scores in every frame
+    assert got[1][0, 1, 3:6, 3:6].isnan().all()  # every window holding the NaN key selects it
+    if border == "zeros":  # with zero padding a NaN query poisons even the zero candidates
+        q[0, 0, 0, 0] = float("nan")
+        got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend="cpu")
+        assert_same_outputs(got, reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border))
+
+
+@needs_cpu_kernels
+def test_auto_backend_on_cpu_is_the_cpu_kernel():
+    q, k, v = make_inputs(1, 2, 3, 4, 5, 6)
+    assert_same_outputs(vsr_kernels.local_argmax_attention(q, k, v, 3),
+                        vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu"), rtol=0, atol=0)
+
+
+def _bad_input_cases():
+    q, k, v = make_inputs(2, 3, 4, 5, 6, 7, dtype=torch.float32)
+    ok = dict(query=q, key=k, value=v)
+    yield "query rank", dict(ok, query=q[0]), ValueError, "query must be 4-D"
+    yield "key rank", dict(ok, key=k[0]), ValueError, "key must be 5-D"
+    yield "value rank", dict(ok, value=v[:, 0]), ValueError, "value must be 5-D"
+    yield "query not a tensor", dict(ok, query=q.numpy()), TypeError, "query must be a torch.Tensor"
+    yield "B mismatch", dict(ok, key=k[:1]), ValueError, "key must have B = 2"
+    yield "C mismatch", dict(ok, key=k[:, :, :3]), ValueError, "key must have C = 4"
+    yield "H mismatch", dict(ok, key=k[:, :, :, :5]), ValueError, "key must have H = 6"
+    yield "W mismatch", dict(ok, value=v[..., :6]), ValueError, "value must have W = 7"
+    yield "T mismatch", dict(ok, value=v[:, :2]), ValueError, "value must have T = 3"
+    yield "even kernel", dict(ok, kernel_size=4), ValueError, "kernel_size must be an odd integer >= 1, got 4"
+    yield "zero kernel", dict(ok, kernel_size=0), ValueError, "kernel_size must be an odd integer >= 1"
+    yield "float kernel", dict(ok, kernel_size=3.0), TypeError, "kernel_size must be an int"
+    yield "dilation", dict(ok, dilation=0), ValueError, "dilation must be an integer >= 1, got 0"
+    yield "border", dict(ok, border="reflect"), ValueError, "border must be one of 'exclude', 'zeros'"
+    yield "backend", dict(ok, backend="opencl"), ValueError, "backend must be one of"
+    yield "scale", dict(ok, scale="1"), TypeError, "scale must be a real number"
+    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, "key must have the dtype of query (torch.float32)"
+    yield "integer dtype", dict(ok, value=v.long()), TypeError, "value must have a floating-point dtype"
+    yield "half on cpu", dict(query=q.half(), key=k.half(), value=v.half(), backend="cpu"), TypeError, \
+        "backend='cpu' supports dtypes"
+    yield "device mismatch", dict(ok, value=v.to("meta")), ValueError, "value must be on the device of query"
+    yield "cuda backend on cpu", dict(ok, backend="cuda"), ValueError, "backend='cuda' cannot run"
+
+
+@pytest.mark.parametrize("case", list(_bad_input_cases()), ids=lambda c: c[0])
+def test_bad_input_raises_before_any_kernel(case):
+    _, kwargs, error, message = case
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        vsr_kernels.local_argmax_attention(**kwargs)
