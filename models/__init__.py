@@ -1,0 +1,1 @@
+"""Example networks assembled from vsr_kernels.nn."""

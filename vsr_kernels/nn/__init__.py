@@ -1,0 +1,4 @@
+"""nn.Module layers over the vsr_kernels ops, named after the papers' blocks."""
+from .mana import CrossFrameNonLocalAttention, MemoryAugmentedAttention
+
+__all__ = ["CrossFrameNonLocalAttention", "MemoryAugmentedAttention"]
