@@ -5,12 +5,42 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define VSR_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define VSR_HOST_DEVICE inline
 #endif
 
 namespace vsr_kernels {
+
+// Conversion between storage and accumulation types. Not a plain static_cast because
+// PyTorch compiles CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's and __nv_bfloat16's implicit
+// conversions: those two go through the explicit intrinsics below.
+template <typename To, typename From>
+VSR_HOST_DEVICE To convert(From x) {
+  return static_cast<To>(x);
+}
+
+#if defined(__CUDACC__)
+template <>
+VSR_HOST_DEVICE float convert<float, __half>(__half x) {
+  return __half2float(x);
+}
+template <>
+VSR_HOST_DEVICE __half convert<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+VSR_HOST_DEVICE float convert<float, __nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+VSR_HOST_DEVICE __nv_bfloat16 convert<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+#endif
 
 // A ranking that matches torch.max: NaN beats every number, and among equals the earlier
 // candidate is kept (callers visit candidates in increasing index and only replace on a

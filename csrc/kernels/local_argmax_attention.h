@@ -71,11 +71,11 @@ VSR_HOST_DEVICE void local_argmax_forward_pixel(
     acc_t dot = 0;
     if (cand >= 0) {
       for (int64_t c = 0; c < e.channels; ++c)
-        dot += static_cast<acc_t>(query.at(0, c, p)) * static_cast<acc_t>(key.at(t, c, cand));
+        dot += convert<acc_t>(query.at(0, c, p)) * convert<acc_t>(key.at(t, c, cand));
     } else {
       // A zero-padded key, multiplied for real: a NaN or inf query still poisons the score,
       // exactly as with F.unfold's zero padding.
-      for (int64_t c = 0; c < e.channels; ++c) dot += static_cast<acc_t>(query.at(0, c, p)) * acc_t(0);
+      for (int64_t c = 0; c < e.channels; ++c) dot += convert<acc_t>(query.at(0, c, p)) * acc_t(0);
     }
     const acc_t s = scale * dot;
     if (best_j < 0 || beats(s, best)) {
@@ -84,11 +84,11 @@ VSR_HOST_DEVICE void local_argmax_forward_pixel(
       best_pixel = cand;
     }
   }
-  *score = static_cast<scalar_t>(best);
+  *score = convert<scalar_t>(best);
   *index = best_j;
   for (int64_t c = 0; c < e.value_channels; ++c) {
-    const acc_t v = best_pixel < 0 ? acc_t(0) : static_cast<acc_t>(value.at(t, c, best_pixel));
-    out.at(t, c, p) = static_cast<scalar_t>(best * v);
+    const acc_t v = best_pixel < 0 ? acc_t(0) : convert<acc_t>(value.at(t, c, best_pixel));
+    out.at(t, c, p) = convert<scalar_t>(best * v);
   }
 }
 
@@ -100,7 +100,7 @@ VSR_HOST_DEVICE acc_t local_argmax_score_grad(
     acc_t grad_score, int64_t t, int64_t p, int64_t sel) {
   acc_t g = grad_score;
   for (int64_t c = 0; c < e.value_channels; ++c)
-    g += static_cast<acc_t>(grad_out.at(t, c, p)) * static_cast<acc_t>(value.at(t, c, sel));
+    g += convert<acc_t>(grad_out.at(t, c, p)) * convert<acc_t>(value.at(t, c, sel));
   return g;
 }
 
@@ -117,9 +117,9 @@ VSR_HOST_DEVICE void local_argmax_query_grad_pixel(
     const int64_t sel = w.candidate_pixel(y, x, static_cast<int>(index[t * w.pixels() + p]));
     if (sel < 0) continue;  // a zero-padded key: nothing to differentiate
     const acc_t g = scale * local_argmax_score_grad<scalar_t, acc_t>(
-                                grad_out, value, e, static_cast<acc_t>(grad_score[t * w.pixels() + p]), t, p, sel);
+                                grad_out, value, e, convert<acc_t>(grad_score[t * w.pixels() + p]), t, p, sel);
     for (int64_t c = 0; c < e.channels; ++c)
-      grad_query.at(0, c, p) += g * static_cast<acc_t>(key.at(t, c, sel));
+      grad_query.at(0, c, p) += g * convert<acc_t>(key.at(t, c, sel));
   }
 }
 
@@ -139,12 +139,12 @@ VSR_HOST_DEVICE void local_argmax_key_value_grad_pixel(
     const int64_t p = w.candidate_pixel(y, x, j, -1);
     if (p < 0 || index[t * w.pixels() + p] != j) continue;
     const acc_t g = scale * local_argmax_score_grad<scalar_t, acc_t>(
-                                grad_out, value, e, static_cast<acc_t>(grad_score[t * w.pixels() + p]), t, p, k);
-    const acc_t s = static_cast<acc_t>(score[t * w.pixels() + p]);
+                                grad_out, value, e, convert<acc_t>(grad_score[t * w.pixels() + p]), t, p, k);
+    const acc_t s = convert<acc_t>(score[t * w.pixels() + p]);
     for (int64_t c = 0; c < e.channels; ++c)
-      grad_key.at(t, c, k) += g * static_cast<acc_t>(query.at(0, c, p));
+      grad_key.at(t, c, k) += g * convert<acc_t>(query.at(0, c, p));
     for (int64_t c = 0; c < e.value_channels; ++c)
-      grad_value.at(t, c, k) += s * static_cast<acc_t>(grad_out.at(t, c, p));
+      grad_value.at(t, c, k) += s * convert<acc_t>(grad_out.at(t, c, p));
   }
 }
 
