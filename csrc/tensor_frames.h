@@ -11,10 +11,13 @@ namespace vsr_kernels {
 // whose H and W dimensions must flatten into one pixel dimension.
 inline Strides frame_strides(const at::Tensor& t) {
   TORCH_CHECK(t.dim() == 4 || t.dim() == 5, "vsr_kernels: expected a 4-D or 5-D tensor");
-  TORCH_CHECK(t.size(-2) <= 1 || t.stride(-2) == t.size(-1) * t.stride(-1),
+  const int64_t H = t.size(-2), W = t.size(-1);
+  // Pixel p = y * W + x; with W == 1 it is y, and PyTorch leaves the W stride arbitrary.
+  const int64_t pixel = W == 1 ? t.stride(-2) : t.stride(-1);
+  TORCH_CHECK(H <= 1 || W == 1 || t.stride(-2) == W * pixel,
               "vsr_kernels: H and W must flatten into one pixel dimension");
   const bool stack = t.dim() == 5;
-  return {stack ? t.stride(1) : 0, t.stride(stack ? 2 : 1), t.stride(-1)};
+  return {stack ? t.stride(1) : 0, t.stride(stack ? 2 : 1), pixel};
 }
 
 // Batch element b of t as Frames; T is the element type the kernels see.

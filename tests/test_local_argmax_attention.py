@@ -66,6 +66,7 @@ def grads(fn, q, k, v, seed=1):
 # Shapes that exercise the borders: windows larger than the frame, 1-pixel frames, T = 1.
 SHAPES = [  # B, T, C, Cv, H, W
     (2, 3, 4, 5, 6, 7), (1, 1, 3, 2, 5, 5), (1, 2, 2, 3, 1, 9), (2, 2, 5, 1, 3, 2), (1, 3, 1, 4, 8, 4),
+    (1, 2, 3, 2, 5, 1),
 ]
 WINDOWS = [(1, 1), (3, 1), (3, 2), (9, 1), (5, 2)]  # kernel_size, dilation
 
