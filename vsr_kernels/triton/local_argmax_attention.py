@@ -1,0 +1,435 @@
+"""Local argmax attention (MANA) in Triton: forward and gather-formulated backward.
+
+Registered with `torch.library.custom_op` (an opaque boundary, see DESIGN.md) as
+`vsr_kernels::local_argmax_attention_triton` and `..._triton_backward`, with the schemas,
+semantics, autograd and fake tensors of the C++ ops (csrc/kernels/local_argmax_attention.h
+is the per-pixel specification this file follows).
+
+Layout. Feature maps are channels-first, so one program owns BLOCK_P consecutive pixels of
+one frame, one pixel per lane: every load of a channel is a run of consecutive addresses
+along W (coalesced), however the candidate shifts it. Tensors are read through their
+strides, never copied: non-contiguous and channels-last inputs work (channels-last then
+loses the coalescing). Only the small (B, T, H, W) maps the backward receives are made
+contiguous. Offsets are int64 (tensors may pass 2**31 elements); pixel coordinates within
+one frame are int32.
+
+Forward, per pixel: the K*K candidates in increasing j, each a dot product over C; the
+query's channels stay in registers across the candidates when C <= 64 (else they are
+re-read per channel block from L1). Running argmax with the C++ ranking: NaN beats every
+number, a tie keeps the earlier (lower) j. Then out = score * value[selected].
+
+Backward, three gather kernels, deterministic and atomic-free:
+  1. score grad: g[t, p] = scale * (grad_score + <grad_out[t, :, p], value[t, :, sel_t(p)]>),
+     a (B, T, H, W) map in the accumulation type, computed once and read by 2 and 3;
+  2. query grad, per query pixel: sum over t, in order, of g[t, p] * key[t, :, sel_t(p)];
+  3. key and value grad, per key pixel k of frame t: the same kernel twice, gathering
+     weight[p] * source[:, p] over the <= K*K pixels p whose candidate j is k and whose
+     index is j (key: weight g, source query; value: weight score, source grad_out).
+Accumulation is float32 (float64 for float64 inputs).
+
+Launch shape: BLOCK_P = 128 pixels per program on 4 warps, one pixel per lane, so a warp's
+load of one channel is 32 consecutive pixels (128 bytes in fp32); channel tiles of 16, 32
+or 64 (see MAX_CHANNEL_BLOCK). Registers per config are printed by
+tests/test_triton_compile.py (sm_80/sm_90: no spills; 64-channel fp32 forward ~168).
+
+Expected cost at the benchmark shape (H100 SXM, B=4, T=7, C=Cv=64, H=180, W=320, K=9):
+  bytes that must move: query 59 MB + key 413 MB + value 413 MB + out 413 MB + score 6 MB
+  + index 13 MB = 1.32 GB in fp32, 0.39 ms at 3.35 TB/s (bf16: 0.66 GB, 0.20 ms).
+  FLOPs: 2*C*K*K per pixel and frame = 16.7 GFLOP, 0.25 ms at 67 TFLOP/s fp32 FMA (bf16
+  is multiplied in fp32 too). At 12.7 FLOP/B (ridge ~20) DRAM is the roofline, but the
+  direct formulation re-reads every key element K*K = 81 times from L1/L2: 33 GB in fp32
+  (17 GB in bf16), about 1.0 ms (0.5 ms) at H100's ~33 TB/s aggregate L1 bandwidth, with
+  an address computation per FMA. So expect about 0.3-0.4 of the DRAM roofline, not 0.5;
+  more needs key rows reused in registers across neighbouring pixels (sliding windows over
+  registers, which Triton does not expose directly). Unmeasured: see benchmarks/.
+Backward: the score grad reads grad_out and the selected values once; the query grad the
+T selected keys per pixel; the gathers read each query/grad_out element about once (masked
+lanes move nothing) but the index map K*K times per channel tile, from cache.
+"""
+import contextlib
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.local_argmax_attention import register_autograd_and_fake
+
+
+# Every kernel reads a feature tensor through five strides (batch, frame, channel, y, x);
+# a (B, C, H, W) query has frame stride 0. The (B, T, H, W) maps are contiguous.
+
+@triton.jit
+def _pixel_block(pid, H, W, BLOCK_P: tl.constexpr):
+    """(frame number, y, x, in-frame mask) of program `pid`'s pixels; frames are numbered
+    b * T + t (or b for per-batch programs) and pixel blocks vary fastest, so neighbouring
+    programs share their key rows in L2."""
+    n_blocks = tl.cdiv(H * W, BLOCK_P)
+    p = (pid % n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return pid // n_blocks, p // W, p % W, p < H * W
+
+
+@triton.jit
+def _window_step(j, kernel_size, dilation):
+    """(dy, dx) * dilation of candidate j = (dy + r) * kernel_size + (dx + r), r = kernel_size // 2."""
+    r = kernel_size // 2
+    return (j // kernel_size - r) * dilation, (j % kernel_size - r) * dilation
+
+
+@triton.jit
+def _in_frame(y, x, H, W):
+    return (y >= 0) & (y < H) & (x >= 0) & (x < W)
+
+
+@triton.jit
+def _candidate(y, x, j, kernel_size, dilation, H, W, sign):
+    """(y, x) moved by candidate j's step (sign 1) or back from it (sign -1), and whether it is
+    in the frame."""
+    dy, dx = _window_step(j, kernel_size, dilation)
+    cy = y + sign * dy
+    cx = x + sign * dx
+    return cy, cx, _in_frame(cy, cx, H, W)
+
+
+@triton.jit
+def _offsets(c, y, x, sc, sy, sx):
+    """int64 offsets (channel, pixel) of a [channels, pixels] tile."""
+    pixel = y.to(tl.int64) * sy + x.to(tl.int64) * sx
+    return c.to(tl.int64)[:, None] * sc + pixel[None, :]
+
+
+@triton.jit
+def _channel_block(ptr, c0, sc):
+    """`ptr` moved to channel c0, in int64."""
+    return ptr + tl.cast(c0, tl.int64) * sc
+
+
+@triton.jit
+def _forward_kernel(
+    query_ptr, key_ptr, value_ptr, out_ptr, score_ptr, index_ptr,
+    T, C, Cv, H, W, kernel_size, dilation, scale: tl.float64, zero_border,
+    q_sb, q_sc, q_sy, q_sx,
+    k_sb, k_st, k_sc, k_sy, k_sx,
+    v_sb, v_st, v_sc, v_sy, v_sx,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, QUERY_IN_REGISTERS: tl.constexpr,
+):
+    frame, y, x, in_frame = _pixel_block(tl.program_id(0), H, W, BLOCK_P)
+    b = (frame // T).to(tl.int64)
+    t = (frame % T).to(tl.int64)
+    query_ptr += b * q_sb
+    key_ptr += b * k_sb + t * k_st
+    c = tl.arange(0, BLOCK_C)
+    q_off = _offsets(c, y, x, q_sc, q_sy, q_sx)
+    k_off = _offsets(c, y, x, k_sc, k_sy, k_sx)
+    if QUERY_IN_REGISTERS:
+        q = tl.load(query_ptr + q_off, mask=(c < C)[:, None] & in_frame[None, :], other=0).to(ACC)
+
+    best = tl.zeros([BLOCK_P], ACC)
+    best_j = tl.full([BLOCK_P], -1, tl.int32)
+    for j in range(kernel_size * kernel_size):
+        dy, dx = _window_step(j, kernel_size, dilation)
+        inside = in_frame & _in_frame(y + dy, x + dx, H, W)
+        shifted_key_ptr = key_ptr + tl.cast(dy, tl.int64) * k_sy + tl.cast(dx, tl.int64) * k_sx
+        # Outside the frame the key reads as 0 and is multiplied for real, as with F.unfold's
+        # zero padding: a NaN or inf query then gives a NaN score.
+        if QUERY_IN_REGISTERS:
+            k = tl.load(shifted_key_ptr + k_off, mask=(c < C)[:, None] & inside[None, :], other=0).to(ACC)
+            dot = tl.sum(q * k, axis=0)
+        else:
+            dot = tl.zeros([BLOCK_P], ACC)
+            for c0 in range(0, C, BLOCK_C):
+                mask = (c0 + c < C)[:, None]
+                q = tl.load(_channel_block(query_ptr, c0, q_sc) + q_off, mask=mask & in_frame[None, :],
+                            other=0)
+                k = tl.load(_channel_block(shifted_key_ptr, c0, k_sc) + k_off, mask=mask & inside[None, :],
+                            other=0)
+                dot += tl.sum(q.to(ACC) * k.to(ACC), axis=0)
+        s = (scale * dot).to(ACC)
+        beats = (s > best) | ((s != s) & (best == best))  # the C++ `beats`: NaN wins, ties keep
+        take = (inside | zero_border) & ((best_j < 0) | beats)
+        best = tl.where(take, s, best)
+        best_j = tl.where(take, j, best_j)
+
+    map_off = frame.to(tl.int64) * H * W + y * W + x
+    tl.store(score_ptr + map_off, best.to(score_ptr.dtype.element_ty), mask=in_frame)
+    tl.store(index_ptr + map_off, best_j.to(tl.int64), mask=in_frame)
+    sy, sx, selected = _candidate(y, x, best_j, kernel_size, dilation, H, W, 1)
+    selected &= in_frame
+    value_ptr += b * v_sb + t * v_st
+    v_off = _offsets(c, sy, sx, v_sc, v_sy, v_sx)
+    out_ptr += frame.to(tl.int64) * Cv * H * W
+    out_off = _offsets(c, y, x, H * W, W, 1)
+    for c0 in range(0, Cv, BLOCK_C):
+        mask = (c0 + c < Cv)[:, None]
+        v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & selected[None, :], other=0)
+        tl.store(_channel_block(out_ptr, c0, H * W) + out_off,
+                 (best[None, :] * v.to(ACC)).to(out_ptr.dtype.element_ty), mask=mask & in_frame[None, :])
+
+
+@triton.jit
+def _score_grad_kernel(
+    grad_out_ptr, grad_score_ptr, value_ptr, index_ptr, g_ptr,
+    T, Cv, H, W, kernel_size, dilation, scale: tl.float64,
+    go_sb, go_st, go_sc, go_sy, go_sx,
+    v_sb, v_st, v_sc, v_sy, v_sx,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    frame, y, x, in_frame = _pixel_block(tl.program_id(0), H, W, BLOCK_P)
+    b = (frame // T).to(tl.int64)
+    t = (frame % T).to(tl.int64)
+    map_off = frame.to(tl.int64) * H * W + y * W + x
+    j = tl.load(index_ptr + map_off, mask=in_frame, other=0).to(tl.int32)
+    sy, sx, selected = _candidate(y, x, j, kernel_size, dilation, H, W, 1)
+    selected &= in_frame
+    c = tl.arange(0, BLOCK_C)
+    grad_out_ptr += b * go_sb + t * go_st
+    value_ptr += b * v_sb + t * v_st
+    go_off = _offsets(c, y, x, go_sc, go_sy, go_sx)
+    v_off = _offsets(c, sy, sx, v_sc, v_sy, v_sx)
+    g = tl.load(grad_score_ptr + map_off, mask=in_frame, other=0).to(ACC)
+    for c0 in range(0, Cv, BLOCK_C):
+        mask = (c0 + c < Cv)[:, None]
+        go = tl.load(_channel_block(grad_out_ptr, c0, go_sc) + go_off, mask=mask & in_frame[None, :], other=0)
+        v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & selected[None, :], other=0)
+        g += tl.sum(go.to(ACC) * v.to(ACC), axis=0)
+    tl.store(g_ptr + map_off, (scale * g).to(ACC), mask=in_frame)
+
+
+@triton.jit
+def _query_grad_kernel(
+    g_ptr, index_ptr, key_ptr, grad_query_ptr,
+    T, C, H, W, kernel_size, dilation,
+    k_sb, k_st, k_sc, k_sy, k_sx,
+    gq_sb, gq_sc, gq_sy, gq_sx,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    b, y, x, in_frame = _pixel_block(tl.program_id(0), H, W, BLOCK_P)
+    b = b.to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = (c < C)[:, None]
+    key_ptr += b * k_sb
+    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    for t in range(T):
+        map_off = (b * T + t) * H * W + y * W + x
+        j = tl.load(index_ptr + map_off, mask=in_frame, other=0).to(tl.int32)
+        g = tl.load(g_ptr + map_off, mask=in_frame, other=0)
+        sy, sx, selected = _candidate(y, x, j, kernel_size, dilation, H, W, 1)
+        selected &= in_frame
+        k = tl.load(key_ptr + tl.cast(t, tl.int64) * k_st + _offsets(c, sy, sx, k_sc, k_sy, k_sx),
+                    mask=c_mask & selected[None, :], other=0)
+        # A zero-padded candidate has nothing to differentiate: skipped, not multiplied by 0,
+        # so that an inf or NaN g does not leak into the query gradient.
+        acc += tl.where(selected[None, :], g[None, :] * k.to(ACC), 0)
+    out_off = _offsets(c, y, x, gq_sc, gq_sy, gq_sx)
+    tl.store(grad_query_ptr + b * gq_sb + out_off, acc.to(grad_query_ptr.dtype.element_ty),
+             mask=c_mask & in_frame[None, :])
+
+
+@triton.jit
+def _gather_grad_kernel(
+    weight_ptr, source_ptr, index_ptr, grad_ptr,
+    T, C, H, W, kernel_size, dilation,
+    s_sb, s_st, s_sc, s_sy, s_sx,
+    gr_sb, gr_st, gr_sc, gr_sy, gr_sx,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """grad[t, :, k] = sum over j, in order, of weight[t, p] * source[t, :, p] for the query
+    pixels p whose candidate j is k and whose index is j."""
+    frame, y, x, in_frame = _pixel_block(tl.program_id(0), H, W, BLOCK_P)
+    b = (frame // T).to(tl.int64)
+    t = (frame % T).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = (c < C)[:, None]
+    source_ptr += b * s_sb + t * s_st
+    frame_off = frame.to(tl.int64) * H * W
+    acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
+    for j in range(kernel_size * kernel_size):
+        py, px, inside = _candidate(y, x, j, kernel_size, dilation, H, W, -1)
+        inside &= in_frame
+        map_off = frame_off + py * W + px
+        picked = inside & (tl.load(index_ptr + map_off, mask=inside, other=-1) == j)
+        # Masked loads cost no memory traffic: each query pixel picked one candidate, so on
+        # average one lane in K*K loads anything here.
+        w = tl.load(weight_ptr + map_off, mask=picked, other=0)
+        src = tl.load(source_ptr + _offsets(c, py, px, s_sc, s_sy, s_sx), mask=c_mask & picked[None, :],
+                      other=0)
+        acc += w[None, :].to(ACC) * src.to(ACC)
+    out_off = _offsets(c, y, x, gr_sc, gr_sy, gr_sx)
+    tl.store(grad_ptr + b * gr_sb + t * gr_st + out_off, acc.to(grad_ptr.dtype.element_ty),
+             mask=c_mask & in_frame[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch: the launch configurations, and the list of all of them for compile checks.
+
+BLOCK_P = 128  # pixels per program: one per lane of 4 warps, a 512-byte fp32 run per channel
+NUM_WARPS = 4
+KERNELS = {
+    "forward": _forward_kernel,
+    "score_grad": _score_grad_kernel,
+    "query_grad": _query_grad_kernel,
+    "gather_grad": _gather_grad_kernel,
+}
+# The largest channel tile of each kernel. A tile holds BLOCK_C values per lane (BLOCK_C
+# accumulators and BLOCK_C loads in flight in the backward), so these caps keep registers
+# near or under 128 per thread for good occupancy, except the forward: its 64-channel query
+# in registers (about 170 registers at C = 64) saves re-reading it for each of the K*K
+# candidates. The backward kernels split channels over the grid instead (query_grad,
+# gather_grad) or loop over them (score_grad).
+MAX_CHANNEL_BLOCK = {"forward": 64, "score_grad": 32, "query_grad": 16, "gather_grad": 16}
+MIN_CHANNEL_BLOCK = 16
+# Types of the non-int scalar arguments: scale is float64 so that float64 inputs see it exactly.
+SCALAR_TYPES = {"scale": "fp64", "zero_border": "u1"}
+
+
+class LaunchConfig(NamedTuple):
+    kernel: str  # a key of KERNELS
+    constexprs: tuple  # (name, value) pairs, the accumulation type ACC excepted
+    num_warps: int
+
+    @property
+    def block_c(self) -> int:
+        return dict(self.constexprs)["BLOCK_C"]
+
+
+def launch_config(kernel: str, channels: int) -> LaunchConfig:
+    """What `kernel` is launched with for `channels` channels (C for the forward, query_grad
+    and the key gather; Cv for score_grad and the value gather)."""
+    block_c = min(max(triton.next_power_of_2(max(channels, 1)), MIN_CHANNEL_BLOCK), MAX_CHANNEL_BLOCK[kernel])
+    constexprs = {"BLOCK_P": BLOCK_P, "BLOCK_C": block_c}
+    if kernel == "forward":
+        constexprs["QUERY_IN_REGISTERS"] = channels <= block_c
+    return LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS)
+
+
+def all_launch_configs() -> list:
+    """Every LaunchConfig the dispatcher can produce, whatever the channel counts."""
+    largest = max(MAX_CHANNEL_BLOCK.values())
+    channel_counts = [2**i for i in range(largest.bit_length())] + [largest + 1]
+    return sorted({launch_config(kernel, channels) for kernel in KERNELS for channels in channel_counts})
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float64: tl.float64}
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch(config: LaunchConfig, grid, *args, dtype: torch.dtype) -> None:
+    if 0 in grid:  # no frames or no channels: nothing to compute
+        return
+    KERNELS[config.kernel][grid](*args, ACC=_TL_DTYPES[_accumulation_dtype(dtype)],
+                                 num_warps=config.num_warps, **dict(config.constexprs))
+
+
+def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
+    """The element types of `kernel`'s pointer arguments, one dict per way the ops launch it."""
+    data, acc = str(_TL_DTYPES[dtype]), str(_TL_DTYPES[_accumulation_dtype(dtype)])
+    if kernel == "forward":
+        return [dict(query_ptr=data, key_ptr=data, value_ptr=data, out_ptr=data, score_ptr=data,
+                     index_ptr="i64")]
+    if kernel == "score_grad":
+        return [dict(grad_out_ptr=data, grad_score_ptr=data, value_ptr=data, index_ptr="i64", g_ptr=acc)]
+    if kernel == "query_grad":
+        return [dict(g_ptr=acc, index_ptr="i64", key_ptr=data, grad_query_ptr=data)]
+    # The key gather weighs by g, the value gather by the score.
+    return [dict(weight_ptr=weight, source_ptr=data, index_ptr="i64", grad_ptr=data)
+            for weight in sorted({acc, data})]
+
+
+def compile_all(archs=(80, 90), dtype_names=("float16", "bfloat16", "float32", "float64")) -> list:
+    """Compiles every launch the ops can make for the CUDA compute capabilities `archs`:
+    one report per compiled kernel (see _compile.compile_kernel), with its "dtype",
+    "constexprs" and "pointers" types. Needs a process without TRITON_INTERPRET=1, such as
+    _compile.call_without_interpreter gives."""
+    from . import _compile
+
+    reports = []
+    for config in all_launch_configs():
+        for dtype in (getattr(torch, name) for name in dtype_names):
+            constexprs = dict(config.constexprs, ACC=_TL_DTYPES[_accumulation_dtype(dtype)])
+            for pointers in _pointer_types(config.kernel, dtype):
+                for arch in archs:
+                    report = _compile.compile_kernel(KERNELS[config.kernel], pointers, SCALAR_TYPES,
+                                                     constexprs, arch, config.num_warps)
+                    reports.append(dict(report, dtype=str(dtype).removeprefix("torch."),
+                                        constexprs=dict(config.constexprs), pointers=pointers))
+    return reports
+
+
+def _strides(t: torch.Tensor) -> tuple:
+    """(batch, frame, channel, y, x) strides of a (B, T, C, H, W) or (B, C, H, W) tensor."""
+    if t.dim() == 4:
+        return (t.stride(0), 0, *t.stride()[1:])
+    return t.stride()
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _pixel_blocks(H: int, W: int) -> int:
+    return triton.cdiv(H * W, BLOCK_P)
+
+
+# ---------------------------------------------------------------------------------------
+# The ops.
+
+@torch.library.custom_op("vsr_kernels::local_argmax_attention_triton", mutates_args=())
+def local_argmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int,
+                           dilation: int, scale: float, zero_border: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, C, H, W = key.shape
+    Cv = value.shape[2]
+    out = value.new_empty((B, T, Cv, H, W))
+    score = query.new_empty((B, T, H, W))
+    index = query.new_empty((B, T, H, W), dtype=torch.int64)
+    if score.numel() == 0:
+        return out, score, index
+    q_strides = _strides(query)
+    with _device_guard(query):
+        _launch(launch_config("forward", C), (B * T * _pixel_blocks(H, W),),
+                query, key, value, out, score, index, T, C, Cv, H, W, kernel_size, dilation, scale,
+                zero_border, q_strides[0], *q_strides[2:], *_strides(key), *_strides(value),
+                dtype=query.dtype)
+    return out, score, index
+
+
+@torch.library.custom_op("vsr_kernels::local_argmax_attention_triton_backward", mutates_args=())
+def local_argmax_attention_backward(grad_out: torch.Tensor, grad_score: torch.Tensor, query: torch.Tensor,
+                                    key: torch.Tensor, value: torch.Tensor, score: torch.Tensor,
+                                    index: torch.Tensor, kernel_size: int, dilation: int, scale: float,
+                                    zero_border: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # zero_border needs no kernel argument here: the index already says which candidate was
+    # picked, and one outside the frame has no key or value to receive a gradient.
+    B, T, C, H, W = key.shape
+    Cv = value.shape[2]
+    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    if B * H * W == 0:
+        return grad_query.zero_(), grad_key.zero_(), grad_value.zero_()
+    grad_score, score, index = grad_score.contiguous(), score.contiguous(), index.contiguous()
+    g = torch.empty((B, T, H, W), dtype=_accumulation_dtype(query.dtype), device=query.device)
+    frames_grid = B * T * _pixel_blocks(H, W)
+    window = (H, W, kernel_size, dilation)
+    with _device_guard(query):
+        _launch(launch_config("score_grad", Cv), (frames_grid,),
+                grad_out, grad_score, value, index, g, T, Cv, *window, scale,
+                *_strides(grad_out), *_strides(value), dtype=query.dtype)
+        config = launch_config("query_grad", C)
+        gq_strides = _strides(grad_query)
+        _launch(config, (B * _pixel_blocks(H, W), triton.cdiv(C, config.block_c)),
+                g, index, key, grad_query, T, C, *window, *_strides(key), gq_strides[0], *gq_strides[2:],
+                dtype=query.dtype)
+        for weight, source, grad, channels in ((g, query, grad_key, C), (score, grad_out, grad_value, Cv)):
+            config = launch_config("gather_grad", channels)
+            _launch(config, (frames_grid, triton.cdiv(channels, config.block_c)),
+                    weight, source, index, grad, T, channels, *window, *_strides(source), *_strides(grad),
+                    dtype=query.dtype)
+    return grad_query, grad_key, grad_value
+
+
+register_autograd_and_fake("vsr_kernels::local_argmax_attention_triton",
+                           "vsr_kernels::local_argmax_attention_triton_backward")
