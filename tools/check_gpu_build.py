@@ -142,9 +142,25 @@ def cuda_section() -> bool:
     return not spilled
 
 
+def triton_section() -> bool:
+    """Compiles every Triton launch configuration with triton.compile; False on errors or spills."""
+    from vsr_kernels.triton import _compile, local_argmax_attention
+
+    try:
+        reports = _compile.call_without_interpreter(local_argmax_attention.__name__, "compile_all")
+    except Exception as error:  # the subprocess's compile error, shown as the section's result
+        print(error)
+        return False
+    rows = [(r["kernel"], " ".join(f"{k}={v}" for k, v in r["constexprs"].items()), r["dtype"], f"sm_{r['arch']}",
+             r["n_regs"], r["n_spills"], r["shared"]) for r in reports]
+    _print_table(("kernel", "constexprs", "dtype", "arch", "registers", "spills", "shared B"), rows)
+    return all(r["n_spills"] == 0 for r in reports)
+
+
 # (title, function printing the section and returning whether it passed)
 SECTIONS = [
     ("CUDA kernels: nvcc -Xptxas -v", cuda_section),
+    ("Triton kernels: triton.compile for sm_80 and sm_90", triton_section),
 ]
 
 
