@@ -13,8 +13,10 @@ namespace {
 constexpr int kThreads = 256;
 // Blocks of kThreads that __launch_bounds__ keeps resident per SM, capping registers at 64:
 // half an SM's threads hide the latency of the gathers. With no minimum, ptxas (CUDA 13)
-// gives the key/value gradient 48 registers on sm_90 and spills.
+// gives the key/value gradient 48 registers on sm_90 and spills; at 64 it still spills on
+// sm_80, so that kernel keeps 3 blocks (80 registers).
 constexpr int kMinBlocksPerSm = 4;
+constexpr int kMinKeyValueGradBlocksPerSm = 3;
 // Enough resident threads for any current GPU; the grid-stride loops cover the rest, so
 // the block count never overflows however many pixels there are.
 constexpr int64_t kMaxBlocks = int64_t{1} << 16;
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) query_grad_kernel(
 
 // One thread per key/value pixel (b, t, p), gathering from the queries that selected it.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) key_value_grad_kernel(
+__global__ void __launch_bounds__(kThreads, kMinKeyValueGradBlocksPerSm) key_value_grad_kernel(
     TypedFrames<const scalar_t> grad_out, const scalar_t* grad_score,
     TypedFrames<const scalar_t> query, TypedFrames<const scalar_t> value,
     const scalar_t* score, const int64_t* index, TypedFrames<acc_t> grad_key,

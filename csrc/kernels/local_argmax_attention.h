@@ -39,14 +39,20 @@ struct Window {
   VSR_HOST_DEVICE int candidates() const { return kernel_size * kernel_size; }
   VSR_HOST_DEVICE int64_t pixels() const { return height * width; }
 
-  // Pixel of candidate j of (y, x), or -1 when it lies outside the frame. With sign = -1
-  // it maps back: the pixel whose candidate j is (y, x).
-  VSR_HOST_DEVICE int64_t candidate_pixel(int64_t y, int64_t x, int j, int sign = 1) const {
+  // Pixel of candidate (jy, jx) of (y, x), j = jy * kernel_size + jx, or -1 when it lies
+  // outside the frame. With sign = -1 it maps back: the pixel whose candidate it is (y, x).
+  VSR_HOST_DEVICE int64_t candidate_pixel(int64_t y, int64_t x, int jy, int jx, int sign = 1) const {
     const int r = kernel_size / 2;
-    const int64_t cy = y + sign * static_cast<int64_t>(j / kernel_size - r) * dilation;
-    const int64_t cx = x + sign * static_cast<int64_t>(j % kernel_size - r) * dilation;
+    const int64_t cy = y + sign * static_cast<int64_t>(jy - r) * dilation;
+    const int64_t cx = x + sign * static_cast<int64_t>(jx - r) * dilation;
     if (cy < 0 || cy >= height || cx < 0 || cx >= width) return -1;
     return cy * width + cx;
+  }
+
+  // The same for candidate number j: two integer divisions, so loops over every candidate
+  // walk (jy, jx) instead.
+  VSR_HOST_DEVICE int64_t candidate_pixel(int64_t y, int64_t x, int j) const {
+    return candidate_pixel(y, x, j / kernel_size, j % kernel_size);
   }
 };
 
@@ -55,6 +61,23 @@ struct Extent {
   int64_t frames, channels, value_channels;
 };
 
+// <a[ta, :, pa], b[tb, :, pb]> over n channels, in four interleaved partial sums: four
+// independent multiply-add chains instead of one keep the pipeline busy, on CPU and GPU alike.
+template <typename scalar_t, typename acc_t>
+VSR_HOST_DEVICE acc_t dot(Frames<const scalar_t> a, int64_t ta, int64_t pa, Frames<const scalar_t> b,
+                          int64_t tb, int64_t pb, int64_t n) {
+  acc_t part0 = 0, part1 = 0, part2 = 0, part3 = 0;
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    part0 += convert<acc_t>(a.at(ta, c, pa)) * convert<acc_t>(b.at(tb, c, pb));
+    part1 += convert<acc_t>(a.at(ta, c + 1, pa)) * convert<acc_t>(b.at(tb, c + 1, pb));
+    part2 += convert<acc_t>(a.at(ta, c + 2, pa)) * convert<acc_t>(b.at(tb, c + 2, pb));
+    part3 += convert<acc_t>(a.at(ta, c + 3, pa)) * convert<acc_t>(b.at(tb, c + 3, pb));
+  }
+  for (; c < n; ++c) part0 += convert<acc_t>(a.at(ta, c, pa)) * convert<acc_t>(b.at(tb, c, pb));
+  return (part0 + part1) + (part2 + part3);
+}
+
 // Forward for pixel p = (y, x) of frame t. score and index point at this pixel's slots.
 template <typename scalar_t, typename acc_t>
 VSR_HOST_DEVICE void local_argmax_forward_pixel(
@@ -62,26 +85,25 @@ VSR_HOST_DEVICE void local_argmax_forward_pixel(
     Frames<scalar_t> out, const Extent& e, const Window& w, acc_t scale, int64_t t,
     int64_t y, int64_t x, scalar_t* score, int64_t* index) {
   const int64_t p = y * w.width + x;
+  // The score of a zero-padded key, multiplied for real: a NaN or inf query still poisons
+  // it, exactly as with F.unfold's zero padding.
+  acc_t padded = 0;
+  if (w.zero_border)
+    for (int64_t c = 0; c < e.channels; ++c) padded += convert<acc_t>(query.at(0, c, p)) * acc_t(0);
+  padded *= scale;
   int best_j = -1;
   int64_t best_pixel = -1;
   acc_t best = 0;
-  for (int j = 0; j < w.candidates(); ++j) {
-    const int64_t cand = w.candidate_pixel(y, x, j);
-    if (cand < 0 && !w.zero_border) continue;
-    acc_t dot = 0;
-    if (cand >= 0) {
-      for (int64_t c = 0; c < e.channels; ++c)
-        dot += convert<acc_t>(query.at(0, c, p)) * convert<acc_t>(key.at(t, c, cand));
-    } else {
-      // A zero-padded key, multiplied for real: a NaN or inf query still poisons the score,
-      // exactly as with F.unfold's zero padding.
-      for (int64_t c = 0; c < e.channels; ++c) dot += convert<acc_t>(query.at(0, c, p)) * acc_t(0);
-    }
-    const acc_t s = scale * dot;
-    if (best_j < 0 || beats(s, best)) {
-      best = s;
-      best_j = j;
-      best_pixel = cand;
+  for (int jy = 0; jy < w.kernel_size; ++jy) {
+    for (int jx = 0; jx < w.kernel_size; ++jx) {
+      const int64_t cand = w.candidate_pixel(y, x, jy, jx);
+      if (cand < 0 && !w.zero_border) continue;
+      const acc_t s = cand < 0 ? padded : scale * dot<scalar_t, acc_t>(query, 0, p, key, t, cand, e.channels);
+      if (best_j < 0 || beats(s, best)) {
+        best = s;
+        best_j = jy * w.kernel_size + jx;
+        best_pixel = cand;
+      }
     }
   }
   *score = convert<scalar_t>(best);
@@ -98,10 +120,7 @@ template <typename scalar_t, typename acc_t>
 VSR_HOST_DEVICE acc_t local_argmax_score_grad(
     Frames<const scalar_t> grad_out, Frames<const scalar_t> value, const Extent& e,
     acc_t grad_score, int64_t t, int64_t p, int64_t sel) {
-  acc_t g = grad_score;
-  for (int64_t c = 0; c < e.value_channels; ++c)
-    g += convert<acc_t>(grad_out.at(t, c, p)) * convert<acc_t>(value.at(t, c, sel));
-  return g;
+  return grad_score + dot<scalar_t, acc_t>(grad_out, t, p, value, t, sel, e.value_channels);
 }
 
 // Gradient of query pixel p = (y, x), summed over the T frames in order. grad_query is
@@ -135,16 +154,18 @@ VSR_HOST_DEVICE void local_argmax_key_value_grad_pixel(
   const int64_t k = y * w.width + x;
   for (int64_t c = 0; c < e.channels; ++c) grad_key.at(t, c, k) = 0;
   for (int64_t c = 0; c < e.value_channels; ++c) grad_value.at(t, c, k) = 0;
-  for (int j = 0; j < w.candidates(); ++j) {
-    const int64_t p = w.candidate_pixel(y, x, j, -1);
-    if (p < 0 || index[t * w.pixels() + p] != j) continue;
-    const acc_t g = scale * local_argmax_score_grad<scalar_t, acc_t>(
-                                grad_out, value, e, convert<acc_t>(grad_score[t * w.pixels() + p]), t, p, k);
-    const acc_t s = convert<acc_t>(score[t * w.pixels() + p]);
-    for (int64_t c = 0; c < e.channels; ++c)
-      grad_key.at(t, c, k) += g * convert<acc_t>(query.at(0, c, p));
-    for (int64_t c = 0; c < e.value_channels; ++c)
-      grad_value.at(t, c, k) += s * convert<acc_t>(grad_out.at(t, c, p));
+  for (int jy = 0; jy < w.kernel_size; ++jy) {
+    for (int jx = 0; jx < w.kernel_size; ++jx) {
+      const int64_t p = w.candidate_pixel(y, x, jy, jx, -1);
+      if (p < 0 || index[t * w.pixels() + p] != jy * w.kernel_size + jx) continue;
+      const acc_t g = scale * local_argmax_score_grad<scalar_t, acc_t>(
+                                  grad_out, value, e, convert<acc_t>(grad_score[t * w.pixels() + p]), t, p, k);
+      const acc_t s = convert<acc_t>(score[t * w.pixels() + p]);
+      for (int64_t c = 0; c < e.channels; ++c)
+        grad_key.at(t, c, k) += g * convert<acc_t>(query.at(0, c, p));
+      for (int64_t c = 0; c < e.value_channels; ++c)
+        grad_value.at(t, c, k) += s * convert<acc_t>(grad_out.at(t, c, p));
+    }
   }
 }
 
