@@ -86,10 +86,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
   check_tensors({{"query", query}, {"key", key}, {"value", value}});
   check_inputs(query, key, value);
   const c10::cuda::OptionalCUDAGuard guard(query.device());
-  const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
-  auto out = at::empty({B, T, value.size(2), H, W}, value.options());
-  auto score = at::empty({B, T, H, W}, query.options());
-  auto index = at::empty({B, T, H, W}, query.options().dtype(at::kLong));
+  const int64_t B = key.size(0);
+  auto [out, score, index] = empty_forward_outputs(query, key, value);
   if (score.numel() == 0) return {out, score, index};
   const auto q = channels_first(query), k = channels_first(key), v = channels_first(value);
   check_launch(launch_local_argmax_attention_forward(

@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 #include "kernels/local_argmax_attention.h"
 
 namespace vsr_kernels {
@@ -39,6 +41,16 @@ inline Window make_window(const at::Tensor& key, int64_t kernel_size, int64_t di
 
 inline Extent make_extent(const at::Tensor& key, const at::Tensor& value) {
   return {key.size(1), key.size(2), value.size(2)};
+}
+
+// The forward's outputs, uninitialised: out (B, T, Cv, H, W) and score (B, T, H, W) in the
+// input dtype, index (B, T, H, W) int64.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_forward_outputs(const at::Tensor& query,
+                                                                            const at::Tensor& key,
+                                                                            const at::Tensor& value) {
+  const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
+  return {at::empty({B, T, value.size(2), H, W}, value.options()), at::empty({B, T, H, W}, query.options()),
+          at::empty({B, T, H, W}, query.options().dtype(at::kLong))};
 }
 
 }  // namespace vsr_kernels

@@ -34,6 +34,22 @@ def test_compiles_without_spills(reports, source, arch):
     assert not spilled, f"kernels of {source} spill on sm_{arch}: {spilled}"
 
 
+def test_torch_glue_compiles():
+    """csrc/cuda_ops.cpp is built only where PyTorch has CUDA; this type-checks it everywhere."""
+    if check_gpu_build.find_cuda_include() is None:
+        pytest.skip("no CUDA toolkit headers to check csrc/cuda_ops.cpp against")
+    check_gpu_build.check_cuda_glue()
+
+
+def test_torch_glue_check_sees_errors(tmp_path):
+    broken = tmp_path / "broken_glue.cpp"
+    broken.write_text(check_gpu_build.CUDA_GLUE.read_text().replace("check_launch(", "check_launhc(", 1))
+    if check_gpu_build.find_cuda_include() is None:
+        pytest.skip("no CUDA toolkit headers")
+    with pytest.raises(check_gpu_build.CompileError, match="check_launhc"):
+        check_gpu_build.check_cuda_glue(broken)
+
+
 def test_ptxas_report_is_parsed():
     # The log format of CUDA 13's ptxas, with spills: the check above must see them.
     log = ("ptxas info    : Compiling entry function '_Z6kernelPf' for 'sm_90'\n"

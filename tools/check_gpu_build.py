@@ -119,6 +119,44 @@ def compile_cuda_sources(arches=ARCHES, sources=CUDA_SOURCES) -> dict:
                 for (source, arch), report in zip(jobs, reports)}
 
 
+CUDA_GLUE = ROOT / "csrc" / "cuda_ops.cpp"
+
+
+def find_cuda_include():
+    """The CUDA toolkit's include folder, or None. nvcc may be a wrapper script, so its own
+    folder is the last place tried."""
+    nvcc = find_nvcc()
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", nvcc and Path(nvcc).resolve().parent.parent]
+    for home in filter(None, homes):
+        if (Path(home) / "include" / "cuda_runtime.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+def check_cuda_glue(glue=CUDA_GLUE) -> None:
+    """Type-checks the torch glue of the CUDA kernels with the host compiler (g++
+    -fsyntax-only) against this PyTorch's headers and the CUDA toolkit's, so that it is
+    checked on machines whose PyTorch has no CUDA; raises CompileError on errors and
+    FileNotFoundError where nvcc (hence the CUDA headers) is absent.
+
+    A CPU build of PyTorch ships c10/cuda without its generated cuda_cmake_macros.h;
+    C10_CUDA_NO_CMAKE_CONFIGURE_FILE tells c10 to do without it."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    cuda_include = find_cuda_include()
+    if cuda_include is None:
+        raise FileNotFoundError("no CUDA toolkit headers (cuda_runtime.h) in $CUDA_HOME, /usr/local/cuda "
+                                "or beside nvcc")
+    includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include), str(ROOT / "csrc")]
+    command = ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               *(f"-I{path}" for path in includes), str(glue)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CompileError(f"{glue} does not compile:\n{result.stderr}")
+
+
 def _print_table(header, rows):
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     for row in (header, ["-" * w for w in widths], *rows):
@@ -142,6 +180,17 @@ def cuda_section() -> bool:
     return not spilled
 
 
+def glue_section() -> bool:
+    """Type-checks csrc/cuda_ops.cpp; False on errors."""
+    try:
+        check_cuda_glue()
+    except (CompileError, FileNotFoundError) as error:
+        print(error)
+        return False
+    print(f"{CUDA_GLUE.relative_to(ROOT)}: compiles")
+    return True
+
+
 def triton_section() -> bool:
     """Compiles every Triton launch configuration with triton.compile; False on errors or spills."""
     from vsr_kernels.triton import _compile, local_argmax_attention
@@ -160,6 +209,7 @@ def triton_section() -> bool:
 # (title, function printing the section and returning whether it passed)
 SECTIONS = [
     ("CUDA kernels: nvcc -Xptxas -v", cuda_section),
+    ("CUDA glue: g++ -fsyntax-only against the PyTorch and CUDA headers", glue_section),
     ("Triton kernels: triton.compile for sm_80 and sm_90", triton_section),
 ]
 

@@ -24,9 +24,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     int64_t dilation, double scale, bool zero_border) {
   check_cpu_dtype(query);
   const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
-  auto out = at::empty({B, T, value.size(2), H, W}, value.options());
-  auto score = at::empty({B, T, H, W}, query.options());
-  auto index = at::empty({B, T, H, W}, query.options().dtype(at::kLong));
+  auto [out, score, index] = empty_forward_outputs(query, key, value);
   if (score.numel() == 0) return {out, score, index};
   const auto q = channels_last(query), k = channels_last(key), v = channels_last(value);
   const Window w = make_window(key, kernel_size, dilation, zero_border);
