@@ -8,7 +8,7 @@ the autograd and fake implementations below.
 """
 import torch
 
-from .. import reference
+from .. import _extension, reference
 from . import _backend, _checks
 
 BORDERS = ("exclude", "zeros")
@@ -65,7 +65,7 @@ def register_autograd_and_fake(forward: str, backward: str) -> None:
     torch.library.register_autograd(forward, _autograd_backward(backward_op), setup_context=_setup_context)
 
 
-if _backend._extension.LOAD_ERROR is None:
+if _extension.LOAD_ERROR is None:
     register_autograd_and_fake("vsr_kernels::local_argmax_attention",
                                "vsr_kernels::local_argmax_attention_backward")
 
