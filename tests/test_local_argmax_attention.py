@@ -63,6 +63,16 @@ def grads(fn, q, k, v, seed=1):
     return torch.autograd.grad(loss, (q, k, v))
 
 
+def check_against_reference(backend, shape, window, scale, border, seed):
+    """Outputs and gradients of `backend` equal the reference's in float64."""
+    q, k, v = make_inputs(*shape, seed=seed, requires_grad=True)
+    call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
+        q, k, v, *window, scale=scale, border=border, backend=backend)
+    assert_same_outputs(call(backend)(q, k, v), call("reference")(q, k, v), rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # Shapes that exercise the borders: windows larger than the frame, 1-pixel frames, T = 1.
 SHAPES = [  # B, T, C, Cv, H, W
     (2, 3, 4, 5, 6, 7), (1, 1, 3, 2, 5, 5), (1, 2, 2, 3, 1, 9), (2, 2, 5, 1, 3, 2), (1, 3, 1, 4, 8, 4),
@@ -86,13 +96,22 @@ def test_reference_matches_loop_oracle(border, kernel_size, dilation):
 @pytest.mark.parametrize("window", WINDOWS)
 def test_matches_reference_float64(backend, border, shape, window):
     seed = zlib.crc32(repr((border, shape, window)).encode())
-    q, k, v = make_inputs(*shape, seed=seed, requires_grad=True)
-    scale = random.Random(seed).uniform(-2, 2)
-    call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
-        q, k, v, *window, scale=scale, border=border, backend=backend)
-    assert_same_outputs(call(backend)(q, k, v), call("reference")(q, k, v), rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    check_against_reference(backend, shape, window, random.Random(seed).uniform(-2, 2), border, seed)
+
+
+def _random_case(seed):
+    rng = random.Random(seed)
+    shape = (rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 8), rng.randint(1, 8), rng.randint(1, 12),
+             rng.randint(1, 12))
+    return shape, (rng.choice([1, 3, 5, 7, 9]), rng.randint(1, 3)), rng.choice(["exclude", "zeros"])
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("seed", range(25))
+def test_random_sweep_matches_reference(backend, seed):
+    shape, window, border = _random_case(seed)
+    check_against_reference(backend, shape, window, 0.5, border, seed)
 
 
 @needs_cpu_kernels
