@@ -59,15 +59,6 @@ DType kernel_dtype(const at::Tensor& t) {
   }
 }
 
-// t itself when pixel p = y * W + x lies at offset p (channels-first, possibly sliced along
-// B, T or C), else a copy laid out so: consecutive threads then load consecutive addresses.
-// A clone, not contiguous(), which would keep the arbitrary strides that a contiguous
-// tensor may have in size-1 dimensions.
-at::Tensor channels_first(const at::Tensor& t) {
-  const bool unit_pixels = t.stride(-1) == 1 && (t.size(-2) <= 1 || t.stride(-2) == t.size(-1));
-  return unit_pixels ? t : t.clone(at::MemoryFormat::Contiguous);
-}
-
 InputFrames input_frames(const at::Tensor& t) {
   return {t.const_data_ptr(), t.stride(0), frame_strides(t)};
 }

@@ -28,11 +28,35 @@ Frames<T> frames_at(const at::Tensor& t, int64_t b) {
   return {static_cast<T*>(t.data_ptr()) + b * t.stride(0), frame_strides(t)};
 }
 
+// t itself when pixel p = y * W + x lies at offset p (channels-first, possibly sliced along
+// B, T or C), else a copy laid out so: neighbouring pixels then sit at neighbouring
+// addresses (coalesced loads on GPU, cache-line reuse on CPU). A clone, not contiguous(),
+// which would keep the arbitrary strides a contiguous tensor may have in size-1 dimensions.
+inline at::Tensor channels_first(const at::Tensor& t) {
+  const bool unit_pixels = t.stride(-1) == 1 && (t.size(-2) <= 1 || t.stride(-2) == t.size(-1));
+  return unit_pixels ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Batch element b of a tensor made by channels_last(), as ChannelsLastFrames.
+template <typename T>
+ChannelsLastFrames<T> channels_last_at(const at::Tensor& t, int64_t b) {
+  const Frames<T> f = frames_at<T>(t, b);
+  TORCH_CHECK(f.stride.channel == 1 || t.size(-3) == 1, "vsr_kernels: expected adjacent channels");
+  return {f.data, f.stride};
+}
+
 // The frames of a (B, T, C, H, W) or (B, C, H, W) tensor laid out channels-last, with the
 // logical shape unchanged: per-pixel dot products then read contiguous memory.
 inline at::Tensor channels_last(const at::Tensor& t) {
   if (t.dim() == 5) return t.permute({0, 1, 3, 4, 2}).contiguous().permute({0, 1, 4, 2, 3});
   return t.permute({0, 2, 3, 1}).contiguous().permute({0, 3, 1, 2});
+}
+
+// An uninitialised tensor of logical shape `like`'s, laid out channels-last.
+inline at::Tensor empty_channels_last(const at::Tensor& like) {
+  const auto s = like.sizes();
+  if (like.dim() == 5) return at::empty({s[0], s[1], s[3], s[4], s[2]}, like.options()).permute({0, 1, 4, 2, 3});
+  return at::empty({s[0], s[2], s[3], s[1]}, like.options()).permute({0, 3, 1, 2});
 }
 
 inline Window make_window(const at::Tensor& key, int64_t kernel_size, int64_t dilation, bool zero_border) {

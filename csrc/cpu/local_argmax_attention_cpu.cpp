@@ -1,6 +1,6 @@
 // CPU launchers of local argmax attention: at::parallel_for over rows of pixels, each
 // pixel computed by the shared per-pixel functions in kernels/local_argmax_attention.h.
-// Inputs are copied channels-last so each dot product streams contiguous memory.
+// Inputs are read channels-last where a pixel's channels are read together (see each launcher).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -26,7 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
   auto [out, score, index] = empty_forward_outputs(query, key, value);
   if (score.numel() == 0) return {out, score, index};
-  const auto q = channels_last(query), k = channels_last(key), v = channels_last(value);
+  // Query and key are read K*K times per pixel by dot products: channels-last makes those
+  // contiguous (see backward_cpu for why channels-first is slow). Value is read and out
+  // written once per pixel: copying them costs more than their strided access.
+  const auto q = channels_last(query), k = channels_last(key), v = channels_first(value);
   const Window w = make_window(key, kernel_size, dilation, zero_border);
   const Extent e = make_extent(key, value);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "local_argmax_attention_cpu", [&] {
@@ -37,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
         int64_t* ix = index.data_ptr<int64_t>() + (b * T + t) * H * W + y * W;
         for (int64_t x = 0; x < W; ++x)
           local_argmax_forward_pixel<scalar_t, scalar_t>(
-              frames_at<const scalar_t>(q, b), frames_at<const scalar_t>(k, b),
+              channels_last_at<const scalar_t>(q, b), channels_last_at<const scalar_t>(k, b),
               frames_at<const scalar_t>(v, b), frames_at<scalar_t>(out, b), e, w,
               static_cast<scalar_t>(scale), t, y, x, sc + x, ix + x);
       }
@@ -52,12 +55,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     int64_t kernel_size, int64_t dilation, double scale, bool zero_border) {
   check_cpu_dtype(query);
   const int64_t B = key.size(0), T = key.size(1), H = key.size(3), W = key.size(4);
-  auto grad_query = at::empty(query.sizes(), query.options());
-  auto grad_key = at::empty(key.sizes(), key.options());
-  auto grad_value = at::empty(value.sizes(), value.options());
-  if (B == 0 || H == 0 || W == 0) return {grad_query.zero_(), grad_key.zero_(), grad_value.zero_()};
+  if (B == 0 || H == 0 || W == 0)
+    return {at::zeros_like(query), at::zeros_like(key), at::zeros_like(value)};
+  // Every pixel reads and writes all channels of a few pixels. Channels-first, those sit
+  // H*W elements apart, a power-of-two stride at common frame sizes, which maps them all
+  // to one cache set; channels-last they are adjacent. So the gradients are computed
+  // channels-last and returned contiguous like the inputs.
   const auto go = channels_last(grad_out), q = channels_last(query), k = channels_last(key),
              v = channels_last(value);
+  auto grad_query = empty_channels_last(query), grad_key = empty_channels_last(key),
+       grad_value = empty_channels_last(value);
   const auto gs = grad_score.contiguous(), sc = score.contiguous(), ix = index.contiguous();
   const Window w = make_window(key, kernel_size, dilation, zero_border);
   const Extent e = make_extent(key, value);
@@ -65,14 +72,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const scalar_t s = static_cast<scalar_t>(scale);
     // A (b, t) map of grad_score, score or index: contiguous (B, T, H, W).
     auto map_at = [&](const at::Tensor& m, int64_t b) { return m.data_ptr<scalar_t>() + b * T * H * W; };
+    auto in = [&](const at::Tensor& t, int64_t b) { return channels_last_at<const scalar_t>(t, b); };
+    auto grad = [&](at::Tensor& t, int64_t b) { return channels_last_at<scalar_t>(t, b); };
     at::parallel_for(0, B * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / H, y = row % H;
         for (int64_t x = 0; x < W; ++x)
           local_argmax_query_grad_pixel<scalar_t, scalar_t>(
-              frames_at<const scalar_t>(go, b), map_at(gs, b), frames_at<const scalar_t>(k, b),
-              frames_at<const scalar_t>(v, b), ix.data_ptr<int64_t>() + b * T * H * W,
-              frames_at<scalar_t>(grad_query, b), e, w, s, y, x);
+              in(go, b), map_at(gs, b), in(k, b), in(v, b), ix.data_ptr<int64_t>() + b * T * H * W,
+              grad(grad_query, b), e, w, s, y, x);
       }
     });
     at::parallel_for(0, B * T * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
@@ -80,13 +88,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
         const int64_t b = row / (T * H), t = row / H % T, y = row % H;
         for (int64_t x = 0; x < W; ++x)
           local_argmax_key_value_grad_pixel<scalar_t, scalar_t>(
-              frames_at<const scalar_t>(go, b), map_at(gs, b), frames_at<const scalar_t>(q, b),
-              frames_at<const scalar_t>(v, b), map_at(sc, b), ix.data_ptr<int64_t>() + b * T * H * W,
-              frames_at<scalar_t>(grad_key, b), frames_at<scalar_t>(grad_value, b), e, w, s, t, y, x);
+              in(go, b), map_at(gs, b), in(q, b), in(v, b), map_at(sc, b), ix.data_ptr<int64_t>() + b * T * H * W,
+              grad(grad_key, b), grad(grad_value, b), e, w, s, t, y, x);
       }
     });
   });
-  return {grad_query, grad_key, grad_value};
+  return {grad_query.contiguous(), grad_key.contiguous(), grad_value.contiguous()};
 }
 
 }  // namespace

@@ -31,6 +31,19 @@ struct Frames {
   }
 };
 
+// Frames whose channels are adjacent in memory (channel stride 1, as the CPU launcher lays
+// them out). The same element as Frames::at, but with the unit stride known to the
+// compiler, which can then vectorise the loops over channels. The per-pixel functions take
+// either kind.
+template <typename T>
+struct ChannelsLastFrames {
+  T* data;
+  Strides stride;  // stride.channel is 1
+  VSR_HOST_DEVICE T& at(int64_t t, int64_t c, int64_t p) const {
+    return data[t * stride.frame + p * stride.pixel + c];
+  }
+};
+
 struct Window {
   int64_t height, width;
   int kernel_size, dilation;
@@ -63,9 +76,8 @@ struct Extent {
 
 // <a[ta, :, pa], b[tb, :, pb]> over n channels, in four interleaved partial sums: four
 // independent multiply-add chains instead of one keep the pipeline busy, on CPU and GPU alike.
-template <typename scalar_t, typename acc_t>
-VSR_HOST_DEVICE acc_t dot(Frames<const scalar_t> a, int64_t ta, int64_t pa, Frames<const scalar_t> b,
-                          int64_t tb, int64_t pb, int64_t n) {
+template <typename acc_t, typename InputA, typename InputB>
+VSR_HOST_DEVICE acc_t dot(InputA a, int64_t ta, int64_t pa, InputB b, int64_t tb, int64_t pb, int64_t n) {
   acc_t part0 = 0, part1 = 0, part2 = 0, part3 = 0;
   int64_t c = 0;
   for (; c + 4 <= n; c += 4) {
@@ -79,11 +91,10 @@ VSR_HOST_DEVICE acc_t dot(Frames<const scalar_t> a, int64_t ta, int64_t pa, Fram
 }
 
 // Forward for pixel p = (y, x) of frame t. score and index point at this pixel's slots.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename QueryKey = Frames<const scalar_t>>
 VSR_HOST_DEVICE void local_argmax_forward_pixel(
-    Frames<const scalar_t> query, Frames<const scalar_t> key, Frames<const scalar_t> value,
-    Frames<scalar_t> out, const Extent& e, const Window& w, acc_t scale, int64_t t,
-    int64_t y, int64_t x, scalar_t* score, int64_t* index) {
+    QueryKey query, QueryKey key, Frames<const scalar_t> value, Frames<scalar_t> out, const Extent& e,
+    const Window& w, acc_t scale, int64_t t, int64_t y, int64_t x, scalar_t* score, int64_t* index) {
   const int64_t p = y * w.width + x;
   // The score of a zero-padded key, multiplied for real: a NaN or inf query still poisons
   // it, exactly as with F.unfold's zero padding.
@@ -98,7 +109,7 @@ VSR_HOST_DEVICE void local_argmax_forward_pixel(
     for (int jx = 0; jx < w.kernel_size; ++jx) {
       const int64_t cand = w.candidate_pixel(y, x, jy, jx);
       if (cand < 0 && !w.zero_border) continue;
-      const acc_t s = cand < 0 ? padded : scale * dot<scalar_t, acc_t>(query, 0, p, key, t, cand, e.channels);
+      const acc_t s = cand < 0 ? padded : scale * dot<acc_t>(query, 0, p, key, t, cand, e.channels);
       if (best_j < 0 || beats(s, best)) {
         best = s;
         best_j = jy * w.kernel_size + jx;
@@ -116,26 +127,25 @@ VSR_HOST_DEVICE void local_argmax_forward_pixel(
 
 // d loss / d score of the selection made at pixel p of frame t, whose selected candidate is
 // pixel sel: the direct gradient of `score` plus the one flowing through out = score * value.
-template <typename scalar_t, typename acc_t>
-VSR_HOST_DEVICE acc_t local_argmax_score_grad(
-    Frames<const scalar_t> grad_out, Frames<const scalar_t> value, const Extent& e,
-    acc_t grad_score, int64_t t, int64_t p, int64_t sel) {
-  return grad_score + dot<scalar_t, acc_t>(grad_out, t, p, value, t, sel, e.value_channels);
+template <typename acc_t, typename Input>
+VSR_HOST_DEVICE acc_t local_argmax_score_grad(Input grad_out, Input value, const Extent& e, acc_t grad_score,
+                                              int64_t t, int64_t p, int64_t sel) {
+  return grad_score + dot<acc_t>(grad_out, t, p, value, t, sel, e.value_channels);
 }
 
 // Gradient of query pixel p = (y, x), summed over the T frames in order. grad_query is
 // this pixel's (1, C) slot, in the accumulation type.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Input = Frames<const scalar_t>,
+          typename Output = Frames<acc_t>>
 VSR_HOST_DEVICE void local_argmax_query_grad_pixel(
-    Frames<const scalar_t> grad_out, const scalar_t* grad_score, Frames<const scalar_t> key,
-    Frames<const scalar_t> value, const int64_t* index, Frames<acc_t> grad_query,
+    Input grad_out, const scalar_t* grad_score, Input key, Input value, const int64_t* index, Output grad_query,
     const Extent& e, const Window& w, acc_t scale, int64_t y, int64_t x) {
   const int64_t p = y * w.width + x;
   for (int64_t c = 0; c < e.channels; ++c) grad_query.at(0, c, p) = 0;
   for (int64_t t = 0; t < e.frames; ++t) {
     const int64_t sel = w.candidate_pixel(y, x, static_cast<int>(index[t * w.pixels() + p]));
     if (sel < 0) continue;  // a zero-padded key: nothing to differentiate
-    const acc_t g = scale * local_argmax_score_grad<scalar_t, acc_t>(
+    const acc_t g = scale * local_argmax_score_grad<acc_t>(
                                 grad_out, value, e, convert<acc_t>(grad_score[t * w.pixels() + p]), t, p, sel);
     for (int64_t c = 0; c < e.channels; ++c)
       grad_query.at(0, c, p) += g * convert<acc_t>(key.at(t, c, sel));
@@ -145,11 +155,11 @@ VSR_HOST_DEVICE void local_argmax_query_grad_pixel(
 // Gradients of key and value pixel k = (y, x) of frame t: gathered from the at most K*K
 // query pixels that could have selected it, visited in increasing j. grad_key and
 // grad_value are this pixel's slots, in the accumulation type.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename Input = Frames<const scalar_t>,
+          typename Output = Frames<acc_t>>
 VSR_HOST_DEVICE void local_argmax_key_value_grad_pixel(
-    Frames<const scalar_t> grad_out, const scalar_t* grad_score, Frames<const scalar_t> query,
-    Frames<const scalar_t> value, const scalar_t* score, const int64_t* index,
-    Frames<acc_t> grad_key, Frames<acc_t> grad_value, const Extent& e, const Window& w,
+    Input grad_out, const scalar_t* grad_score, Input query, Input value, const scalar_t* score,
+    const int64_t* index, Output grad_key, Output grad_value, const Extent& e, const Window& w,
     acc_t scale, int64_t t, int64_t y, int64_t x) {
   const int64_t k = y * w.width + x;
   for (int64_t c = 0; c < e.channels; ++c) grad_key.at(t, c, k) = 0;
@@ -158,7 +168,7 @@ VSR_HOST_DEVICE void local_argmax_key_value_grad_pixel(
     for (int jx = 0; jx < w.kernel_size; ++jx) {
       const int64_t p = w.candidate_pixel(y, x, jy, jx, -1);
       if (p < 0 || index[t * w.pixels() + p] != jy * w.kernel_size + jx) continue;
-      const acc_t g = scale * local_argmax_score_grad<scalar_t, acc_t>(
+      const acc_t g = scale * local_argmax_score_grad<acc_t>(
                                   grad_out, value, e, convert<acc_t>(grad_score[t * w.pixels() + p]), t, p, k);
       const acc_t s = convert<acc_t>(score[t * w.pixels() + p]);
       for (int64_t c = 0; c < e.channels; ++c)
