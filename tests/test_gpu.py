@@ -183,6 +183,19 @@ def test_non_contiguous_inputs(backend):
     _assert_same_results(got, expected)
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_autocast_runs_in_the_region_dtype(backend, dtype):
+    query, key, value = _inputs(2, 3, 16, 8, 11, 13, torch.float32)
+    with torch.autocast("cuda", dtype=dtype):
+        got = _run(backend, query, key, value, 3, 1, "exclude")
+    low = [x.detach().to(dtype).requires_grad_() for x in (query, key, value)]
+    expected = _run(backend, *low, 3, 1, "exclude", got.grad_out, got.grad_score)
+    assert got.out.dtype == got.score.dtype == dtype
+    assert got.grad_query.dtype == torch.float32  # the cast is differentiable, back to the input dtype
+    for name in ("out", "score", "index"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("border", BORDERS)
 def test_cpu_and_gpu_agree(backend, border):
     reason = _backend._unavailable("cpu", torch.device("cpu"))

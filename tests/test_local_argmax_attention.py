@@ -270,3 +270,26 @@ def test_bad_input_raises_before_any_kernel(case):
     _, kwargs, error, message = case
     with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
         vsr_kernels.local_argmax_attention(**kwargs)
+
+
+@needs_cpu_kernels
+def test_cpu_autocast_runs_mixed_half_precision_inputs_in_float32():
+    q, k, v = (t.bfloat16().requires_grad_() for t in make_inputs(1, 2, 4, 3, 5, 6, dtype=torch.float32))
+    kf = k.detach().float().requires_grad_()  # an input from a float32 part of the network
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = vsr_kernels.local_argmax_attention(q, kf, v, 3, backend="cpu")
+    want = vsr_kernels.local_argmax_attention(q.float(), k.float(), v.float(), 3, backend="cpu")
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert_same_outputs(got, want, rtol=0, atol=0)
+    gq, gk, gv = torch.autograd.grad(got[0].sum() + got[1].sum(), (q, kf, v))
+    assert (gq.dtype, gk.dtype, gv.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
+    with pytest.raises(TypeError, match="key must have the dtype of query"):  # no autocast: no casts
+        vsr_kernels.local_argmax_attention(q, kf, v, 3, backend="cpu")
+
+
+@needs_cpu_kernels
+def test_cpu_autocast_leaves_float64_alone():
+    q, k, v = make_inputs(1, 2, 4, 3, 5, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
+    assert out.dtype == score.dtype == torch.float64

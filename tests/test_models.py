@@ -39,6 +39,17 @@ def test_small_training_step():
     assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
 
 
+def test_small_training_step_under_cpu_autocast():
+    # bfloat16 convolutions feed the attention op, which runs them in float32 on CPU.
+    torch.manual_seed(0)
+    model = MANA.small(backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sr, loss = _training_step(model, _clip())
+    assert sr.shape == (1, 3, 64, 64)
+    assert torch.isfinite(loss)
+    assert model.encoder[0].weight.grad.abs().sum() > 0
+
+
 def test_reference_and_cpu_backends_agree_float64():
     results = []
     for backend in ("reference", "cpu"):

@@ -9,7 +9,7 @@ the autograd and fake implementations below.
 import torch
 
 from .. import _extension, reference
-from . import _backend, _checks
+from . import _autocast, _backend, _checks
 
 BORDERS = ("exclude", "zeros")
 
@@ -70,10 +70,13 @@ if _extension.LOAD_ERROR is None:
                                "vsr_kernels::local_argmax_attention_backward")
 
 
-def _check(query, key, value, kernel_size, dilation, scale, border):
+def _check_tensors(query, key, value):
     _checks.tensor("query", query, "BCHW")
     _checks.tensor("key", key, "BTCHW")
     _checks.tensor("value", value, "BTCHW")
+
+
+def _check(query, key, value, kernel_size, dilation, scale, border):
     for dim, letter in ((0, "B"), (1, "C"), (2, "H"), (3, "W")):
         _checks.same_size("key", key, dim + (dim > 0), letter, "query", query, dim)
     for dim, letter in ((0, "B"), (1, "T"), (3, "H"), (4, "W")):
@@ -101,12 +104,17 @@ def local_argmax_attention(query, key, value, kernel_size=9, dilation=1, scale=1
             as F.unfold's zero padding does.
         backend: "auto", "reference", "cpu", "cuda" or "triton".
 
+    Inside torch.autocast, query, key and value run in the region's dtype on GPU and in
+    float32 on CPU (float64 inputs are left alone); outside it their dtypes must match.
+
     Returns:
         out (B, T, Cv, H, W) = score * value at the selected candidate,
         score (B, T, H, W) = scale * <query, key> of the selected candidate,
         index (B, T, H, W) int64 = the lowest j with the largest score (NaN ranks highest).
         out and score are differentiable in query, key and value; index is not.
     """
+    _check_tensors(query, key, value)
+    query, key, value = _autocast.cast_inputs(query, key, value)
     scale = _check(query, key, value, kernel_size, dilation, scale, border)
     backend = _backend.choose(backend, query, GPU_DEFAULT)
     if backend == "reference":
