@@ -66,10 +66,16 @@ def _resource_usage(cubin: bytes) -> tuple:
         f.flush()
         listing = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "-res-usage", f.name], check=True,
                                  capture_output=True, text=True).stdout
-    match = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", listing)
+    return parse_resource_usage(listing)
+
+
+def parse_resource_usage(listing: str) -> tuple:
+    """(registers, local memory bytes) from `cuobjdump -res-usage` output. Spilled registers
+    show as STACK (the ptxas bundled with Triton 3.6) or LOCAL: both count."""
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", listing)
     if match is None:
         raise RuntimeError(f"unexpected cuobjdump -res-usage output:\n{listing}")
-    return int(match.group(1)), int(match.group(2))
+    return int(match.group(1)), int(match.group(2)) + int(match.group(3))
 
 
 def call_without_interpreter(module: str, function: str, *args, timeout: float = 900):

@@ -6,7 +6,7 @@ semantics, autograd and fake tensors of the C++ ops (csrc/kernels/local_argmax_a
 is the per-pixel specification this file follows).
 
 Layout. Feature maps are channels-first, so one program owns BLOCK_P consecutive pixels of
-one frame, one pixel per lane: every load of a channel is a run of consecutive addresses
+one row of one frame, one pixel per lane: every load of a channel is a run of consecutive addresses
 along W (coalesced), however the candidate shifts it. Tensors are read through their
 strides, never copied: non-contiguous and channels-last inputs work (channels-last then
 loses the coalescing). Only the small (B, T, H, W) maps the backward receives are made
@@ -14,7 +14,7 @@ contiguous. Offsets are int64 (tensors may pass 2**31 elements); pixel coordinat
 one frame are int32.
 
 Forward, per pixel: the K*K candidates in increasing j, each a dot product over C; the
-query's channels stay in registers across the candidates when C <= 64 (else they are
+query's channels stay in registers across the candidates when C <= 16 (else they are
 re-read per channel block from L1). Running argmax with the C++ ranking: NaN beats every
 number, a tie keeps the earlier (lower) j. Then out = score * value[selected].
 
@@ -28,9 +28,11 @@ Backward, three gather kernels, deterministic and atomic-free:
 Accumulation is float32 (float64 for float64 inputs).
 
 Launch shape: BLOCK_P = 128 pixels per program on 4 warps, one pixel per lane, so a warp's
-load of one channel is 32 consecutive pixels (128 bytes in fp32); channel tiles of 16, 32
-or 64 (see MAX_CHANNEL_BLOCK). Registers per config are printed by
-tests/test_triton_compile.py (sm_80/sm_90: no spills; 64-channel fp32 forward ~168).
+load of one channel is 32 consecutive pixels (128 bytes in fp32); channel tiles of 16 or 32
+(see MAX_CHANNEL_BLOCK). Registers and spills per config are printed by
+tests/test_triton_compile.py and tools/check_gpu_build.py: none spills, with this machine's
+Triton 3.9 or with the GPU image's 3.6 (checked once by hand; 3.6 allocates about twice the
+registers, 144-178 in the forward).
 
 Expected cost at the benchmark shape (H100 SXM, B=4, T=7, C=Cv=64, H=180, W=320, K=9):
   bytes that must move: query 59 MB + key 413 MB + value 413 MB + out 413 MB + score 6 MB
@@ -61,12 +63,16 @@ from ..ops.local_argmax_attention import register_autograd_and_fake
 
 @triton.jit
 def _pixel_block(pid, H, W, BLOCK_P: tl.constexpr):
-    """(frame number, y, x, in-frame mask) of program `pid`'s pixels; frames are numbered
-    b * T + t (or b for per-batch programs) and pixel blocks vary fastest, so neighbouring
-    programs share their key rows in L2."""
-    n_blocks = tl.cdiv(H * W, BLOCK_P)
-    p = (pid % n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    return pid // n_blocks, p // W, p % W, p < H * W
+    """(frame number, y, x, in-frame mask) of program `pid`'s pixels: BLOCK_P consecutive
+    pixels of one row (y is that row, broadcast). Frames are numbered b * T + t (or b for per-batch
+    programs) and pixel blocks vary fastest, so neighbouring programs share their key rows
+    in L2. Whole rows, not runs of the flattened frame, so that x is visibly contiguous
+    (an arange, no modulo): the compiler then lays pixels, not channels, across the lanes."""
+    row_blocks = tl.cdiv(W, BLOCK_P)
+    block = pid % (H * row_blocks)
+    x = (block % row_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    y = tl.zeros([BLOCK_P], tl.int32) + block // row_blocks
+    return pid // (H * row_blocks), y, x, x < W
 
 
 @triton.jit
@@ -272,11 +278,12 @@ KERNELS = {
 }
 # The largest channel tile of each kernel. A tile holds BLOCK_C values per lane (BLOCK_C
 # accumulators and BLOCK_C loads in flight in the backward), so these caps keep registers
-# near or under 128 per thread for good occupancy, except the forward: its 64-channel query
-# in registers (about 170 registers at C = 64) saves re-reading it for each of the K*K
-# candidates. The backward kernels split channels over the grid instead (query_grad,
-# gather_grad) or loop over them (score_grad).
-MAX_CHANNEL_BLOCK = {"forward": 64, "score_grad": 32, "query_grad": 16, "gather_grad": 16}
+# near or under 128 per thread for good occupancy. The forward would rather keep a 64-channel
+# query in registers across the K*K candidates, but at 32 or 64 channels some dtypes spill
+# (Triton 3.9: float16 at 32, float64 at 64; the GPU image's 3.6: float32 and float64 at 64),
+# so it streams the query from L1 in 16-channel tiles. The backward kernels split channels
+# over the grid (query_grad, gather_grad) or loop over them (score_grad).
+MAX_CHANNEL_BLOCK = {"forward": 16, "score_grad": 32, "query_grad": 16, "gather_grad": 16}
 MIN_CHANNEL_BLOCK = 16
 # Types of the non-int scalar arguments: scale is float64 so that float64 inputs see it exactly.
 SCALAR_TYPES = {"scale": "fp64", "zero_border": "u1"}
@@ -372,7 +379,7 @@ def _device_guard(t: torch.Tensor):
 
 
 def _pixel_blocks(H: int, W: int) -> int:
-    return triton.cdiv(H * W, BLOCK_P)
+    return H * triton.cdiv(W, BLOCK_P)
 
 
 # ---------------------------------------------------------------------------------------
