@@ -20,7 +20,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def gpu_peaks():
-    return measure.gpu_peaks(workloads.ATTENTION_DTYPES["cuda"])
+    return measure.gpu_peaks()
 
 
 @pytest.fixture

@@ -100,10 +100,12 @@ def device_name(device):
         return platform.processor() or platform.machine()
 
 
-def gpu_peaks(dtypes):
+def gpu_peaks():
     """Measured, not datasheet, peaks of the current GPU: device-to-device copy bandwidth
-    (bytes/s, a read and a write per element) and dense matmul rate per dtype (FLOP/s, with
-    PyTorch's defaults: float32 without TF32)."""
+    (bytes/s, a read and a write per element) and the float32 dense matmul rate without
+    TF32 (FLOP/s). The kernels multiply in float32 whatever the storage dtype, on the CUDA
+    cores, so that rate bounds their arithmetic in every dtype; a bfloat16 tensor-core rate
+    would understate the compute-bound time about tenfold."""
     import triton.testing
 
     source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
@@ -112,24 +114,26 @@ def gpu_peaks(dtypes):
     bandwidth = 2 * source.numel() / (copy_ms * 1e-3)
     del source, destination
     n = 8192
-    flops = {}
-    for dtype in dtypes:
-        a, b = (torch.randn(n, n, device="cuda", dtype=getattr(torch, dtype)) for _ in range(2))
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.float32) for _ in range(2))
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
         matmul_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-        flops[dtype] = 2 * n**3 / (matmul_ms * 1e-3)
-    return {"bandwidth_bytes_per_s": bandwidth, "flops_per_s": flops}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    return {"bandwidth_bytes_per_s": bandwidth, "flops_per_s": 2 * n**3 / (matmul_ms * 1e-3)}
 
 
 def roofline(case, measured_ms, peaks):
     """The time the pass cannot beat on this GPU, max(bytes / bandwidth, FLOPs / peak rate),
     and the fraction of it the measured time reaches."""
     memory_ms = case.bytes_moved() / peaks["bandwidth_bytes_per_s"] * 1e3
-    compute_ms = case.flops() / peaks["flops_per_s"][case.dtype] * 1e3
+    compute_ms = case.flops() / peaks["flops_per_s"] * 1e3
     return {
         "bytes": case.bytes_moved(),
         "flops": case.flops(),
         "bandwidth_bytes_per_s": peaks["bandwidth_bytes_per_s"],
-        "flops_per_s": peaks["flops_per_s"][case.dtype],
+        "flops_per_s": peaks["flops_per_s"],
         "memory_bound_ms": memory_ms,
         "compute_bound_ms": compute_ms,
         "fraction": max(memory_ms, compute_ms) / measured_ms,

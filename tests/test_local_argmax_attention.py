@@ -188,6 +188,23 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @needs_cpu_kernels
+def test_torch_compile_with_channels_last_query():
+    # Inductor checks the real gradients' strides against the fake ones: they must agree
+    # whatever the inputs' layout.
+    def step(q, k, v):
+        out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.5, backend="cpu")
+        return out.sum() + score.sum()
+
+    q, k, v = make_inputs(2, 2, 6, 3, 5, 4)
+    q = q.contiguous(memory_format=torch.channels_last).requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
+                         torch.autograd.grad(step(q, k, v), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
 def test_batch_zero(backend):
     q, k, v = make_inputs(0, 3, 4, 5, 6, 7, requires_grad=True)

@@ -414,7 +414,7 @@ def local_argmax_attention_backward(grad_out: torch.Tensor, grad_score: torch.Te
     # picked, and one outside the frame has no key or value to receive a gradient.
     B, T, C, H, W = key.shape
     Cv = value.shape[2]
-    grad_query, grad_key, grad_value = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+    grad_query, grad_key, grad_value = (x.new_empty(x.shape) for x in (query, key, value))
     if B * H * W == 0:
         return grad_query.zero_(), grad_key.zero_(), grad_value.zero_()
     grad_score, score, index = grad_score.contiguous(), score.contiguous(), index.contiguous()
