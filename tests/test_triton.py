@@ -167,7 +167,7 @@ def test_non_contiguous_inputs_match_contiguous():
     fn = triton_op(3, 2, 0.3, "zeros")
     strided = forward_and_grads(fn, *leaf_copies([qn, kn, vn]))
     assert_same(strided, forward_and_grads(fn, *leaf_copies([q, k, v])), rtol=0, atol=0)
-    assert strided[1][2].stride() == vn.stride()  # gradients come in the layout of their input
+    assert all(g.is_contiguous() for g in strided[1])  # gradients are contiguous, like every backend's
 
 
 def test_non_contiguous_upstream_gradients():
