@@ -49,7 +49,6 @@ struct Window {
   int kernel_size, dilation;
   bool zero_border;  // "zeros": outside candidates score 0 with value 0; else they are skipped
 
-  VSR_HOST_DEVICE int candidates() const { return kernel_size * kernel_size; }
   VSR_HOST_DEVICE int64_t pixels() const { return height * width; }
 
   // Pixel of candidate (jy, jx) of (y, x), j = jy * kernel_size + jx, or -1 when it lies
@@ -76,8 +75,8 @@ struct Extent {
 
 // <a[ta, :, pa], b[tb, :, pb]> over n channels, in four interleaved partial sums: four
 // independent multiply-add chains instead of one keep the pipeline busy, on CPU and GPU alike.
-template <typename acc_t, typename InputA, typename InputB>
-VSR_HOST_DEVICE acc_t dot(InputA a, int64_t ta, int64_t pa, InputB b, int64_t tb, int64_t pb, int64_t n) {
+template <typename acc_t, typename Input>
+VSR_HOST_DEVICE acc_t dot(Input a, int64_t ta, int64_t pa, Input b, int64_t tb, int64_t pb, int64_t n) {
   acc_t part0 = 0, part1 = 0, part2 = 0, part3 = 0;
   int64_t c = 0;
   for (; c + 4 <= n; c += 4) {
