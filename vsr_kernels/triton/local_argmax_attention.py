@@ -41,9 +41,10 @@ Expected cost at the benchmark shape (H100 SXM, B=4, T=7, C=Cv=64, H=180, W=320,
   is multiplied in fp32 too). At 12.7 FLOP/B (ridge ~20) DRAM is the roofline, but the
   direct formulation re-reads every key element K*K = 81 times from L1/L2: 33 GB in fp32
   (17 GB in bf16), about 1.0 ms (0.5 ms) at H100's ~33 TB/s aggregate L1 bandwidth, with
-  an address computation per FMA. So expect about 0.3-0.4 of the DRAM roofline, not 0.5;
-  more needs key rows reused in registers across neighbouring pixels (sliding windows over
-  registers, which Triton does not expose directly). Unmeasured: see benchmarks/.
+  an address computation per FMA; and with the 16-channel tile (C > 16) every query element
+  too, about twice that. So expect well under 0.3 of the DRAM roofline, not 0.5; more needs
+  key rows reused in registers across neighbouring pixels (sliding windows over registers,
+  which Triton does not expose directly). Unmeasured: see benchmarks/NOTES.md.
 Backward: the score grad reads grad_out and the selected values once; the query grad the
 T selected keys per pixel; the gathers read each query/grad_out element about once (masked
 lanes move nothing) but the index map K*K times per channel tile, from cache.
