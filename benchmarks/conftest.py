@@ -29,7 +29,7 @@ def measured(benchmark):
     and returns the inputs it was timed on; skips cases that cannot run here."""
 
     def measure_case(case):
-        reason = _backend._unavailable(case.backend, torch.device(case.device))
+        reason = _backend.unavailable("local_argmax_attention", case.backend, torch.device(case.device))
         if reason is not None:
             pytest.skip(f"backend {case.backend!r} cannot run: {reason}")
         benchmark.group = case.group

@@ -50,7 +50,7 @@ def _seed():
 
 @pytest.fixture(params=("cuda", "triton"))
 def backend(request):
-    reason = _backend._unavailable(request.param, torch.device("cuda"))
+    reason = _backend.unavailable("local_argmax_attention", request.param, torch.device("cuda"))
     if reason is not None:
         pytest.skip(f"backend={request.param!r} cannot run: {reason}")
     return request.param
@@ -203,7 +203,7 @@ def test_autocast_runs_in_the_region_dtype(backend, dtype):
 
 @pytest.mark.parametrize("border", BORDERS)
 def test_cpu_and_gpu_agree(backend, border):
-    reason = _backend._unavailable("cpu", torch.device("cpu"))
+    reason = _backend.unavailable("local_argmax_attention", "cpu", torch.device("cpu"))
     if reason is not None:
         pytest.skip(f"backend='cpu' cannot run: {reason}")
     query, key, value = _inputs(2, 3, 16, 8, 11, 13, torch.float64)

@@ -14,7 +14,8 @@ import vsr_kernels
 from vsr_kernels import reference
 from vsr_kernels.ops import _backend
 
-CPU_BACKENDS = [b for b in ("cpu",) if _backend._unavailable(b, torch.device("cpu")) is None]
+CPU_BACKENDS = [b for b in ("cpu",)
+                if _backend.unavailable("local_argmax_attention", b, torch.device("cpu")) is None]
 needs_cpu_kernels = pytest.mark.skipif(not CPU_BACKENDS, reason="vsr_kernels._C is not built")
 
 
@@ -276,8 +277,6 @@ def _bad_input_cases():
     yield "scale", dict(ok, scale="1"), TypeError, "scale must be a real number"
     yield "dtype mismatch", dict(ok, key=k.double()), TypeError, "key must have the dtype of query (torch.float32)"
     yield "integer dtype", dict(ok, value=v.long()), TypeError, "value must have a floating-point dtype"
-    yield "half on cpu", dict(query=q.half(), key=k.half(), value=v.half(), backend="cpu"), TypeError, \
-        "backend='cpu' supports dtypes"
     yield "device mismatch", dict(ok, value=v.to("meta")), ValueError, "value must be on the device of query"
     yield "cuda backend on cpu", dict(ok, backend="cuda"), ValueError, "backend='cuda' cannot run"
 
@@ -310,3 +309,260 @@ def test_cpu_autocast_leaves_float64_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
     assert out.dtype == score.dtype == torch.float64
+
+
+# --- issue 5 regression tests (Python) ---
+
+import doctest  # noqa: E402
+import inspect  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+import warnings  # noqa: E402
+
+from vsr_kernels import _extension  # noqa: E402
+
+OP = "local_argmax_attention"
+ALL_BACKENDS = ["reference", "cpu", "triton"]
+
+
+def _skip_unless_available(backend):
+    reason = _backend.unavailable(OP, backend, torch.device("cpu"))
+    if reason is not None:
+        pytest.skip(f"backend={backend!r} cannot run: {reason}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_double_backward_raises_naming_the_op(backend):
+    _skip_unless_available(backend)
+    q, k, v = make_inputs(1, 2, 3, 2, 4, 4, requires_grad=True)
+    out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, scale=0.5, backend=backend)
+    first = torch.autograd.grad(out.square().sum() + score.square().sum(), (q, k, v), create_graph=True)
+    second_loss = sum(g.square().sum() for g in first)
+    if backend == "reference":  # plain autograd: second-order gradients exist
+        assert all(g is not None for g in torch.autograd.grad(second_loss, (q, k, v), allow_unused=True))
+        return
+    with pytest.raises(RuntimeError, match=f"vsr_kernels.{OP}: double backward is not supported"):
+        torch.autograd.grad(second_loss, (q, k, v))
+
+
+def test_meta_tensors_give_shapes_on_every_path():
+    q, k, v = (t.to("meta") for t in make_inputs(2, 3, 4, 5, 6, 7, dtype=torch.float32))
+    shapes = [(2, 3, 5, 6, 7), (2, 3, 6, 7), (2, 3, 6, 7)]
+    _backend.op_for(OP, "triton")  # registers the Triton ops' fake implementations
+    calls = [lambda: vsr_kernels.local_argmax_attention(q, k, v, 3),  # "auto" is the reference on meta
+             lambda: vsr_kernels.local_argmax_attention(q, k, v, 3, backend="reference"),
+             lambda: torch.ops.vsr_kernels.local_argmax_attention_triton(q, k, v, 3, 1, 1.0, False)]
+    if _extension.LOAD_ERROR is None:
+        calls.append(lambda: torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, True))
+    for call in calls:
+        for autocast in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                outputs = call()
+            assert [tuple(t.shape) for t in outputs] == shapes
+            assert all(t.device.type == "meta" for t in outputs) and outputs[2].dtype == torch.int64
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+def test_every_in_frame_score_minus_inf_picks_the_first_in_frame_candidate(backend, border):
+    _skip_unless_available(backend)
+    q, k, v = make_inputs(1, 2, 1, 2, 5, 6, seed=4)
+    q = torch.full_like(q, float("-inf"))
+    k = k.abs() + 0.5  # every in-frame score is -inf; zero-padded ones are NaN (-inf * 0)
+    # The loop oracle scores zero-padded candidates 0, not NaN: with zeros, compare to the reference.
+    want = (lambda q: loop_oracle(q, k, v, 3, 1, 1.0, border)) if border == "exclude" else \
+        (lambda q: reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border))
+    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend=backend)
+    assert_same_outputs(got, want(q))
+    # Top-left and bottom-right corners: the first in-frame candidate, or the first (NaN) padded one.
+    assert (got[2][0, 0, 0, 0], got[2][0, 0, -1, -1]) == ((4, 0) if border == "exclude" else (0, 2))
+    # A mix: -inf scores in some pixels only, finite elsewhere, the same rule throughout.
+    q2 = torch.where(torch.rand(q.shape, generator=torch.Generator().manual_seed(1)) < 0.5, q, 1.0)
+    got = vsr_kernels.local_argmax_attention(q2, k, v, 3, 1, 1.0, border, backend=backend)
+    assert_same_outputs(got, want(q2))
+
+
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("shape", [(2, 3, 0, 2, 4, 5), (2, 3, 3, 0, 4, 5), (2, 3, 3, 2, 0, 5),
+                                   (2, 3, 3, 2, 4, 0), (2, 0, 3, 2, 4, 5)],
+                         ids=["C=0", "Cv=0", "H=0", "W=0", "T=0"])
+def test_reference_takes_empty_dimensions(border, shape):
+    q, k, v = make_inputs(*shape, requires_grad=True)
+    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.5, border, backend="reference")
+    assert_same_outputs(got, loop_oracle(q.detach(), k.detach(), v.detach(), 3, 2, 0.5, border))
+    grads = torch.autograd.grad(got[0].sum() + got[1].sum(), (q, k, v), allow_unused=True)
+    for g, x in zip(grads, (q, k, v)):
+        assert g is None or (g.shape == x.shape and (x.numel() == 0 or g.isfinite().all()))
+
+
+def test_auto_on_cpu_falls_back_to_the_reference_when_the_extension_is_missing(monkeypatch):
+    monkeypatch.setattr(_extension, "LOAD_ERROR", ImportError("vsr_kernels._C is not built (a test)"))
+    monkeypatch.setattr(_backend, "_WARNED", set())
+    q, k, v = make_inputs(1, 2, 3, 2, 5, 5)
+    with pytest.warns(RuntimeWarning, match=r"falls back to the slow reference.*_C is not built \(a test\)"):
+        got = vsr_kernels.local_argmax_attention(q, k, v, 3)
+    assert_same_outputs(got, reference.local_argmax_attention(q, k, v, 3))
+    with warnings.catch_warnings():  # once only
+        warnings.simplefilter("error")
+        vsr_kernels.local_argmax_attention(q, k, v, 3)
+    with pytest.raises(ValueError, match=r"backend='cpu' cannot run: .*_C is not built \(a test\)"):
+        vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
+
+
+def _run_python(code: str) -> str:
+    """Runs `code` in a fresh interpreter importing this checkout's vsr_kernels; returns stdout."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          cwd=root, env={**__import__("os").environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_build_for_another_torch_is_refused_with_how_to_rebuild():
+    out = _run_python("""
+        import sys, types, warnings
+        info = types.ModuleType("vsr_kernels._build_info")
+        info.TORCH_VERSION, info.CUDA = "1.0.0+test", False
+        sys.modules["vsr_kernels._build_info"] = info
+        import torch, vsr_kernels
+        from vsr_kernels import _extension
+        assert isinstance(_extension.LOAD_ERROR, ImportError)
+        print("LOAD_ERROR:", _extension.LOAD_ERROR)
+        assert not hasattr(torch.ops.vsr_kernels, "local_argmax_attention_backward"), "_C was loaded"
+        q, k, v = torch.randn(1, 2, 4, 4), torch.randn(1, 1, 2, 4, 4), torch.randn(1, 1, 2, 4, 4)
+        try:
+            vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
+        except ValueError as error:
+            print("cpu:", error)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vsr_kernels.local_argmax_attention(q, k, v, 3)
+        print("auto:", caught[0].message)
+    """)
+    expected = (f"vsr_kernels was built against torch 1.0.0+test but torch {torch.__version__} is installed; "
+                "rebuild with: pip install --no-build-isolation --force-reinstall")
+    for prefix in ("LOAD_ERROR:", "cpu:", "auto:"):
+        assert any(line.startswith(prefix) and expected in line for line in out.splitlines()), out
+
+
+def test_an_extension_that_fails_to_load_gets_the_rebuild_advice():
+    out = _run_python("""
+        import importlib.abc, importlib.util, sys
+
+        class Loader(importlib.abc.Loader):
+            def create_module(self, spec):
+                raise ImportError("_C.so: undefined symbol: _ZN3c1015SmallVectorBaseIjE8grow_podEPKvmm")
+
+            def exec_module(self, module):
+                pass
+
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "vsr_kernels._C":
+                    return importlib.util.spec_from_loader(name, Loader())
+
+        sys.meta_path.insert(0, Finder())
+        from vsr_kernels import _extension
+        print(_extension.LOAD_ERROR)
+    """)
+    assert "undefined symbol" in out
+    assert "rebuild with: pip install --no-build-isolation --force-reinstall" in out
+    assert f"torch {torch.__version__} is installed" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_backend_takes_half_precision_outside_autocast(dtype):
+    _skip_unless_available("cpu")
+    q, k, v = (t.to(dtype) for t in make_inputs(1, 2, 8, 3, 6, 7, dtype=torch.float32, seed=2))
+    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.25, backend="cpu")
+    want = reference.local_argmax_attention(q.double(), k.double(), v.double(), 3, 1, 0.25)
+    assert got[0].dtype == got[1].dtype == dtype
+    agree = got[2] == want[2]
+    assert agree.float().mean() > 0.95  # float32 accumulation of the same rounded inputs: near-ties only
+    torch.testing.assert_close(got[1][agree].double(), want[1][agree], rtol=1e-2, atol=1e-2)
+
+
+def test_window_parameters_take_pairs_and_are_bounded():
+    q, k, v = make_inputs(1, 2, 3, 2, 5, 6, dtype=torch.float32)
+    call = lambda **kw: vsr_kernels.local_argmax_attention(q, k, v, **kw, backend="reference")  # noqa: E731
+    assert_same_outputs(call(kernel_size=(3, 3), dilation=[2, 2]), call(kernel_size=3, dilation=2))
+    for kwargs, error, message in [
+        (dict(kernel_size=(3, 5)), ValueError, r"kernel_size must be an int or a pair of equal ints.*(3, 5)"),
+        (dict(dilation=(1, 2)), ValueError, r"dilation must be an int or a pair of equal ints"),
+        (dict(kernel_size=(3, 3, 3)), ValueError, r"kernel_size must be an int or a pair"),
+        (dict(kernel_size=(3, 3.0)), TypeError, r"kernel_size must be an int"),
+        (dict(kernel_size=32769), ValueError, r"kernel_size must be an odd integer <= 32767 .*got 32769"),
+        (dict(dilation=2**31), ValueError, r"dilation must be an integer <= 2147483647 .*got 2147483648"),
+        (dict(dilation=2**32 + 1), ValueError, r"dilation must be an integer <= 2147483647"),
+    ]:
+        with pytest.raises(error, match=message):
+            call(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+def test_the_largest_dilation_is_exact(backend, border):
+    # (j // K - r) * dilation passes 2**31 for K = 5: in int32 the step -2 * (2**31 - 1) wraps to 2.
+    _skip_unless_available(backend)
+    q, k, v = make_inputs(1, 2, 3, 2, 4, 5, seed=6, requires_grad=True)
+    window = (5, 2**31 - 1)
+    got = vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border, backend=backend)
+    assert_same_outputs(got, loop_oracle(q.detach(), k.detach(), v.detach(), *window, 0.5, border))
+    call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
+        q, k, v, *window, 0.5, border, backend=backend)
+    for a, b in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _public_callables():
+    from vsr_kernels.nn import CrossFrameNonLocalAttention, MemoryAugmentedAttention
+
+    return [vsr_kernels.local_argmax_attention, reference.local_argmax_attention,
+            CrossFrameNonLocalAttention.__init__, CrossFrameNonLocalAttention.forward,
+            MemoryAugmentedAttention.__init__, MemoryAugmentedAttention.forward]
+
+
+@pytest.mark.parametrize("function", _public_callables(), ids=lambda f: f.__qualname__)
+def test_public_functions_are_typed(function):
+    signature = inspect.signature(function)
+    untyped = [name for name, p in signature.parameters.items()
+               if name != "self" and p.annotation is inspect.Parameter.empty]
+    assert untyped == [] and signature.return_annotation is not inspect.Signature.empty
+
+
+@pytest.mark.parametrize("module", ["vsr_kernels.ops.local_argmax_attention",
+                                    "vsr_kernels.reference.local_argmax_attention", "vsr_kernels.nn.mana"])
+def test_docstring_examples_run(module):
+    import importlib
+
+    module = importlib.import_module(module)
+    results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert results.attempted > 0 and results.failed == 0
+    from vsr_kernels.nn import CrossFrameNonLocalAttention, MemoryAugmentedAttention
+
+    for obj in (vsr_kernels.local_argmax_attention, reference.local_argmax_attention,
+                CrossFrameNonLocalAttention, MemoryAugmentedAttention):
+        assert "Examples:" in obj.__doc__
+
+
+def test_layers_reject_empty_frames_and_non_positive_channels():
+    from vsr_kernels.nn import CrossFrameNonLocalAttention, MemoryAugmentedAttention
+
+    cross, memory = CrossFrameNonLocalAttention(32, 3, 3), MemoryAugmentedAttention(4, 8)
+    for frames in (torch.randn(1, 3, 32, 0, 5), torch.randn(1, 3, 32, 5, 0)):
+        with pytest.raises(ValueError, match=r"frames must have frames of at least one pixel"):
+            cross(frames, 1)
+    with pytest.raises(ValueError, match=r"frames must have T = num_frames = 3"):
+        cross(torch.randn(1, 0, 32, 5, 5), 0)
+    with pytest.raises(ValueError, match=r"x must have frames of at least one pixel"):
+        memory(torch.randn(1, 4, 0, 3))
+    for channels in (0, -32):
+        with pytest.raises(ValueError, match=r"channels must be an integer >= 1"):
+            CrossFrameNonLocalAttention(channels, 3)
+        with pytest.raises(ValueError, match=r"channels must be an integer >= 1"):
+            MemoryAugmentedAttention(channels)
+    assert CrossFrameNonLocalAttention(32, 3, kernel_size=(5, 5), dilation=(2, 2)).kernel_size == 5

@@ -19,14 +19,17 @@ from vsr_kernels import reference  # noqa: E402
 from vsr_kernels.ops import _backend  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-pytestmark = pytest.mark.skipif(_backend._unavailable("triton", DEVICE) is not None,
-                                reason=f"Triton cannot run here: {_backend._unavailable('triton', DEVICE)}")
+TRITON_UNAVAILABLE = _backend.unavailable("local_argmax_attention", "triton", DEVICE)
+pytestmark = pytest.mark.skipif(TRITON_UNAVAILABLE is not None,
+                                reason=f"Triton cannot run here: {TRITON_UNAVAILABLE}")
 
-if _backend._unavailable("triton", DEVICE) is None:
+if TRITON_UNAVAILABLE is None:
+    # Imports the Triton ops and registers their autograd and fake tensors.
+    _backend.op_for("local_argmax_attention", "triton")
     from vsr_kernels.triton import local_argmax_attention as triton_module
     from vsr_kernels.triton.local_argmax_attention import BLOCK_P, MAX_CHANNEL_BLOCK
 
-HAS_CPU_OP = _backend._unavailable("cpu", torch.device("cpu")) is None
+HAS_CPU_OP = _backend.unavailable("local_argmax_attention", "cpu", torch.device("cpu")) is None
 
 
 def make_inputs(B, T, C, Cv, H, W, dtype=torch.float64, seed=0, integers=False, requires_grad=False):

@@ -1,19 +1,70 @@
-"""Loads the compiled library vsr_kernels._C, which registers the C++/CUDA kernels."""
+"""Loads the compiled library vsr_kernels._C, which registers the C++/CUDA kernels of every op.
+
+A C++ extension only works with the torch it was compiled against: its symbols and ABI are
+those of that build. setup.py records that torch in vsr_kernels/_build_info.py
+(TORCH_VERSION, CUDA); a different torch.__version__ here refuses to load _C, rather than
+risk a crash or an obscure "undefined symbol". The full version string is compared, local
+suffix included: 2.13.0+cpu and 2.13.0+cu128 are different builds (the CUDA one exports
+symbols the CPU one lacks), so no suffix difference is known to be safe.
+
+When _C cannot be loaded, LOAD_ERROR holds why (an ImportError whose message says how to
+rebuild), the C++ backends report it, and backend="auto" falls back to the reference.
+"""
 import torch
 
-try:
-    from . import _C  # noqa: F401  (import registers the ops with torch.library)
-
-    LOAD_ERROR = None
-except ImportError as error:  # a source checkout that was never built
-    LOAD_ERROR = error
+REBUILD_COMMAND = ("pip install --no-build-isolation --force-reinstall --no-deps <vsr_kernels source or URL>"
+                   " (in a source checkout: python setup.py build_ext --inplace)")
 
 
-def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vsr_kernels::{op}", dispatch_key)
+def version_mismatch(built: str, installed: str) -> str | None:
+    """The error message for an extension built against torch `built` loaded with torch
+    `installed`, or None when they are the same build."""
+    if built == installed:
+        return None
+    return (f"vsr_kernels was built against torch {built} but torch {installed} is installed; "
+            f"rebuild with: {REBUILD_COMMAND}")
 
 
-# Which compiled backends this build has, decided once at import so that the per-call
-# backend choice stays a plain attribute read (traceable by torch.compile).
-HAS_CPU_KERNELS = _has_kernel("local_argmax_attention", "CPU")
-HAS_CUDA_KERNELS = _has_kernel("local_argmax_attention", "CUDA")
+def _load() -> ImportError | None:
+    """Imports _C (which registers its ops with torch.library); returns why it failed, or None."""
+    try:
+        from . import _build_info
+    except ImportError:  # a build that predates _build_info.py, or a checkout never built
+        _build_info = None
+    built = getattr(_build_info, "TORCH_VERSION", None)
+    if built is not None:
+        message = version_mismatch(built, torch.__version__)
+        if message is not None:
+            return ImportError(message)
+    try:
+        from . import _C  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}._C":
+            raise
+        return ImportError(f"vsr_kernels._C is not built ({error}); build it with: {REBUILD_COMMAND}")
+    except ImportError as error:  # typically an undefined symbol: another torch than the build's
+        against = f"torch {built}" if built is not None else "another torch"
+        return ImportError(f"vsr_kernels._C failed to load ({error}); it was probably built against "
+                           f"{against} but torch {torch.__version__} is installed; "
+                           f"rebuild with: {REBUILD_COMMAND}")
+    return None
+
+
+LOAD_ERROR: ImportError | None = _load()
+
+# has_kernel's answers. A plain dict, filled when an op's spec is registered at import, so
+# that the per-call backend choice stays a dictionary read that torch.compile traces.
+_HAS_KERNEL: dict = {}
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the loaded _C has a kernel for vsr_kernels::`op_name` on `dispatch_key`
+    ("CPU", "CUDA"); False when _C is not loaded. Cached per (op_name, dispatch_key)."""
+    if LOAD_ERROR is not None:
+        return False
+    key = (op_name, dispatch_key)
+    if key not in _HAS_KERNEL:
+        qualified = f"vsr_kernels::{op_name}"
+        _HAS_KERNEL[key] = (torch._C._dispatch_has_kernel(qualified)
+                            and torch._C._dispatch_has_kernel_for_dispatch_key(qualified, dispatch_key))
+    return _HAS_KERNEL[key]

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import _backend, _checks
-from ..ops.local_argmax_attention import local_argmax_attention
+from ..ops.local_argmax_attention import MAX_DILATION, MAX_KERNEL_SIZE, local_argmax_attention
 
 GROUP_NORM_GROUPS = 32
 
 
 def _channels(channels, divisor: int) -> int:
-    channels = _checks.integer("channels", channels, divisor)
+    channels = _checks.integer("channels", channels, 1)
     if channels % divisor:
         raise ValueError(f"channels must be a positive multiple of {divisor}, got {channels}")
     return channels
@@ -30,6 +30,9 @@ def _check_features(name: str, value, dims: str, channels: int, channel_dim: int
     _checks.tensor(name, value, dims)
     if value.shape[channel_dim] != channels:
         raise ValueError(f"{name} must have C = {channels} channels in dim {channel_dim}, "
+                         f"got shape {tuple(value.shape)}")
+    if value.shape[-2] == 0 or value.shape[-1] == 0:
+        raise ValueError(f"{name} must have frames of at least one pixel (H, W >= 1), "
                          f"got shape {tuple(value.shape)}")
 
 
@@ -53,16 +56,27 @@ class CrossFrameNonLocalAttention(nn.Module):
         backend: passed to `local_argmax_attention` ("auto", "reference", "cpu", "cuda", "triton").
 
     Shapes:
-        forward(frames (B, T, C, H, W), center: int) -> (B, C, H, W)
+        forward(frames (B, T, C, H, W), center: int) -> (B, C, H, W), H, W >= 1
+
+    Examples:
+        >>> import torch
+        >>> from vsr_kernels.nn import CrossFrameNonLocalAttention
+        >>> layer = CrossFrameNonLocalAttention(channels=32, num_frames=3, kernel_size=5)
+        >>> frames = torch.randn(2, 3, 32, 16, 16)  # (B, T, C, H, W)
+        >>> aligned = layer(frames, center=1)
+        >>> aligned.shape
+        torch.Size([2, 32, 16, 16])
+        >>> torch.equal(aligned, frames[:, 1])  # a fresh layer is the identity on the centre frame
+        True
     """
 
-    def __init__(self, channels: int, num_frames: int, kernel_size: int = 9, dilation: int = 1,
-                 backend: str = "auto"):
+    def __init__(self, channels: int, num_frames: int, kernel_size: int | tuple[int, int] = 9,
+                 dilation: int | tuple[int, int] = 1, backend: str = "auto") -> None:
         super().__init__()
         self.channels = _channels(channels, GROUP_NORM_GROUPS)
         self.num_frames = _checks.integer("num_frames", num_frames, 1)
-        self.kernel_size = _checks.integer("kernel_size", kernel_size, 1, odd=True)
-        self.dilation = _checks.integer("dilation", dilation, 1)
+        self.kernel_size = _checks.square("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE, odd=True)
+        self.dilation = _checks.square("dilation", dilation, 1, MAX_DILATION)
         self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
         embed = channels // 2
         # Dot products of C/2-channel embeddings grow like sqrt(C/2); scaling them keeps the
@@ -115,10 +129,19 @@ class MemoryAugmentedAttention(nn.Module):
         memory_size: N, the features in the bank.
 
     Shapes:
-        forward(x (B, C, H, W)) -> (y (B, C, H, W), loss (scalar))
+        forward(x (B, C, H, W)) -> (y (B, C, H, W), loss (scalar)), H, W >= 1
+
+    Examples:
+        >>> import torch
+        >>> from vsr_kernels.nn import MemoryAugmentedAttention
+        >>> layer = MemoryAugmentedAttention(channels=16, memory_size=32)
+        >>> x = torch.randn(2, 16, 8, 8)  # (B, C, H, W)
+        >>> y, loss = layer(x)
+        >>> y.shape, loss.dim()
+        (torch.Size([2, 16, 8, 8]), 0)
     """
 
-    def __init__(self, channels: int, memory_size: int = 256):
+    def __init__(self, channels: int, memory_size: int = 256) -> None:
         super().__init__()
         self.channels = _channels(channels, 2)
         self.memory_size = _checks.integer("memory_size", memory_size, 1)
@@ -131,7 +154,7 @@ class MemoryAugmentedAttention(nn.Module):
         nn.init.zeros_(self.project.weight)
         nn.init.zeros_(self.project.bias)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_features("x", x, "BCHW", self.channels, 1)
         B, _, H, W = x.shape
         query = self.query(x).flatten(2).transpose(1, 2)  # (B, HW, C/2)

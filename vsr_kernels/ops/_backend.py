@@ -1,65 +1,118 @@
-"""Backend choice shared by every op: which implementations exist in this build, which
-devices and dtypes each takes, and what "auto" means."""
+"""Backend choice for every op, from its OpSpec: which implementations exist in this build,
+which devices and dtypes each takes, what "auto" means, and the callable of each backend."""
+import importlib
 import importlib.util
 import os
+import warnings
 
 import torch
 
 from .. import _extension
+from . import _spec
 
-BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+BACKENDS = ("auto", *_spec.BACKENDS)
 
 # Read once at import, like Triton itself does: the interpreter runs Triton kernels on CPU tensors.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-_DTYPES = {
-    "reference": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-    "triton": (torch.float16, torch.bfloat16, torch.float32, torch.float64),
-}
+_OPS: dict = {}  # (op name, backend) -> the callable op_for returns
+_WARNED: set = set()  # op names whose "auto" fell back to the reference, warned once
 
 
-def _unavailable(backend: str, device: torch.device):
-    """Why `backend` cannot run on `device` in this installation, or None if it can."""
+def _spec_of(op_name: str) -> _spec.OpSpec:
+    try:
+        return _spec.SPECS[op_name]
+    except KeyError:
+        known = ", ".join(sorted(_spec.SPECS))
+        raise ValueError(f"unknown op {op_name!r}; registered ops: {known}") from None
+
+
+def unavailable(op_name: str, backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run op `op_name` on `device` in this installation, or None if it can."""
+    _spec_of(op_name)
     if backend == "cpu":
         if device.type != "cpu":
             return f"it runs on CPU tensors, got tensors on {device}"
-        if not _extension.HAS_CPU_KERNELS:
-            return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
+        if not _extension.has_kernel(op_name, "CPU"):
+            return f"the compiled extension vsr_kernels._C has no CPU kernel for it ({_extension.LOAD_ERROR})"
     elif backend == "cuda":
         if device.type != "cuda":
             return f"it runs on CUDA tensors, got tensors on {device}"
-        if not _extension.HAS_CUDA_KERNELS:
-            return "vsr_kernels was built without CUDA (reinstall with a CUDA PyTorch or FORCE_CUDA=1)"
+        if not _extension.has_kernel(op_name, "CUDA"):
+            if _extension.LOAD_ERROR is not None:
+                return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
+            return ("vsr_kernels was built without CUDA (rebuild with a CUDA PyTorch and toolkit, "
+                    "or VSR_KERNELS_CUDA=1)")
     elif backend == "triton":
+        if _spec_of(op_name).triton_module is None:
+            return "the op has no Triton implementation"
         if not HAS_TRITON:
             return "triton is not installed"
         if device.type != "cuda" and not (device.type == "cpu" and TRITON_INTERPRET):
             return f"it runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+    elif backend != "reference":
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return None
 
 
-def choose(backend: str, tensor: torch.Tensor, gpu_default: str) -> str:
+def _auto_candidates(spec: _spec.OpSpec, device: torch.device) -> tuple:
+    if device.type == "cpu":
+        return "cpu", "reference"
+    if device.type == "cuda":
+        return spec.gpu_default, "triton" if spec.gpu_default == "cuda" else "cuda", "reference"
+    return ("reference",)  # meta tensors (shapes only) and devices no kernel serves
+
+
+def choose(op_name: str, backend: str, tensor: torch.Tensor) -> str:
     """The concrete backend for `backend` on `tensor`'s device and dtype; raises if it cannot run.
 
-    "auto" is "cpu" for CPU tensors and `gpu_default` (the faster GPU backend of the op, by
-    its benchmarks) for CUDA tensors, falling back to the other GPU backend and then the
-    reference when the preferred one is missing from this installation.
+    "auto" is "cpu" for CPU tensors and the op's gpu_default (its faster GPU backend, by its
+    benchmarks) for CUDA tensors, falling back to the other GPU backend and then to the
+    reference, with a one-time warning saying why, when the preferred ones are missing from
+    this installation. On other devices (meta) it is the reference.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    spec = _spec_of(op_name)
     device = tensor.device
     if backend == "auto":
-        if device.type == "cpu":
-            candidates = ("cpu",)
-        else:
-            candidates = (gpu_default, "triton" if gpu_default == "cuda" else "cuda", "reference")
-        backend = next((c for c in candidates if _unavailable(c, device) is None), candidates[0])
-    reason = _unavailable(backend, device)
+        candidates = _auto_candidates(spec, device)
+        backend = next(c for c in candidates if unavailable(op_name, c, device) is None)
+        if backend == "reference" and candidates[0] != "reference" and op_name not in _WARNED:
+            _WARNED.add(op_name)
+            reasons = "; ".join(f"backend={c!r}: {unavailable(op_name, c, device)}" for c in candidates[:-1])
+            warnings.warn(f"vsr_kernels.{op_name}: backend='auto' falls back to the slow reference "
+                          f"implementation on {device.type} tensors ({reasons})", RuntimeWarning,
+                          stacklevel=3)
+    reason = unavailable(op_name, backend, device)
     if reason is not None:
         raise ValueError(f"backend={backend!r} cannot run: {reason}")
-    if tensor.dtype not in _DTYPES[backend]:
-        raise TypeError(f"backend={backend!r} supports dtypes {_DTYPES[backend]}, got {tensor.dtype}")
+    if tensor.dtype not in spec.dtypes[backend]:
+        raise TypeError(f"backend={backend!r} supports dtypes {spec.dtypes[backend]}, got {tensor.dtype}")
     return backend
+
+
+def op_for(op_name: str, backend: str):
+    """The callable of `backend` (a concrete one, as choose returns) for op `op_name`, taking
+    the op schema's arguments: the spec's reference, torch.ops.vsr_kernels.<op> for "cpu" and
+    "cuda", torch.ops.vsr_kernels.<op>_triton for "triton" (whose module is imported, and its
+    fake tensors and autograd registered, on first use)."""
+    key = (op_name, backend)
+    if key not in _OPS:
+        spec = _spec_of(op_name)
+        if backend == "reference":
+            _OPS[key] = spec.reference
+        elif backend in _spec.IMPLEMENTATION_OF_BACKEND:
+            implementation = _spec.IMPLEMENTATION_OF_BACKEND[backend]
+            if implementation == "triton":
+                if spec.triton_module is None:
+                    raise ValueError(f"vsr_kernels.{op_name} has no Triton implementation")
+                importlib.import_module(spec.triton_module)
+            elif _extension.LOAD_ERROR is not None:
+                raise ValueError(f"backend={backend!r} cannot run: {_extension.LOAD_ERROR}")
+            _spec.register_ops(spec, implementation)
+            _OPS[key] = spec.forward_op(implementation)
+        else:
+            raise ValueError(f"op_for takes a concrete backend {_spec.BACKENDS}, got {backend!r}")
+    return _OPS[key]

@@ -36,13 +36,30 @@ def same_dtype_and_device(tensors: dict) -> None:
             raise ValueError(f"{name} must be on the device of {first_name} ({first.device}), got {value.device}")
 
 
-def integer(name: str, value, minimum: int, odd: bool = False) -> int:
+def integer(name: str, value, minimum: int, odd: bool = False, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    kind = "an odd integer" if odd else "an integer"
     if value < minimum or (odd and value % 2 == 0):
-        kind = "an odd integer" if odd else "an integer"
         raise ValueError(f"{name} must be {kind} >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be {kind} <= {maximum} (the largest the kernels represent), "
+                         f"got {value}")
     return int(value)
+
+
+def square(name: str, value, minimum: int, maximum: int, odd: bool = False) -> int:
+    """A window parameter given as an int or, like torchvision's, a pair of equal ints (the
+    ops' windows are square): the int, checked like `integer`."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of equal ints, got {value!r}")
+        first, second = (integer(name, v, minimum, odd, maximum) for v in value)
+        if first != second:
+            raise ValueError(f"{name} must be an int or a pair of equal ints (the window is square), "
+                             f"got {value!r}")
+        return first
+    return integer(name, value, minimum, odd, maximum)
 
 
 def real(name: str, value) -> float:

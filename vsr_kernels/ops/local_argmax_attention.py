@@ -3,18 +3,20 @@
 Every backend is one registered torch.library op with a registered backward op, so a call
 is one dispatcher boundary and torch.compile traces it without graph breaks. The C++ ops
 (schemas in csrc/registration.cpp) serve CPU and CUDA tensors; the Triton ops are
-registered by vsr_kernels.triton.local_argmax_attention with the same schemas and share
-the autograd and fake implementations below.
+registered by vsr_kernels.triton.local_argmax_attention with the same schemas. Both get the
+fake and autograd implementations below through this op's OpSpec (see _spec.register_ops).
 """
 import torch
 
-from .. import _extension, reference
-from . import _autocast, _backend, _checks
+from .. import reference
+from . import _autocast, _backend, _checks, _spec
 
+NAME = "local_argmax_attention"
 BORDERS = ("exclude", "zeros")
-
-# The faster GPU backend at the benchmark shapes: see README, "Backend choice".
-GPU_DEFAULT = "triton"
+# Bounds of the window parameters: candidate numbers j < K*K are int32 in every kernel, and
+# dilation is passed as int32 (offsets it multiplies are computed in int64).
+MAX_KERNEL_SIZE = 32767  # the largest odd K with K*K < 2**31
+MAX_DILATION = 2**31 - 1
 
 
 def _output_shapes(query, key, value):
@@ -42,33 +44,33 @@ def _setup_context(ctx, inputs, output):
     ctx.window = (kernel_size, dilation, scale, zero_border)
 
 
-def _autograd_backward(backward_op):
-    def backward(ctx, grad_out, grad_score, _grad_index):
-        query, key, value, score, index = ctx.saved_tensors
-        out_shape, map_shape = _output_shapes(query, key, value)
-        if grad_out is None:
-            grad_out = value.new_zeros(out_shape)
-        if grad_score is None:
-            grad_score = query.new_zeros(map_shape)
-        grads = backward_op(grad_out, grad_score, query, key, value, score, index, *ctx.window)
-        return (*grads, None, None, None, None)
-
-    return backward
+def _backward(backward_op, ctx, grad_out, grad_score, _grad_index):
+    query, key, value, score, index = ctx.saved_tensors
+    out_shape, map_shape = _output_shapes(query, key, value)
+    if grad_out is None:
+        grad_out = value.new_zeros(out_shape)
+    if grad_score is None:
+        grad_score = query.new_zeros(map_shape)
+    grads = backward_op(grad_out, grad_score, query, key, value, score, index, *ctx.window)
+    return (*grads, None, None, None, None)
 
 
-def register_autograd_and_fake(forward: str, backward: str) -> None:
-    """Registers fake tensors and autograd for a (forward, backward) pair of ops with the
-    local_argmax_attention schemas, given by qualified name ("vsr_kernels::...")."""
-    torch.library.register_fake(forward)(_fake_forward)
-    torch.library.register_fake(backward)(_fake_backward)
-    namespace, name = backward.split("::")
-    backward_op = getattr(getattr(torch.ops, namespace), name)
-    torch.library.register_autograd(forward, _autograd_backward(backward_op), setup_context=_setup_context)
+def _reference(query, key, value, kernel_size, dilation, scale, zero_border):
+    return reference.local_argmax_attention(query, key, value, kernel_size, dilation, scale,
+                                            "zeros" if zero_border else "exclude")
 
 
-if _extension.LOAD_ERROR is None:
-    register_autograd_and_fake("vsr_kernels::local_argmax_attention",
-                               "vsr_kernels::local_argmax_attention_backward")
+SPEC = _spec.register(_spec.OpSpec(
+    name=NAME,
+    dtypes=dict.fromkeys(_spec.BACKENDS, _checks.FLOAT_DTYPES),  # every backend: float32 accumulation
+    gpu_default="triton",  # the faster GPU backend at the benchmark shapes: see README, "Backend choice"
+    reference=_reference,
+    triton_module="vsr_kernels.triton.local_argmax_attention",
+    fake=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+))
 
 
 def _check_tensors(query, key, value):
@@ -83,47 +85,57 @@ def _check(query, key, value, kernel_size, dilation, scale, border):
     for dim, letter in ((0, "B"), (1, "T"), (3, "H"), (4, "W")):
         _checks.same_size("value", value, dim, letter, "key", key, dim)
     _checks.same_dtype_and_device({"query": query, "key": key, "value": value})
-    _checks.integer("kernel_size", kernel_size, 1, odd=True)
-    _checks.integer("dilation", dilation, 1)
+    kernel_size = _checks.square("kernel_size", kernel_size, 1, MAX_KERNEL_SIZE, odd=True)
+    dilation = _checks.square("dilation", dilation, 1, MAX_DILATION)
     _checks.choice("border", border, BORDERS)
-    return _checks.real("scale", scale)
+    return kernel_size, dilation, _checks.real("scale", scale)
 
 
-def local_argmax_attention(query, key, value, kernel_size=9, dilation=1, scale=1.0, border="exclude",
-                           backend="auto"):
+def local_argmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           kernel_size: int | tuple[int, int] = 9, dilation: int | tuple[int, int] = 1,
+                           scale: float = 1.0, border: str = "exclude", backend: str = "auto"
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One-hot local attention: each query pixel keeps its best-matching key in a window.
 
     Args:
         query: (B, C, H, W) features of the centre frame.
         key: (B, T, C, H, W) features of the T frames searched (the centre frame included).
         value: (B, T, Cv, H, W) features returned for the selected positions.
-        kernel_size: odd window side K >= 1; candidate j = (dy + r) * K + (dx + r), r = K // 2,
-            lies at (y + dy * dilation, x + dx * dilation).
-        dilation: spacing of the window's cells, >= 1.
+        kernel_size: odd window side K in [1, 32767], or a pair of equal ones; candidate
+            j = (dy + r) * K + (dx + r), r = K // 2, lies at (y + dy * dilation, x + dx * dilation).
+        dilation: spacing of the window's cells, in [1, 2**31 - 1], or a pair of equal ones.
         scale: multiplies every dot product.
         border: "exclude" skips candidates outside the frame; "zeros" scores them 0 with value 0,
             as F.unfold's zero padding does.
-        backend: "auto", "reference", "cpu", "cuda" or "triton".
+        backend: "auto", "reference", "cpu", "cuda" or "triton". "auto" is "cpu" on CPU
+            tensors, the faster GPU backend on CUDA tensors, and the reference (with a
+            warning saying why) where those are missing from the installation, or on meta tensors.
 
-    Inside torch.autocast, query, key and value run in the region's dtype on GPU and in
-    float32 on CPU (float64 inputs are left alone); outside it their dtypes must match.
+    Every backend takes float16, bfloat16, float32 and float64 and accumulates in float32
+    (float64 for float64). Inside torch.autocast, query, key and value run in the region's
+    dtype on GPU and in float32 on CPU (float64 inputs are left alone); outside it their
+    dtypes must match. Gradients are first-order: a double backward raises.
 
     Returns:
         out (B, T, Cv, H, W) = score * value at the selected candidate,
         score (B, T, H, W) = scale * <query, key> of the selected candidate,
         index (B, T, H, W) int64 = the lowest j with the largest score (NaN ranks highest).
         out and score are differentiable in query, key and value; index is not.
+
+    Examples:
+        >>> import torch
+        >>> from vsr_kernels import local_argmax_attention
+        >>> query = torch.randn(2, 16, 32, 32)  # (B, C, H, W)
+        >>> key = torch.randn(2, 3, 16, 32, 32)  # (B, T, C, H, W)
+        >>> value = torch.randn(2, 3, 8, 32, 32)  # (B, T, Cv, H, W)
+        >>> out, score, index = local_argmax_attention(query, key, value, kernel_size=5, scale=16 ** -0.5)
+        >>> out.shape, score.shape, index.dtype
+        (torch.Size([2, 3, 8, 32, 32]), torch.Size([2, 3, 32, 32]), torch.int64)
+        >>> int(index.max()) < 5 * 5
+        True
     """
     _check_tensors(query, key, value)
     query, key, value = _autocast.cast_inputs(query, key, value)
-    scale = _check(query, key, value, kernel_size, dilation, scale, border)
-    backend = _backend.choose(backend, query, GPU_DEFAULT)
-    if backend == "reference":
-        return reference.local_argmax_attention(query, key, value, kernel_size, dilation, scale, border)
-    if backend == "triton":
-        from ..triton import local_argmax_attention as triton_module
-
-        op = triton_module.local_argmax_attention
-    else:
-        op = torch.ops.vsr_kernels.local_argmax_attention
-    return op(query, key, value, kernel_size, dilation, scale, border == "zeros")
+    kernel_size, dilation, scale = _check(query, key, value, kernel_size, dilation, scale, border)
+    backend = _backend.choose(NAME, backend, query)
+    return _backend.op_for(NAME, backend)(query, key, value, kernel_size, dilation, scale, border == "zeros")

@@ -1,9 +1,11 @@
 """Local argmax attention (MANA) in Triton: forward and gather-formulated backward.
 
 Registered with `torch.library.custom_op` (an opaque boundary, see DESIGN.md) as
-`vsr_kernels::local_argmax_attention_triton` and `..._triton_backward`, with the schemas,
-semantics, autograd and fake tensors of the C++ ops (csrc/kernels/local_argmax_attention.h
-is the per-pixel specification this file follows).
+`vsr_kernels::local_argmax_attention_triton` and `..._triton_backward`, with the schemas and
+semantics of the C++ ops (csrc/kernels/local_argmax_attention.h is the per-pixel
+specification this file follows). Their fake tensors and autograd are the C++ ops', registered
+by vsr_kernels.ops when it first imports this module (ops._backend.op_for): this module
+imports nothing from vsr_kernels.ops. The generic launch machinery is in _launch.py.
 
 Layout. Feature maps are channels-first, so one program owns BLOCK_P consecutive pixels of
 one row of one frame, one pixel per lane: every load of a channel is a run of consecutive addresses
@@ -11,7 +13,9 @@ along W (coalesced), however the candidate shifts it. Tensors are read through t
 strides, never copied: non-contiguous and channels-last inputs work (channels-last then
 loses the coalescing). Only the small (B, T, H, W) maps the backward receives are made
 contiguous. Offsets are int64 (tensors may pass 2**31 elements); pixel coordinates within
-one frame are int32.
+one frame are int32, and so are candidate numbers j < K*K (K <= 32767), but the window's
+steps (j // K - r) * dilation and the coordinates they move to are int64 (dilation may be
+up to 2**31 - 1).
 
 Forward, per pixel: the K*K candidates in increasing j, each a dot product over C; the
 query's channels stay in registers across the candidates when C <= 16 (else they are
@@ -49,66 +53,35 @@ Backward: the score grad reads grad_out and the selected values once; the query 
 T selected keys per pixel; the gathers read each query/grad_out element about once (masked
 lanes move nothing) but the index map K*K times per channel tile, from cache.
 """
-import contextlib
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.local_argmax_attention import register_autograd_and_fake
-
-
-# Every kernel reads a feature tensor through five strides (batch, frame, channel, y, x);
-# a (B, C, H, W) query has frame stride 0. The (B, T, H, W) maps are contiguous.
-
-@triton.jit
-def _pixel_block(pid, H, W, BLOCK_P: tl.constexpr):
-    """(frame number, y, x, in-frame mask) of program `pid`'s pixels: BLOCK_P consecutive
-    pixels of one row (y is that row, broadcast). Frames are numbered b * T + t (or b for per-batch
-    programs) and pixel blocks vary fastest, so neighbouring programs share their key rows
-    in L2. Whole rows, not runs of the flattened frame, so that x is visibly contiguous
-    (an arange, no modulo): the compiler then lays pixels, not channels, across the lanes."""
-    row_blocks = tl.cdiv(W, BLOCK_P)
-    block = pid % (H * row_blocks)
-    x = (block % row_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
-    y = tl.zeros([BLOCK_P], tl.int32) + block // row_blocks
-    return pid // (H * row_blocks), y, x, x < W
+from . import _launch
+# Aliased: the kernels name their own in-frame masks `in_frame`.
+from ._launch import channel_block as _channel_block
+from ._launch import in_frame as _in_frame
+from ._launch import map_offset as _map_offset
+from ._launch import offsets as _offsets
+from ._launch import pixel_block as _pixel_block
 
 
 @triton.jit
 def _window_step(j, kernel_size, dilation):
-    """(dy, dx) * dilation of candidate j = (dy + r) * kernel_size + (dx + r), r = kernel_size // 2."""
+    """(dy, dx) * dilation of candidate j = (dy + r) * kernel_size + (dx + r), r = kernel_size // 2,
+    in int64: |dy| * dilation can pass 2**31."""
     r = kernel_size // 2
-    return (j // kernel_size - r) * dilation, (j % kernel_size - r) * dilation
-
-
-@triton.jit
-def _in_frame(y, x, H, W):
-    return (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    return (j // kernel_size - r).to(tl.int64) * dilation, (j % kernel_size - r).to(tl.int64) * dilation
 
 
 @triton.jit
 def _candidate(y, x, j, kernel_size, dilation, H, W, sign):
-    """(y, x) moved by candidate j's step (sign 1) or back from it (sign -1), and whether it is
-    in the frame."""
+    """(y, x) moved by candidate j's step (sign 1) or back from it (sign -1), in int64, and
+    whether it is in the frame."""
     dy, dx = _window_step(j, kernel_size, dilation)
     cy = y + sign * dy
     cx = x + sign * dx
     return cy, cx, _in_frame(cy, cx, H, W)
-
-
-@triton.jit
-def _offsets(c, y, x, sc, sy, sx):
-    """int64 offsets (channel, pixel) of a [channels, pixels] tile."""
-    pixel = y.to(tl.int64) * sy + x.to(tl.int64) * sx
-    return c.to(tl.int64)[:, None] * sc + pixel[None, :]
-
-
-@triton.jit
-def _channel_block(ptr, c0, sc):
-    """`ptr` moved to channel c0, in int64."""
-    return ptr + tl.cast(c0, tl.int64) * sc
 
 
 @triton.jit
@@ -136,7 +109,7 @@ def _forward_kernel(
     for j in range(kernel_size * kernel_size):
         dy, dx = _window_step(j, kernel_size, dilation)
         inside = in_frame & _in_frame(y + dy, x + dx, H, W)
-        shifted_key_ptr = key_ptr + tl.cast(dy, tl.int64) * k_sy + tl.cast(dx, tl.int64) * k_sx
+        shifted_key_ptr = key_ptr + dy * k_sy + dx * k_sx
         # Outside the frame the key reads as 0 and is multiplied for real, as with F.unfold's
         # zero padding: a NaN or inf query then gives a NaN score.
         if QUERY_IN_REGISTERS:
@@ -157,19 +130,20 @@ def _forward_kernel(
         best = tl.where(take, s, best)
         best_j = tl.where(take, j, best_j)
 
-    map_off = frame.to(tl.int64) * H * W + y * W + x
+    map_off = _map_offset(frame, y, x, H, W)
     tl.store(score_ptr + map_off, best.to(score_ptr.dtype.element_ty), mask=in_frame)
     tl.store(index_ptr + map_off, best_j.to(tl.int64), mask=in_frame)
     sy, sx, selected = _candidate(y, x, best_j, kernel_size, dilation, H, W, 1)
     selected &= in_frame
     value_ptr += b * v_sb + t * v_st
     v_off = _offsets(c, sy, sx, v_sc, v_sy, v_sx)
-    out_ptr += frame.to(tl.int64) * Cv * H * W
-    out_off = _offsets(c, y, x, H * W, W, 1)
+    frame_size = tl.cast(H, tl.int64) * W
+    out_ptr += frame.to(tl.int64) * Cv * frame_size
+    out_off = _offsets(c, y, x, frame_size, W, 1)
     for c0 in range(0, Cv, BLOCK_C):
         mask = (c0 + c < Cv)[:, None]
         v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & selected[None, :], other=0)
-        tl.store(_channel_block(out_ptr, c0, H * W) + out_off,
+        tl.store(_channel_block(out_ptr, c0, frame_size) + out_off,
                  (best[None, :] * v.to(ACC)).to(out_ptr.dtype.element_ty), mask=mask & in_frame[None, :])
 
 
@@ -184,7 +158,7 @@ def _score_grad_kernel(
     frame, y, x, in_frame = _pixel_block(tl.program_id(0), H, W, BLOCK_P)
     b = (frame // T).to(tl.int64)
     t = (frame % T).to(tl.int64)
-    map_off = frame.to(tl.int64) * H * W + y * W + x
+    map_off = _map_offset(frame, y, x, H, W)
     j = tl.load(index_ptr + map_off, mask=in_frame, other=0).to(tl.int32)
     sy, sx, selected = _candidate(y, x, j, kernel_size, dilation, H, W, 1)
     selected &= in_frame
@@ -217,7 +191,7 @@ def _query_grad_kernel(
     key_ptr += b * k_sb
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     for t in range(T):
-        map_off = (b * T + t) * H * W + y * W + x
+        map_off = _map_offset(b * T + t, y, x, H, W)
         j = tl.load(index_ptr + map_off, mask=in_frame, other=0).to(tl.int32)
         g = tl.load(g_ptr + map_off, mask=in_frame, other=0)
         sy, sx, selected = _candidate(y, x, j, kernel_size, dilation, H, W, 1)
@@ -248,12 +222,11 @@ def _gather_grad_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = (c < C)[:, None]
     source_ptr += b * s_sb + t * s_st
-    frame_off = frame.to(tl.int64) * H * W
     acc = tl.zeros([BLOCK_C, BLOCK_P], ACC)
     for j in range(kernel_size * kernel_size):
         py, px, inside = _candidate(y, x, j, kernel_size, dilation, H, W, -1)
         inside &= in_frame
-        map_off = frame_off + py * W + px
+        map_off = _map_offset(frame, py, px, H, W)
         picked = inside & (tl.load(index_ptr + map_off, mask=inside, other=-1) == j)
         # Masked loads cost no memory traffic: each query pixel picked one candidate, so on
         # average one lane in K*K loads anything here.
@@ -290,24 +263,14 @@ MIN_CHANNEL_BLOCK = 16
 SCALAR_TYPES = {"scale": "fp64", "zero_border": "u1"}
 
 
-class LaunchConfig(NamedTuple):
-    kernel: str  # a key of KERNELS
-    constexprs: tuple  # (name, value) pairs, the accumulation type ACC excepted
-    num_warps: int
-
-    @property
-    def block_c(self) -> int:
-        return dict(self.constexprs)["BLOCK_C"]
-
-
-def launch_config(kernel: str, channels: int) -> LaunchConfig:
+def launch_config(kernel: str, channels: int) -> _launch.LaunchConfig:
     """What `kernel` is launched with for `channels` channels (C for the forward, query_grad
     and the key gather; Cv for score_grad and the value gather)."""
     block_c = min(max(triton.next_power_of_2(max(channels, 1)), MIN_CHANNEL_BLOCK), MAX_CHANNEL_BLOCK[kernel])
     constexprs = {"BLOCK_P": BLOCK_P, "BLOCK_C": block_c}
     if kernel == "forward":
         constexprs["QUERY_IN_REGISTERS"] = channels <= block_c
-    return LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS)
+    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS)
 
 
 def all_launch_configs() -> list:
@@ -317,24 +280,13 @@ def all_launch_configs() -> list:
     return sorted({launch_config(kernel, channels) for kernel in KERNELS for channels in channel_counts})
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _launch(config: LaunchConfig, grid, *args, dtype: torch.dtype) -> None:
-    if 0 in grid:  # no frames or no channels: nothing to compute
-        return
-    KERNELS[config.kernel][grid](*args, ACC=_TL_DTYPES[_accumulation_dtype(dtype)],
-                                 num_warps=config.num_warps, **dict(config.constexprs))
+# What the ops call to launch a kernel (tests replace it to record the launches).
+launch = _launch.launcher(KERNELS)
 
 
 def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
     """The element types of `kernel`'s pointer arguments, one dict per way the ops launch it."""
-    data, acc = str(_TL_DTYPES[dtype]), str(_TL_DTYPES[_accumulation_dtype(dtype)])
+    data, acc = str(_launch.TL_DTYPES[dtype]), str(_launch.TL_DTYPES[_launch.accumulation_dtype(dtype)])
     if kernel == "forward":
         return [dict(query_ptr=data, key_ptr=data, value_ptr=data, out_ptr=data, score_ptr=data,
                      index_ptr="i64")]
@@ -347,40 +299,16 @@ def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
             for weight in sorted({acc, data})]
 
 
-def compile_all(archs=(80, 90), dtype_names=("float16", "bfloat16", "float32", "float64")) -> list:
+def compile_all(archs=(80, 90), dtype_names=_launch.FLOAT_DTYPE_NAMES) -> list:
     """Compiles every launch the ops can make for the CUDA compute capabilities `archs`:
-    one report per compiled kernel (see _compile.compile_kernel), with its "dtype",
-    "constexprs" and "pointers" types. Needs a process without TRITON_INTERPRET=1, such as
-    _compile.call_without_interpreter gives."""
-    from . import _compile
-
-    reports = []
-    for config in all_launch_configs():
-        for dtype in (getattr(torch, name) for name in dtype_names):
-            constexprs = dict(config.constexprs, ACC=_TL_DTYPES[_accumulation_dtype(dtype)])
-            for pointers in _pointer_types(config.kernel, dtype):
-                for arch in archs:
-                    report = _compile.compile_kernel(KERNELS[config.kernel], pointers, SCALAR_TYPES,
-                                                     constexprs, arch, config.num_warps)
-                    reports.append(dict(report, dtype=str(dtype).removeprefix("torch."),
-                                        constexprs=dict(config.constexprs), pointers=pointers))
-    return reports
-
-
-def _strides(t: torch.Tensor) -> tuple:
-    """(batch, frame, channel, y, x) strides of a (B, T, C, H, W) or (B, C, H, W) tensor."""
-    if t.dim() == 4:
-        return (t.stride(0), 0, *t.stride()[1:])
-    return t.stride()
-
-
-def _device_guard(t: torch.Tensor):
-    """Triton launches on the current device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    one report per compiled kernel (see _launch.compile_all). Needs a process without
+    TRITON_INTERPRET=1, such as _compile.call_without_interpreter gives."""
+    return _launch.compile_all(KERNELS, all_launch_configs(), _pointer_types, SCALAR_TYPES, archs,
+                               dtype_names)
 
 
 def _pixel_blocks(H: int, W: int) -> int:
-    return H * triton.cdiv(W, BLOCK_P)
+    return _launch.row_blocks(H, W, BLOCK_P)
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,12 +325,12 @@ def local_argmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     index = query.new_empty((B, T, H, W), dtype=torch.int64)
     if score.numel() == 0:
         return out, score, index
-    q_strides = _strides(query)
-    with _device_guard(query):
-        _launch(launch_config("forward", C), (B * T * _pixel_blocks(H, W),),
-                query, key, value, out, score, index, T, C, Cv, H, W, kernel_size, dilation, scale,
-                zero_border, q_strides[0], *q_strides[2:], *_strides(key), *_strides(value),
-                dtype=query.dtype)
+    q_strides = _launch.strides(query)
+    with _launch.device_guard(query):
+        launch(launch_config("forward", C), (B * T * _pixel_blocks(H, W),),
+               query, key, value, out, score, index, T, C, Cv, H, W, kernel_size, dilation, scale,
+               zero_border, q_strides[0], *q_strides[2:], *_launch.strides(key), *_launch.strides(value),
+               dtype=query.dtype)
     return out, score, index
 
 
@@ -419,25 +347,21 @@ def local_argmax_attention_backward(grad_out: torch.Tensor, grad_score: torch.Te
     if B * H * W == 0:
         return grad_query.zero_(), grad_key.zero_(), grad_value.zero_()
     grad_score, score, index = grad_score.contiguous(), score.contiguous(), index.contiguous()
-    g = torch.empty((B, T, H, W), dtype=_accumulation_dtype(query.dtype), device=query.device)
+    g = torch.empty((B, T, H, W), dtype=_launch.accumulation_dtype(query.dtype), device=query.device)
     frames_grid = B * T * _pixel_blocks(H, W)
     window = (H, W, kernel_size, dilation)
-    with _device_guard(query):
-        _launch(launch_config("score_grad", Cv), (frames_grid,),
-                grad_out, grad_score, value, index, g, T, Cv, *window, scale,
-                *_strides(grad_out), *_strides(value), dtype=query.dtype)
+    with _launch.device_guard(query):
+        launch(launch_config("score_grad", Cv), (frames_grid,),
+               grad_out, grad_score, value, index, g, T, Cv, *window, scale,
+               *_launch.strides(grad_out), *_launch.strides(value), dtype=query.dtype)
         config = launch_config("query_grad", C)
-        gq_strides = _strides(grad_query)
-        _launch(config, (B * _pixel_blocks(H, W), triton.cdiv(C, config.block_c)),
-                g, index, key, grad_query, T, C, *window, *_strides(key), gq_strides[0], *gq_strides[2:],
-                dtype=query.dtype)
+        gq_strides = _launch.strides(grad_query)
+        launch(config, (B * _pixel_blocks(H, W), triton.cdiv(C, config.block_c)),
+               g, index, key, grad_query, T, C, *window, *_launch.strides(key), gq_strides[0],
+               *gq_strides[2:], dtype=query.dtype)
         for weight, source, grad, channels in ((g, query, grad_key, C), (score, grad_out, grad_value, Cv)):
             config = launch_config("gather_grad", channels)
-            _launch(config, (frames_grid, triton.cdiv(channels, config.block_c)),
-                    weight, source, index, grad, T, channels, *window, *_strides(source), *_strides(grad),
-                    dtype=query.dtype)
+            launch(config, (frames_grid, triton.cdiv(channels, config.block_c)),
+                   weight, source, index, grad, T, channels, *window, *_launch.strides(source),
+                   *_launch.strides(grad), dtype=query.dtype)
     return grad_query, grad_key, grad_value
-
-
-register_autograd_and_fake("vsr_kernels::local_argmax_attention_triton",
-                           "vsr_kernels::local_argmax_attention_triton_backward")

@@ -1,0 +1,142 @@
+"""Generic Triton machinery shared by the op modules (vsr_kernels.triton.<op>).
+
+Host side: LaunchConfig (what a kernel is launched with), the dtype maps, `launcher` (the
+launch function of a module's KERNELS), `strides` of frame tensors, the device guard, the
+program count of row-blocked pixel kernels, and `compile_all`, which compiles every launch
+configuration of a module for real GPU targets (see _compile.py).
+
+Device side, @triton.jit helpers for per-pixel kernels over (B, T, C, H, W) frame stacks:
+`pixel_block` (a program's pixels), `in_frame`, int64 `offsets` of channel x pixel tiles,
+`channel_block`, and `map_offset` into a contiguous (frames, H, W) map.
+
+An op module defines KERNELS ({name: JITFunction}), its config table and
+all_launch_configs(), `launch = _launch.launcher(KERNELS)`, and
+compile_all(archs, dtype_names) through this module's compile_all.
+"""
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What kernels accumulate `dtype` data in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LaunchConfig(NamedTuple):
+    """One way a kernel is launched: its constexprs (the accumulation type ACC, which follows
+    the data's dtype, excepted) and warps. Hashable, so configs can be collected in sets."""
+
+    kernel: str  # a key of the module's KERNELS
+    constexprs: tuple  # sorted (name, value) pairs
+    num_warps: int
+
+    @property
+    def block_c(self) -> int:
+        """The channel tile BLOCK_C (a constexpr of every channel-tiled kernel)."""
+        return dict(self.constexprs)["BLOCK_C"]
+
+
+def launcher(kernels: dict) -> Callable:
+    """launch(config, grid, *args, dtype): runs kernels[config.kernel] on `grid` with the
+    config's constexprs and the accumulation type of `dtype`; an empty grid launches nothing."""
+
+    def launch(config: LaunchConfig, grid: tuple, *args, dtype: torch.dtype) -> None:
+        if 0 in grid:  # no frames or no channels: nothing to compute
+            return
+        kernels[config.kernel][grid](*args, ACC=TL_DTYPES[accumulation_dtype(dtype)],
+                                     num_warps=config.num_warps, **dict(config.constexprs))
+
+    return launch
+
+
+def strides(t: torch.Tensor) -> tuple:
+    """(batch, frame, channel, y, x) strides of a (B, T, C, H, W) or (B, C, H, W) tensor
+    (frame stride 0)."""
+    if t.dim() == 4:
+        return (t.stride(0), 0, *t.stride()[1:])
+    return t.stride()
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the current device: make it the tensor's device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def row_blocks(H: int, W: int, block_p: int) -> int:
+    """Programs per frame of `pixel_block` kernels: H rows of cdiv(W, block_p) blocks."""
+    return H * triton.cdiv(W, block_p)
+
+
+def compile_all(kernels: dict, configs: Iterable[LaunchConfig], pointer_types: Callable, scalar_types: dict,
+                archs: Iterable[int], dtype_names: Iterable[str]) -> list:
+    """Compiles every config in `configs` for every dtype in `dtype_names` ("float16", ...)
+    and CUDA compute capability in `archs` (80, 90, ...): one report per compiled kernel (see
+    _compile.compile_kernel) with its "dtype", "constexprs" and "pointers" types.
+    pointer_types(kernel name, torch dtype) lists the pointer element types ({argument:
+    "fp32", ...}) of each way the ops launch that kernel; scalar_types types the non-int32
+    scalar arguments. Needs a process without TRITON_INTERPRET=1, such as
+    _compile.call_without_interpreter gives."""
+    from . import _compile
+
+    reports = []
+    for config in configs:
+        for dtype in (getattr(torch, name) for name in dtype_names):
+            constexprs = dict(config.constexprs, ACC=TL_DTYPES[accumulation_dtype(dtype)])
+            for pointers in pointer_types(config.kernel, dtype):
+                for arch in archs:
+                    report = _compile.compile_kernel(kernels[config.kernel], pointers, scalar_types,
+                                                     constexprs, arch, config.num_warps)
+                    reports.append(dict(report, dtype=str(dtype).removeprefix("torch."),
+                                        constexprs=dict(config.constexprs), pointers=pointers))
+    return reports
+
+
+# ---------------------------------------------------------------------------------------
+# @triton.jit helpers. Kernels read a feature tensor through five strides (batch, frame,
+# channel, y, x); a (B, C, H, W) tensor has frame stride 0. Maps are contiguous (frames, H, W).
+
+@triton.jit
+def pixel_block(pid, H, W, BLOCK_P: tl.constexpr):
+    """(frame number, y, x, in-frame mask) of program `pid`'s pixels: BLOCK_P consecutive
+    pixels of one row (y is that row, broadcast). Frames are numbered b * T + t (or b for per-batch
+    programs) and pixel blocks vary fastest, so neighbouring programs share their key rows
+    in L2. Whole rows, not runs of the flattened frame, so that x is visibly contiguous
+    (an arange, no modulo): the compiler then lays pixels, not channels, across the lanes."""
+    blocks = tl.cdiv(W, BLOCK_P)
+    block = pid % (H * blocks)
+    x = (block % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
+    y = tl.zeros([BLOCK_P], tl.int32) + block // blocks
+    return pid // (H * blocks), y, x, x < W
+
+
+@triton.jit
+def in_frame(y, x, H, W):
+    return (y >= 0) & (y < H) & (x >= 0) & (x < W)
+
+
+@triton.jit
+def offsets(c, y, x, sc, sy, sx):
+    """int64 offsets (channel, pixel) of a [channels, pixels] tile."""
+    pixel = y.to(tl.int64) * sy + x.to(tl.int64) * sx
+    return c.to(tl.int64)[:, None] * sc + pixel[None, :]
+
+
+@triton.jit
+def channel_block(ptr, c0, sc):
+    """`ptr` moved to channel c0, in int64."""
+    return ptr + tl.cast(c0, tl.int64) * sc
+
+
+@triton.jit
+def map_offset(frame, y, x, H, W):
+    """int64 offset of pixel (y, x) of frame `frame` in a contiguous (frames, H, W) map."""
+    return (frame.to(tl.int64) * H + y) * W + x
