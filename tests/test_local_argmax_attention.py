@@ -566,3 +566,29 @@ def test_layers_reject_empty_frames_and_non_positive_channels():
         with pytest.raises(ValueError, match=r"channels must be an integer >= 1"):
             MemoryAugmentedAttention(channels)
     assert CrossFrameNonLocalAttention(32, 3, kernel_size=(5, 5), dilation=(2, 2)).kernel_size == 5
+
+
+def test_torch_compile_traces_the_first_call_of_a_lazily_imported_backend():
+    # op_for imports the Triton module and registers its ops on first use, even inside a trace.
+    out = _run_python("""
+        import os
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
+        import sys, torch, vsr_kernels
+        from vsr_kernels.ops import _backend
+        if _backend.unavailable("local_argmax_attention", "triton", torch.device("cpu")) is not None:
+            print("skip"); sys.exit()
+        assert "vsr_kernels.triton.local_argmax_attention" not in sys.modules
+
+        def step(q, k, v):
+            out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, backend="triton")
+            return out.sum() + score.sum()
+
+        q, k, v = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 4, 4), torch.randn(1, 2, 2, 4, 4)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
+        torch.testing.assert_close(compiled, step(q, k, v))
+        print("ok")
+    """)
+    if out.strip().endswith("skip"):
+        pytest.skip("Triton cannot run on CPU tensors here")
+    assert out.strip().endswith("ok")

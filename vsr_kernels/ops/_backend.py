@@ -16,7 +16,7 @@ BACKENDS = ("auto", *_spec.BACKENDS)
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-_OPS: dict = {}  # (op name, backend) -> the callable op_for returns
+_LOADED: dict = {}  # (op name, backend) -> qualified name of its forward op, registered
 _WARNED: set = set()  # op names whose "auto" fell back to the reference, warned once
 
 
@@ -98,21 +98,30 @@ def op_for(op_name: str, backend: str):
     the op schema's arguments: the spec's reference, torch.ops.vsr_kernels.<op> for "cpu" and
     "cuda", torch.ops.vsr_kernels.<op>_triton for "triton" (whose module is imported, and its
     fake tensors and autograd registered, on first use)."""
+    if backend == "reference":
+        return _spec_of(op_name).reference
+    namespace, name = _load(op_name, backend).split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+# torch.compile runs this at trace time instead of tracing it (it imports and registers) and
+# takes its result, a string, as a constant.
+@torch.compiler.assume_constant_result
+def _load(op_name: str, backend: str) -> str:
+    """The qualified name of `backend`'s forward op, made ready to call the first time:
+    the Triton module imported, fake tensors and autograd registered."""
     key = (op_name, backend)
-    if key not in _OPS:
+    if key not in _LOADED:
         spec = _spec_of(op_name)
-        if backend == "reference":
-            _OPS[key] = spec.reference
-        elif backend in _spec.IMPLEMENTATION_OF_BACKEND:
-            implementation = _spec.IMPLEMENTATION_OF_BACKEND[backend]
-            if implementation == "triton":
-                if spec.triton_module is None:
-                    raise ValueError(f"vsr_kernels.{op_name} has no Triton implementation")
-                importlib.import_module(spec.triton_module)
-            elif _extension.LOAD_ERROR is not None:
-                raise ValueError(f"backend={backend!r} cannot run: {_extension.LOAD_ERROR}")
-            _spec.register_ops(spec, implementation)
-            _OPS[key] = spec.forward_op(implementation)
-        else:
+        if backend not in _spec.IMPLEMENTATION_OF_BACKEND:
             raise ValueError(f"op_for takes a concrete backend {_spec.BACKENDS}, got {backend!r}")
-    return _OPS[key]
+        implementation = _spec.IMPLEMENTATION_OF_BACKEND[backend]
+        if implementation == "triton":
+            if spec.triton_module is None:
+                raise ValueError(f"vsr_kernels.{op_name} has no Triton implementation")
+            importlib.import_module(spec.triton_module)
+        elif _extension.LOAD_ERROR is not None:
+            raise ValueError(f"backend={backend!r} cannot run: {_extension.LOAD_ERROR}")
+        _spec.register_ops(spec, implementation)
+        _LOADED[key] = spec.op_names(implementation)[0]
+    return _LOADED[key]
