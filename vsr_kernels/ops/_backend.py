@@ -34,14 +34,16 @@ def unavailable(op_name: str, backend: str, device: torch.device) -> str | None:
     if backend == "cpu":
         if device.type != "cpu":
             return f"it runs on CPU tensors, got tensors on {device}"
+        if _extension.LOAD_ERROR is not None:
+            return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
         if not _extension.has_kernel(op_name, "CPU"):
-            return f"the compiled extension vsr_kernels._C has no CPU kernel for it ({_extension.LOAD_ERROR})"
+            return f"this vsr_kernels._C has no CPU kernel for it; rebuild with: {_extension.REBUILD_COMMAND}"
     elif backend == "cuda":
         if device.type != "cuda":
             return f"it runs on CUDA tensors, got tensors on {device}"
+        if _extension.LOAD_ERROR is not None:
+            return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
         if not _extension.has_kernel(op_name, "CUDA"):
-            if _extension.LOAD_ERROR is not None:
-                return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
             return ("vsr_kernels was built without CUDA (rebuild with a CUDA PyTorch and toolkit, "
                     "or VSR_KERNELS_CUDA=1)")
     elif backend == "triton":
@@ -50,7 +52,7 @@ def unavailable(op_name: str, backend: str, device: torch.device) -> str | None:
         if not HAS_TRITON:
             return "triton is not installed"
         if device.type != "cuda" and not (device.type == "cpu" and TRITON_INTERPRET):
-            return f"it runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"
+            return f"it runs on CUDA tensors (or CPU ones with TRITON_INTERPRET=1), got tensors on {device}"
     elif backend != "reference":
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     return None
