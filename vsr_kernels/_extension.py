@@ -38,11 +38,10 @@ def _load() -> ImportError | None:
             return ImportError(message)
     try:
         from . import _C  # noqa: F401
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}._C":
-            raise
-        return ImportError(f"vsr_kernels._C is not built ({error}); build it with: {REBUILD_COMMAND}")
-    except ImportError as error:  # typically an undefined symbol: another torch than the build's
+    except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and error.name == f"{__package__}._C":
+            return ImportError(f"vsr_kernels._C is not built ({error}); build it with: {REBUILD_COMMAND}")
+        # Typically an undefined symbol: another torch than the build's.
         against = f"torch {built}" if built is not None else "another torch"
         return ImportError(f"vsr_kernels._C failed to load ({error}); it was probably built against "
                            f"{against} but torch {torch.__version__} is installed; "
