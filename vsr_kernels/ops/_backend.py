@@ -16,6 +16,7 @@ BACKENDS = ("auto", *_spec.BACKENDS)
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}  # the C++ backends' device types and dispatch keys
 _LOADED: dict = {}  # (op name, backend) -> qualified name of its forward op, registered
 _WARNED: set = set()  # op names whose "auto" fell back to the reference, warned once
 
@@ -31,21 +32,17 @@ def _spec_of(op_name: str) -> _spec.OpSpec:
 def unavailable(op_name: str, backend: str, device: torch.device) -> str | None:
     """Why `backend` cannot run op `op_name` on `device` in this installation, or None if it can."""
     _spec_of(op_name)
-    if backend == "cpu":
-        if device.type != "cpu":
-            return f"it runs on CPU tensors, got tensors on {device}"
+    if backend in _DISPATCH_KEYS:  # "cpu", "cuda": the C++ kernels of _C
+        dispatch_key = _DISPATCH_KEYS[backend]
+        if device.type != backend:
+            return f"it runs on {dispatch_key} tensors, got tensors on {device}"
         if _extension.LOAD_ERROR is not None:
             return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
-        if not _extension.has_kernel(op_name, "CPU"):
+        if not _extension.has_kernel(op_name, dispatch_key):
+            if backend == "cuda":
+                return ("vsr_kernels was built without CUDA (rebuild with a CUDA PyTorch and toolkit, "
+                        "or VSR_KERNELS_CUDA=1)")
             return f"this vsr_kernels._C has no CPU kernel for it; rebuild with: {_extension.REBUILD_COMMAND}"
-    elif backend == "cuda":
-        if device.type != "cuda":
-            return f"it runs on CUDA tensors, got tensors on {device}"
-        if _extension.LOAD_ERROR is not None:
-            return f"the compiled extension vsr_kernels._C is not loaded ({_extension.LOAD_ERROR})"
-        if not _extension.has_kernel(op_name, "CUDA"):
-            return ("vsr_kernels was built without CUDA (rebuild with a CUDA PyTorch and toolkit, "
-                    "or VSR_KERNELS_CUDA=1)")
     elif backend == "triton":
         if _spec_of(op_name).triton_module is None:
             return "the op has no Triton implementation"
