@@ -59,12 +59,12 @@ def _nvcc_major(nvcc):
 
 def _cuda_missing():
     """Why CUDA cannot be built here: a list of reasons, empty when it can."""
+    if torch.version.cuda is None:  # torch then does not even look for a toolkit (CUDA_HOME is None)
+        return [f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)"]
     reasons = []
-    if torch.version.cuda is None:
-        reasons.append(f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)")
     home = cpp_extension.CUDA_HOME
     if not home:
-        return reasons + ["no CUDA toolkit found (set CUDA_HOME to the toolkit's directory)"]
+        return ["no CUDA toolkit found (set CUDA_HOME to the toolkit's directory)"]
     nvcc = os.path.join(home, "bin", "nvcc")
     header = os.path.join(home, "include", "cuda_runtime.h")
     if not os.access(nvcc, os.X_OK):
