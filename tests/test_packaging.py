@@ -169,3 +169,17 @@ def test_mismatched_build_info_is_refused(environment):
         assert "rebuild" in message.lower() or "reinstall" in message.lower() or "pip install" in message, message
     finally:
         info.write_text(original)
+
+
+@pytest.mark.parametrize("setting", ["1", "maybe"])
+def test_cuda_switch_is_checked(setting):
+    """VSR_KERNELS_CUDA=1 where CUDA cannot be built, or a value that is not 0/1/auto, stops the
+    build before compiling anything, saying why."""
+    if setting == "1" and torch.version.cuda is not None:
+        pytest.skip("this torch is a CUDA build: VSR_KERNELS_CUDA=1 may be satisfiable here")
+    env = dict(_outside_env(), VSR_KERNELS_CUDA=setting)
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode != 0
+    expected = "the CUDA kernels cannot be built" if setting == "1" else "must be 0, 1 or auto"
+    assert expected in result.stderr, result.stderr
