@@ -1,4 +1,4 @@
-"""One training step of the MANA example network (models/mana.py, small configuration),
+"""One training step of the MANA example network (vsr_kernels/models/mana.py, small configuration),
 with its attention on each backend: time and peak memory."""
 import pytest
 

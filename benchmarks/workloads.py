@@ -171,7 +171,7 @@ def _oracle(case):
 
 @dataclass(frozen=True)
 class ManaStep:
-    """One training step of models.mana.MANA.small: forward, L1(sr, target) + memory loss, backward."""
+    """One training step of vsr_kernels.models.MANA.small: forward, L1(sr, target) + memory loss, backward."""
 
     device: str
     backend: str
@@ -188,9 +188,8 @@ class ManaStep:
         return f"MANA step {self.device}"
 
     def setup(self):
-        # Imported here: models/ is an example network, not part of the package, and the
-        # attention suites do not need it.
-        from models.mana import MANA
+        # Imported here: the attention suites do not need the example network.
+        from vsr_kernels.models import MANA
 
         torch.manual_seed(SEED)
         model = MANA.small(backend=self.backend).to(self.device)

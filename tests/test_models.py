@@ -1,16 +1,10 @@
 """The example MANA network: one training step of the small configuration, on both backends."""
-import pathlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# models/ is an example directory at the repo root, not an installed package.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from models.mana import MANA  # noqa: E402
+from vsr_kernels.models import MANA
 
 CLIP = (1, 3, 3, 16, 16)
 

@@ -1,1 +1,0 @@
-"""Example networks assembled from vsr_kernels.nn."""
