@@ -422,6 +422,16 @@ def _run_python(code: str) -> str:
     return done.stdout
 
 
+def test_build_compatibility_compares_releases_and_cuda():
+    from vsr_kernels._extension import version_mismatch
+
+    assert version_mismatch("2.13.0+cpu", "2.13.0+cu128") is None  # one release: one C++ ABI
+    assert version_mismatch("2.13.0+cu128", "2.13.0") is None
+    assert "built against torch 2.13.0" in version_mismatch("2.13.0", "2.14.1+cpu")
+    assert "has no CUDA" in version_mismatch("2.13.0+cu128", "2.13.0+cpu", built_with_cuda=True,
+                                             installed_has_cuda=False)
+
+
 def test_a_build_for_another_torch_is_refused_with_how_to_rebuild():
     out = _run_python("""
         import sys, types, warnings

@@ -2,10 +2,11 @@
 
 A C++ extension only works with the torch it was compiled against: its symbols and ABI are
 those of that build. setup.py records that torch in vsr_kernels/_build_info.py
-(TORCH_VERSION, CUDA); a different torch.__version__ here refuses to load _C, rather than
-risk a crash or an obscure "undefined symbol". The full version string is compared, local
-suffix included: 2.13.0+cpu and 2.13.0+cu128 are different builds (the CUDA one exports
-symbols the CPU one lacks), so no suffix difference is known to be safe.
+(TORCH_VERSION, CUDA); another torch release here refuses to load _C, rather than risk a
+crash or an obscure "undefined symbol". Releases are compared without their local suffix:
+torch's C++ ABI changes with the release, not with the +cpu/+cu128 variant, and a wheel pins
+`torch==<release>`, which admits every variant. An extension built with CUDA kernels needs a
+CUDA torch (it links against torch's CUDA libraries); one built without runs on either.
 
 When _C cannot be loaded, LOAD_ERROR holds why (an ImportError whose message says how to
 rebuild), the C++ backends report it, and backend="auto" falls back to the reference.
@@ -16,13 +17,21 @@ REBUILD_COMMAND = ("pip install --no-build-isolation --force-reinstall --no-deps
                    " (in a source checkout: python setup.py build_ext --inplace)")
 
 
-def version_mismatch(built: str, installed: str) -> str | None:
-    """The error message for an extension built against torch `built` loaded with torch
-    `installed`, or None when they are the same build."""
-    if built == installed:
-        return None
-    return (f"vsr_kernels was built against torch {built} but torch {installed} is installed; "
-            f"rebuild with: {REBUILD_COMMAND}")
+def _release(version: str) -> str:
+    return version.split("+", 1)[0]
+
+
+def version_mismatch(built: str, installed: str, built_with_cuda: bool = False,
+                     installed_has_cuda: bool = True) -> str | None:
+    """The error message for an extension built against torch `built` (with CUDA kernels or
+    not) loaded with torch `installed`, or None when that build can load."""
+    if _release(built) != _release(installed):
+        return (f"vsr_kernels was built against torch {built} but torch {installed} is installed; "
+                f"rebuild with: {REBUILD_COMMAND}")
+    if built_with_cuda and not installed_has_cuda:
+        return (f"vsr_kernels was built with CUDA kernels against torch {built}, but the installed torch "
+                f"{installed} has no CUDA; rebuild with: {REBUILD_COMMAND}")
+    return None
 
 
 def _load() -> ImportError | None:
@@ -33,7 +42,8 @@ def _load() -> ImportError | None:
         _build_info = None
     built = getattr(_build_info, "TORCH_VERSION", None)
     if built is not None:
-        message = version_mismatch(built, torch.__version__)
+        message = version_mismatch(built, torch.__version__, bool(getattr(_build_info, "CUDA", False)),
+                                   torch.version.cuda is not None)
         if message is not None:
             return ImportError(message)
     try:
