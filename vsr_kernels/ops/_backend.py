@@ -41,6 +41,15 @@ def _unavailable(backend: str, device: torch.device):
     return None
 
 
+def unavailable(op_name: str, backend: str, device: torch.device) -> "str | None":
+    """Why `backend` of op `op_name` cannot run on `device` in this installation, or None if it can.
+
+    Every op shares one backend table today, so `op_name` only names the op in the signature
+    that tools (the benchmarks) code against.
+    """
+    return _unavailable(backend, torch.device(device))
+
+
 def choose(backend: str, tensor: torch.Tensor, gpu_default: str) -> str:
     """The concrete backend for `backend` on `tensor`'s device and dtype; raises if it cannot run.
 
