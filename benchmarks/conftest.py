@@ -16,8 +16,12 @@ RECORD = pytest.StashKey[dict]()
 MB = 2**20
 
 
+LOAD_AT_START = pytest.StashKey[tuple]()
+
+
 def pytest_configure(config):
     config.stash[NOT_MEASURED] = []
+    config.stash[LOAD_AT_START] = os.getloadavg()
     if os.environ.get("BENCH_THREADS"):
         torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
@@ -110,6 +114,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["torch"] = torch.__version__
     machine_info["torch_threads"] = torch.get_num_threads()
     machine_info["quick"] = workloads.QUICK
+    # Other processes on the machine perturb CPU timings: the 1-minute load average when the
+    # suite started and when it ended, for the report to show beside the thread count.
+    machine_info["load_average"] = [config.stash[LOAD_AT_START][0], os.getloadavg()[0]]
     try:
         machine_info["triton"] = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:

@@ -232,6 +232,17 @@ def _not_measured_section(run):
     return "\n".join(["## Not measured", *cases])
 
 
+def _load(machine):
+    """The machine's load beside the thread count: above its core count, other processes shared the cores."""
+    if "load_average" not in machine:
+        return ""
+    start, end = machine["load_average"]
+    text = f"; 1-minute load average {start:.1f} at the start and {end:.1f} at the end"
+    if max(start, end) > 1.2 * (machine.get("cpu", {}).get("count") or 1):
+        text += " (other processes shared the CPU: its times are perturbed)"
+    return text
+
+
 def markdown(device_name, run):
     machine, commit = run["machine_info"], run["commit_info"]
     timers = sorted({record["extra_info"]["timer"] for record in run["benchmarks"]})
@@ -243,7 +254,7 @@ def markdown(device_name, run):
         f"Measured {measured_at} at commit {commit.get('id', 'unknown')[:12]}"
         f"{' with uncommitted changes' if commit.get('dirty') else ''}; torch {machine['torch']}, "
         f"triton {machine['triton']}, {machine['torch_threads']} CPU threads"
-        f"{'; BENCH_QUICK shapes (a smoke run)' if machine.get('quick') else ''}.",
+        f"{_load(machine)}{'; BENCH_QUICK shapes (a smoke run)' if machine.get('quick') else ''}.",
         "",
         f"Times are medians ({'; '.join(timers)}). Peak MB (2^20 bytes) is the extra peak memory of one call "
         "over its inputs, after a warm-up call: on CUDA the caching allocator's peak; on CPU the peak resident "
@@ -298,9 +309,12 @@ def _bars(axes, bars, passes, column, unit, label):
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
     any_measured = False
     for k, pass_name in enumerate(passes):
-        offset = (k - (len(passes) - 1) / 2) * height
-        cells = [(y + offset, measures[pass_name][column]) for y, (_, measures) in enumerate(bars)
-                 if pass_name in measures]
+        cells = []
+        for y, (_, measures) in enumerate(bars):
+            if pass_name in measures:
+                present = [name for name in passes if name in measures]  # centred on the row's passes
+                offset = (present.index(pass_name) - (len(present) - 1) / 2) * height
+                cells.append((y + offset, measures[pass_name][column]))
         measured = [(y, value / unit) for y, value in cells if value]
         any_measured = any_measured or bool(measured)
         drawn = axes.barh([y for y, _ in measured], [value for _, value in measured], height=height,

@@ -11,6 +11,18 @@ own inputs (`setup`) and runs the measured call on them (`run`). Picklable, so t
 subprocess can rebuild exactly the same inputs to measure CPU peak memory (see
 measure.cpu_peak_bytes). Inputs are drawn from a fixed seed on the case's device, so every
 backend of one (device, dtype, shape) sees the same values.
+
+Adding an op's benchmarks (nothing else changes):
+1. benchmarks/workloads/<op>.py with a frozen dataclass `class MyCase(Case)` holding the shape
+   fields, `workload = "<op>"`, `op = "<op>"` (so `unavailable()` asks
+   vsr_kernels.ops._backend), `bound = "compute"` or `"memory"`, and setup(), run(inputs),
+   flops(), bytes_moved() and, optionally, errors(inputs) (accuracy against the oracle);
+2. `cases(device, quick)`: the cases per device type (backends, baselines, dtypes, passes,
+   the full and the BENCH_QUICK shapes);
+3. `WORKLOAD = Workload(name="<op>", cases=cases, baselines=(...), passes=(...),
+   shape_line=..., columns=(...), notes=(...))`, the columns built with report's helpers
+   (field_column, ms_column, speedup_column, rate_column, peak_column, memory_column) or
+   left None for report.default_columns.
 """
 import dataclasses
 import importlib
