@@ -93,15 +93,15 @@ class Row:
     baselines: dict = field(default_factory=dict)
     peaks: dict = field(default_factory=dict)
 
-    def field(self, pass_name, name):
+    def get(self, pass_name, name):
         return self.records.get(pass_name, {}).get(name)
 
     def speedup(self, pass_name, baseline):
         baseline_ms = self.baselines.get((baseline, pass_name), {}).get("median_ms")
-        return _ratio(baseline_ms, self.field(pass_name, "median_ms"))
+        return _ratio(baseline_ms, self.get(pass_name, "median_ms"))
 
     def memory_ratio(self, pass_name, baseline):
-        return _ratio(self.field(pass_name, "peak_bytes"),
+        return _ratio(self.get(pass_name, "peak_bytes"),
                       self.baselines.get((baseline, pass_name), {}).get("peak_bytes"))
 
     def rate_fraction(self, pass_name):
@@ -128,11 +128,11 @@ def field_column(name, header=None):
 
 
 def ms_column(pass_name):
-    return Column(f"{pass_name} ms", lambda row: _ms(row.field(pass_name, "median_ms")))
+    return Column(f"{pass_name} ms", lambda row: _ms(row.get(pass_name, "median_ms")))
 
 
 def peak_column(pass_name):
-    return Column(f"{pass_name} peak MB", lambda row: _megabytes(row.field(pass_name, "peak_bytes")))
+    return Column(f"{pass_name} peak MB", lambda row: _megabytes(row.get(pass_name, "peak_bytes")))
 
 
 def speedup_column(pass_name, baseline):

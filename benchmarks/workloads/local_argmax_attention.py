@@ -220,12 +220,12 @@ def shape_line(record):
 
 
 def _max_error(row):
-    errors = row.field("fwd+bwd", "errors")
+    errors = row.get("fwd+bwd", "errors")
     return "—" if errors is None else f"{max(errors[name] for name in ERROR_FIELDS):.2g}"
 
 
 def _index_mismatches(row):
-    errors = row.field("fwd+bwd", "errors")
+    errors = row.get("fwd+bwd", "errors")
     return "—" if errors is None else f"{errors['index_mismatches']} / {errors['index_positions']}"
 
 
