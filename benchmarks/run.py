@@ -16,7 +16,8 @@ Other arguments go to pytest, e.g. `-k "local_argmax_attention and cpu"` (case i
 <workload>-<device>-<dtype>-<backend>-<pass>).
 
 Nothing is written into the checkout but the report: pytest runs without its cache
-(-p no:cacheprovider) and pytest-benchmark's JSON goes to a temporary directory.
+(-p no:cacheprovider), and pytest-benchmark's JSON and storage folder go to a temporary
+directory.
 """
 import argparse
 import json
@@ -46,7 +47,9 @@ def main(argv=None):
         # A separate process, so that the suite's memory and CUDA state end before the report.
         pytest = subprocess.run([
             sys.executable, "-m", "pytest", str(SUITE), "-p", "no:cacheprovider", "-q", "-rfE",
-            "--benchmark-quiet", f"--benchmark-json={run_json}", *pytest_args], env=env)
+            "--benchmark-quiet", f"--benchmark-json={run_json}",
+            # pytest-benchmark creates its storage folder (.benchmarks/ in the working directory) even unused.
+            f"--benchmark-storage=file://{scratch}/storage", *pytest_args], env=env)
         if not run_json.exists() or not run_json.stat().st_size:  # pytest-benchmark saves nothing if nothing ran
             return pytest.returncode or 1
         run = json.loads(run_json.read_text())
