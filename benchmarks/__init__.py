@@ -1,4 +1,5 @@
-"""Benchmarks of vsr_kernels: pytest-benchmark suites, the report writer and `python -m benchmarks.run`.
+"""Benchmarks of vsr_kernels: one pytest-benchmark suite over the workloads in benchmarks/workloads/,
+the report writer and `python -m benchmarks.run` (see its docstring).
 
 Measurements, not tests: `pytest tests` never collects them.
 """

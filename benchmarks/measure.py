@@ -1,4 +1,5 @@
-"""How the suites measure: time, peak memory, the device, and the GPU's roofline."""
+"""How the suite measures: time, peak memory, the device, and the hardware probes (torch.mm's
+float32 rate, a large copy's bandwidth) that the report divides the cases' rates by."""
 import concurrent.futures
 import ctypes
 import gc
@@ -6,8 +7,12 @@ import multiprocessing
 import platform
 import re
 
+from dataclasses import dataclass
+
 import pytest
 import torch
+
+from .workloads import Case
 
 # pytest-benchmark settings of every suite: the reference takes seconds a call on CPU, so few
 # rounds for it (at least 3, after one warm-up), more for the fast backends (up to ~1 s).
@@ -68,10 +73,11 @@ def cpu_peak_bytes(workload):
     """
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        return pool.submit(_peak_rss_of_one_call, workload).result()
+        return pool.submit(_peak_rss_of_one_call, workload, torch.get_num_threads()).result()
 
 
-def _peak_rss_of_one_call(workload):
+def _peak_rss_of_one_call(workload, threads):
+    torch.set_num_threads(threads)
     inputs = workload.setup()
     workload.run(inputs)
     gc.collect()
@@ -100,42 +106,63 @@ def device_name(device):
         return platform.processor() or platform.machine()
 
 
-def gpu_peaks():
-    """Measured, not datasheet, peaks of the current GPU: device-to-device copy bandwidth
-    (bytes/s, a read and a write per element) and the float32 dense matmul rate without
-    TF32 (FLOP/s). The kernels multiply in float32 whatever the storage dtype, on the CUDA
-    cores, so that rate bounds their arithmetic in every dtype; a bfloat16 tensor-core rate
-    would understate the compute-bound time about tenfold."""
-    import triton.testing
-
-    source = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    destination = torch.empty_like(source)
-    copy_ms = triton.testing.do_bench(lambda: destination.copy_(source), return_mode="median")
-    bandwidth = 2 * source.numel() / (copy_ms * 1e-3)
-    del source, destination
-    n = 8192
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.float32) for _ in range(2))
-    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        matmul_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    return {"bandwidth_bytes_per_s": bandwidth, "flops_per_s": 2 * n**3 / (matmul_ms * 1e-3)}
+# The hardware probes: torch.mm's float32 rate (compute-bound cases) and a large copy's
+# bandwidth (memory-bound cases), measured in the same run and timed the same way as every
+# case. Sizes: (matmul n, copy bytes) by device type, and BENCH_QUICK's.
+PROBE_SIZES = {"cpu": (2048, 2**27), "cuda": (8192, 2**30)}
+QUICK_PROBE_SIZES = {"cpu": (512, 2**24), "cuda": (2048, 2**26)}
+MATMUL, COPY = "torch.mm", "copy"
 
 
-def roofline(case, measured_ms, peaks):
-    """The time the pass cannot beat on this GPU, max(bytes / bandwidth, FLOPs / peak rate),
-    and the fraction of it the measured time reaches."""
-    memory_ms = case.bytes_moved() / peaks["bandwidth_bytes_per_s"] * 1e3
-    compute_ms = case.flops() / peaks["flops_per_s"] * 1e3
-    return {
-        "bytes": case.bytes_moved(),
-        "flops": case.flops(),
-        "bandwidth_bytes_per_s": peaks["bandwidth_bytes_per_s"],
-        "flops_per_s": peaks["flops_per_s"],
-        "memory_bound_ms": memory_ms,
-        "compute_bound_ms": compute_ms,
-        "fraction": max(memory_ms, compute_ms) / measured_ms,
-    }
+@dataclass(frozen=True)
+class Probe(Case):
+    """A hardware probe, measured like a case.
 
+    "torch.mm": an n×n float32 matmul (TF32 off on CUDA), 2·n³ FLOPs. The kernels multiply in
+    float32 whatever the storage dtype, so this rate bounds their arithmetic in every dtype; a
+    bfloat16 tensor-core rate would understate the compute-bound time about tenfold.
+    "copy": a copy of n bytes into a preallocated tensor (a clone without the allocation,
+    whose page faults on CPU would be counted as bandwidth), a read and a write per byte.
+    """
+
+    n: int
+
+    workload = "hardware"
+    measure_peak = False
+
+    def setup(self):
+        generator = torch.Generator(self.device).manual_seed(0)
+        if self.backend == MATMUL:
+            return [torch.randn(self.n, self.n, device=self.device, generator=generator) for _ in range(2)]
+        source = torch.randint(0, 256, (self.n,), dtype=torch.uint8, device=self.device, generator=generator)
+        return source, torch.empty_like(source)
+
+    def run(self, inputs):
+        if self.backend == COPY:
+            source, destination = inputs
+            return destination.copy_(source)
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return torch.mm(*inputs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+    def flops(self):
+        return 2 * self.n**3 if self.backend == MATMUL else None
+
+    def bytes_moved(self):
+        return 2 * self.n if self.backend == COPY else None
+
+
+def probe_cases(device, quick):
+    n, copy_bytes = (QUICK_PROBE_SIZES if quick else PROBE_SIZES)[device]
+    return [Probe(device, "float32", MATMUL, "probe", n), Probe(device, "uint8", COPY, "probe", copy_bytes)]
+
+
+def probe_rate(record):
+    """What a probe record measured: ("flops_per_s" or "bandwidth_bytes_per_s", value)."""
+    seconds = record["median_ms"] * 1e-3
+    if record["backend"] == MATMUL:
+        return "flops_per_s", record["flops"] / seconds
+    return "bandwidth_bytes_per_s", record["bytes"] / seconds

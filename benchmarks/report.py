@@ -1,6 +1,10 @@
-"""Turns the suites' pytest-benchmark JSON into one report per device under benchmarks/results/:
+"""Turns the suite's pytest-benchmark JSON into one report per device under benchmarks/results/:
 <device>.md (the tables, also printed), <device>.json (that device's records, which this
-module can read again) and <device>.png (speed-ups and peak memory).
+module can read again) and <device>.png (times and peak memory).
+
+Generic: the hardware probes, the roofline (GPU) and the cases not measured are sections of
+their own; every registered workload (benchmarks/workloads/) gets a section with its shape
+lines, its table (its columns, built from the column helpers below) and its notes.
 
     python -m benchmarks.report RUN.json [--out-dir DIR]
 """
@@ -9,16 +13,14 @@ import datetime
 import json
 import pathlib
 import re
+from dataclasses import dataclass, field
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 -- after choosing the backend, so no display is needed
-from matplotlib import ticker  # noqa: E402
+from . import workloads as registry
+from .workloads import Column
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 MB = 2**20
-ERROR_FIELDS = ("out", "score", "grad_query", "grad_key", "grad_value")
+PROBES = "hardware"
 
 
 def slug(name):
@@ -39,6 +41,21 @@ def _records(run, workload):
     return [record["extra_info"] for record in run["benchmarks"] if record["extra_info"]["workload"] == workload]
 
 
+def peaks(run):
+    """The probes' measured rates, {"flops_per_s": ..., "bandwidth_bytes_per_s": ...}, and their
+    records ("flops_probe", "bandwidth_bytes_probe")."""
+    from .measure import probe_rate
+
+    found = {}
+    for record in _records(run, PROBES):
+        name, rate = probe_rate(record)
+        found[name] = rate
+        found[name.replace("_per_s", "_probe")] = record
+    return found
+
+
+# Cells ---------------------------------------------------------------------------------------------
+
 def _ms(value):
     """Three significant digits, but no exponent for thousands."""
     return "—" if value is None else f"{value:.3g}" if value < 100 else f"{value:.0f}"
@@ -49,11 +66,15 @@ def _megabytes(peak_bytes):
 
 
 def _ratio(numerator, denominator):
-    return None if numerator is None or denominator is None else numerator / denominator
+    return None if not numerator or not denominator else numerator / denominator
 
 
 def _times(ratio):
     return "n/a" if ratio is None else f"{ratio:.3g}×"
+
+
+def _percent(fraction):
+    return "—" if fraction is None else f"{100 * fraction:.3g}%"
 
 
 def _table(header, rows):
@@ -61,177 +82,251 @@ def _table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def attention_rows(run):
-    """One dict per (dtype, backend): both passes, and the ratios to the reference of the same dtype."""
-    records = {(e["dtype"], e["backend"], e["backward"]): e for e in _records(run, "Attention")}
-    rows = []
-    for dtype, backend in dict.fromkeys((dtype, backend) for dtype, backend, _ in records):
-        forward, both = records.get((dtype, backend, False), {}), records.get((dtype, backend, True), {})
-        reference_forward = records.get((dtype, "reference", False), {})
-        reference_both = records.get((dtype, "reference", True), {})
-        errors = both.get("errors")
-        rows.append({
-            "backend": backend, "dtype": dtype,
-            "fwd_ms": forward.get("median_ms"), "fwd_bwd_ms": both.get("median_ms"),
-            "fwd_peak_bytes": forward.get("peak_bytes"), "fwd_bwd_peak_bytes": both.get("peak_bytes"),
-            "speedup_fwd": _ratio(reference_forward.get("median_ms"), forward.get("median_ms")),
-            "speedup_fwd_bwd": _ratio(reference_both.get("median_ms"), both.get("median_ms")),
-            "memory_vs_reference": _ratio(both.get("peak_bytes"), reference_both.get("peak_bytes")),
-            "max_error": None if errors is None else max(errors[field] for field in ERROR_FIELDS),
-            "index_mismatches": None if errors is None
-            else (errors["index_mismatches"], errors["index_positions"]),
-        })
-    return rows
+@dataclass
+class Row:
+    """One (dtype, backend) of a workload: its record per pass, and the baselines' records of
+    the same dtype per (baseline, pass); peaks: the device's probes (see peaks())."""
+
+    backend: str
+    dtype: str
+    records: dict = field(default_factory=dict)
+    baselines: dict = field(default_factory=dict)
+    peaks: dict = field(default_factory=dict)
+
+    def get(self, pass_name, name):
+        return self.records.get(pass_name, {}).get(name)
+
+    def speedup(self, pass_name, baseline):
+        baseline_ms = self.baselines.get((baseline, pass_name), {}).get("median_ms")
+        return _ratio(baseline_ms, self.get(pass_name, "median_ms"))
+
+    def memory_ratio(self, pass_name, baseline):
+        return _ratio(self.get(pass_name, "peak_bytes"),
+                      self.baselines.get((baseline, pass_name), {}).get("peak_bytes"))
+
+    def rate_fraction(self, pass_name):
+        """The pass's FLOP rate / torch.mm's (compute-bound), or its byte rate / the copy's
+        bandwidth (memory-bound), as the case declares; None where not counted or not probed."""
+        return rate_fraction(self.records.get(pass_name, {}), self.peaks)
 
 
-def mana_rows(run):
-    records = {e["backend"]: e for e in _records(run, "ManaStep")}
-    reference = records.get("reference", {})
-    return [{"backend": backend, "step_ms": e["median_ms"], "peak_bytes": e["peak_bytes"],
-             "speedup": _ratio(reference.get("median_ms"), e["median_ms"]),
-             "memory_vs_reference": _ratio(e["peak_bytes"], reference.get("peak_bytes")),
-             "frames_shape": e["frames_shape"]}
-            for backend, e in records.items()]
-
-
-def _attention_section(run, rows):
-    shapes = {(e["B"], e["T"], e["C"], e["Cv"], e["H"], e["W"], e["kernel_size"])
-              for e in _records(run, "Attention")}
-    shape_lines = [f"B={B}, T={T}, C={C}, Cv={Cv}, H={H}, W={W}, kernel_size={K}, dilation 1, scale C^-1/2, "
-                   f"border \"exclude\"" for B, T, C, Cv, H, W, K in sorted(shapes)]
-    table = _table(
-        ("backend", "dtype", "fwd ms", "fwd+bwd ms", "fwd peak MB", "fwd+bwd peak MB", "speed-up fwd",
-         "speed-up fwd+bwd", "memory vs reference", "max error", "index ≠"),
-        [(row["backend"], row["dtype"], _ms(row["fwd_ms"]), _ms(row["fwd_bwd_ms"]),
-          _megabytes(row["fwd_peak_bytes"]), _megabytes(row["fwd_bwd_peak_bytes"]), _times(row["speedup_fwd"]),
-          _times(row["speedup_fwd_bwd"]), _times(row["memory_vs_reference"]),
-          "—" if row["max_error"] is None else f"{row['max_error']:.2g}",
-          "—" if row["index_mismatches"] is None else "{} / {}".format(*row["index_mismatches"]))
-         for row in rows])
-    return "\n\n".join(["## local_argmax_attention", *shape_lines, table])
-
-
-def _roofline_section(run):
-    records = [e for e in _records(run, "Attention") if "roofline" in e]
-    if not records:
+def rate_fraction(record, peaks):
+    if not record.get("median_ms"):
         return None
-    peaks = records[0]["roofline"]
-    table = _table(
-        ("backend", "dtype", "pass", "GB moved", "GFLOP", "memory-bound ms", "compute-bound ms", "measured ms",
-         "fraction of roofline"),
-        [(e["backend"], e["dtype"], "fwd+bwd" if e["backward"] else "fwd", f"{e['roofline']['bytes'] / 1e9:.3g}",
-          f"{e['roofline']['flops'] / 1e9:.3g}", _ms(e["roofline"]["memory_bound_ms"]),
-          _ms(e["roofline"]["compute_bound_ms"]), _ms(e["median_ms"]), f"{100 * e['roofline']['fraction']:.3g}%")
-         for e in records])
+    seconds = record["median_ms"] * 1e-3
+    if record.get("bound") == "compute" and record.get("flops") and peaks.get("flops_per_s"):
+        return record["flops"] / seconds / peaks["flops_per_s"]
+    if record.get("bound") == "memory" and record.get("bytes") and peaks.get("bandwidth_bytes_per_s"):
+        return record["bytes"] / seconds / peaks["bandwidth_bytes_per_s"]
+    return None
+
+
+# Columns a workload builds its table from -------------------------------------------------------------
+
+def field_column(name, header=None):
+    return Column(header or name, lambda row: str(getattr(row, name)))
+
+
+def ms_column(pass_name):
+    return Column(f"{pass_name} ms", lambda row: _ms(row.get(pass_name, "median_ms")))
+
+
+def peak_column(pass_name):
+    return Column(f"{pass_name} peak MB", lambda row: _megabytes(row.get(pass_name, "peak_bytes")))
+
+
+def speedup_column(pass_name, baseline):
+    short = "ref" if baseline == "reference" else baseline
+    return Column(f"{pass_name} × {short}", lambda row: _times(row.speedup(pass_name, baseline)))
+
+
+def memory_column(pass_name, baseline):
+    return Column(f"memory vs {baseline}", lambda row: _times(row.memory_ratio(pass_name, baseline)))
+
+
+def rate_column(pass_name, header=None):
+    """Fraction of the probe's rate that applies to the case (torch.mm's or the copy's)."""
+    return Column(header or f"{pass_name} % mm", lambda row: _percent(row.rate_fraction(pass_name)))
+
+
+def default_columns(workload):
+    columns = [field_column("backend"), field_column("dtype")]
+    columns += [ms_column(pass_name) for pass_name in workload.passes]
+    columns += [speedup_column(pass_name, baseline) for baseline in workload.baselines
+                for pass_name in workload.passes]
+    return columns + [peak_column(pass_name) for pass_name in workload.passes]
+
+
+# Sections -------------------------------------------------------------------------------------------
+
+def rows(workload, records, device_peaks):
+    """One Row per (dtype, backend), in the order measured."""
+    by_key = {}
+    for record in records:
+        row = by_key.setdefault((record["dtype"], record["backend"]),
+                                Row(record["backend"], record["dtype"], peaks=device_peaks))
+        row.records[record["pass_name"]] = record
+    for row in by_key.values():
+        for (dtype, backend), other in by_key.items():
+            if dtype == row.dtype and backend in workload.baselines:
+                row.baselines.update({(backend, pass_name): record
+                                      for pass_name, record in other.records.items()})
+    return list(by_key.values())
+
+
+def workload_section(workload, records, device_peaks):
+    shape_lines = sorted({workload.shape_line(record) for record in records})
+    columns = workload.columns or default_columns(workload)
+    cells = [[column.cell(row) for column in columns] for row in rows(workload, records, device_peaks)]
+    table = _table([column.header for column in columns], cells)
+    return "\n\n".join([f"## {workload.name}", *shape_lines, table, *workload.notes])
+
+
+def _hardware_section(device_peaks):
+    if not device_peaks:
+        return None
+    lines = ["## Hardware probes (same run, timed like the cases)", ""]
+    if "flops_per_s" in device_peaks:
+        n = device_peaks["flops_probe"]["shape"]["n"]
+        lines.append(f"- torch.mm float32 {n}×{n}: {device_peaks['flops_per_s'] / 1e9:.4g} GFLOP/s "
+                     f"({device_peaks['flops_probe']['median_ms']:.3g} ms), the rate compute-bound cases are "
+                     "compared with (\"% mm\")")
+    if "bandwidth_bytes_per_s" in device_peaks:
+        n = device_peaks["bandwidth_bytes_probe"]["shape"]["n"]
+        lines.append(f"- copy of {n / MB:.0f} MB into a preallocated tensor: "
+                     f"{device_peaks['bandwidth_bytes_per_s'] / 1e9:.4g} GB/s (read + write), the rate "
+                     "memory-bound cases are compared with")
+    return "\n".join(lines)
+
+
+def _roofline_section(run, device_peaks):
+    """GPU only: max(bytes / bandwidth, FLOPs / torch.mm rate) and the fraction of it reached."""
+    if "flops_per_s" not in device_peaks or "bandwidth_bytes_per_s" not in device_peaks:
+        return None
+    table = []
+    for record in run["benchmarks"]:
+        e = record["extra_info"]
+        if e["device"] != "cuda" or e["workload"] == PROBES or not e.get("flops") or not e.get("bytes"):
+            continue
+        memory_ms = e["bytes"] / device_peaks["bandwidth_bytes_per_s"] * 1e3
+        compute_ms = e["flops"] / device_peaks["flops_per_s"] * 1e3
+        table.append((e["workload"], e["backend"], e["dtype"], e["pass_name"], f"{e['bytes'] / 1e9:.3g}",
+                      f"{e['flops'] / 1e9:.3g}", _ms(memory_ms), _ms(compute_ms), _ms(e["median_ms"]),
+                      _percent(max(memory_ms, compute_ms) / e["median_ms"])))
+    if not table:
+        return None
     return "\n\n".join([
         "## Roofline",
-        f"Measured peaks of this GPU: device-to-device copy {peaks['bandwidth_bytes_per_s'] / 1e9:.0f} GB/s "
-        f"(read + write); float32 dense 8192² matmul without TF32 {peaks['flops_per_s'] / 1e12:.3g} TFLOP/s, "
-        "the compute bound for every dtype since the kernels multiply in float32.",
-        "Must-move bytes: forward reads query, key and value and writes out, score and index once; the backward "
-        "reads grad_out, grad_score, query, key, value, score and index and writes the three gradients once. "
-        "FLOPs: 2·C per candidate score (kernel_size² per position) plus the score·value product; the backward "
-        "adds 3·Cv + 4·C per position. Roofline time = max(bytes / bandwidth, FLOPs / peak rate); the fraction "
-        "is roofline time / measured time.",
-        table])
-
-
-def _mana_section(run):
-    rows = mana_rows(run)
-    if not rows:
-        return None
-    B, T, _, H, W = rows[0]["frames_shape"]
-    table = _table(
-        ("backend", "step ms", "peak MB", "speed-up", "memory vs reference"),
-        [(row["backend"], _ms(row["step_ms"]), _megabytes(row["peak_bytes"]), _times(row["speedup"]),
-          _times(row["memory_vs_reference"])) for row in rows])
-    return "\n\n".join([
-        "## MANA training step",
-        f"`MANA.small(backend=...)`, frames B={B}, T={T}, 3×{H}×{W}, float32: forward, "
-        "L1(sr, target) + memory loss, backward.",
-        table])
-
-
-def _case_name(case):
-    pass_name = {True: "fwd+bwd", False: "fwd"}.get(case.get("backward"))
-    return " ".join(filter(None, (case["workload"], case["backend"], case.get("dtype"), pass_name)))
+        "Roofline time = max(must-move bytes / copy bandwidth, FLOPs / torch.mm float32 rate), both probed "
+        "above; the fraction is roofline time / measured time. Each workload's case documents its byte and "
+        "FLOP counts (benchmarks/workloads/).",
+        _table(("workload", "backend", "dtype", "pass", "GB moved", "GFLOP", "memory-bound ms",
+                "compute-bound ms", "measured ms", "fraction of roofline"), table)])
 
 
 def _not_measured_section(run):
     if not run["not_measured"]:
         return None
-    cases = (f"- {_case_name(case)}: {case['reason']}" for case in run["not_measured"])
+    cases = (f"- {case['workload']} {case['backend']} {case['dtype']} {case['pass_name']}: {case['reason']}"
+             for case in run["not_measured"])
     return "\n".join(["## Not measured", *cases])
+
+
+def _load(machine):
+    """The machine's load beside the thread count: above its core count, other processes shared the cores."""
+    if "load_average" not in machine:
+        return ""
+    start, end = machine["load_average"]
+    text = f"; 1-minute load average {start:.1f} at the start and {end:.1f} at the end"
+    if max(start, end) > 1.2 * (machine.get("cpu", {}).get("count") or 1):
+        text += " (other processes shared the CPU: its times are perturbed)"
+    return text
 
 
 def markdown(device_name, run):
     machine, commit = run["machine_info"], run["commit_info"]
     timers = sorted({record["extra_info"]["timer"] for record in run["benchmarks"]})
     measured_at = datetime.datetime.fromisoformat(run["datetime"]).strftime("%Y-%m-%d %H:%M UTC")
+    device_peaks = peaks(run)
     header = "\n".join([
         f"# Benchmarks on {device_name}",
         "",
         f"Measured {measured_at} at commit {commit.get('id', 'unknown')[:12]}"
         f"{' with uncommitted changes' if commit.get('dirty') else ''}; torch {machine['torch']}, "
-        f"triton {machine['triton']}, {machine['torch_threads']} CPU threads.",
+        f"triton {machine['triton']}, {machine['torch_threads']} CPU threads"
+        f"{_load(machine)}{'; BENCH_QUICK shapes (a smoke run)' if machine.get('quick') else ''}.",
         "",
         f"Times are medians ({'; '.join(timers)}). Peak MB (2^20 bytes) is the extra peak memory of one call "
         "over its inputs, after a warm-up call: on CUDA the caching allocator's peak; on CPU the peak resident "
-        "memory of a fresh process. Speed-up is reference time / backend time, memory is backend peak / "
-        "reference peak (forward+backward), both against the reference of the same dtype. Max error is the "
-        "largest absolute difference from the reference run in float32 on batch element 0, over out, score and "
-        "the gradients of query, key and value; index ≠ counts the positions where a different candidate was "
-        "chosen.",
+        "memory of a fresh process. Speed-ups (×) are baseline time / row time for the same dtype and pass.",
     ])
-    sections = (_attention_section(run, attention_rows(run)), _roofline_section(run), _mana_section(run),
-                _not_measured_section(run))
+    sections = [_hardware_section(device_peaks)]
+    for name, workload in registry.registered().items():
+        records = _records(run, name)
+        if records:
+            sections.append(workload_section(workload, records, device_peaks))
+    sections += [_roofline_section(run, device_peaks), _not_measured_section(run)]
     return "\n\n".join([header, *filter(None, sections)]) + "\n"
 
 
+# Chart ----------------------------------------------------------------------------------------------
+
 def chart(device_name, run, path):
-    """Speed-up over the reference and peak memory of every measured row, forward and
-    forward+backward side by side, on log scales."""
-    rows = [(f"attention {row['backend']} {row['dtype']}",
-             {"forward": (row["speedup_fwd"], row["fwd_peak_bytes"]),
-              "forward+backward": (row["speedup_fwd_bwd"], row["fwd_bwd_peak_bytes"])})
-            for row in attention_rows(run)]
-    rows += [(f"MANA step {row['backend']}", {"forward+backward": (row["speedup"], row["peak_bytes"])})
-             for row in mana_rows(run)]
-    figure, (speed, memory) = plt.subplots(1, 2, figsize=(13, 1.6 + 0.55 * len(rows)), sharey=True,
+    """Median time and extra peak memory of every measured (workload, backend, dtype), one bar
+    per pass, on log scales."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars, passes = [], {}
+    for name, workload in registry.registered().items():
+        for row in rows(workload, _records(run, name), {}):
+            bars.append((f"{name} {row.backend} {row.dtype}",
+                         {p: (r.get("median_ms"), r.get("peak_bytes")) for p, r in row.records.items()}))
+            passes.update(dict.fromkeys(row.records))
+    if not bars:
+        return
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(14, 1.6 + 0.55 * len(bars)), sharey=True,
                                            layout="constrained")
-    _bars(speed, rows, 0, 1, _times)
-    _bars(memory, rows, 1, MB, lambda megabytes: f"{_megabytes(megabytes * MB)} MB")
-    speed.axvline(1, color="black", linewidth=0.8)
-    speed.set_xlabel("speed-up over the reference (higher is better)")
+    _bars(speed, bars, list(passes), 0, 1, lambda ms: f"{_ms(ms)} ms")
+    _bars(memory, bars, list(passes), 1, MB, lambda megabytes: f"{_megabytes(megabytes * MB)} MB")
+    speed.set_xlabel("median time, ms (lower is better)")
     memory.set_xlabel("extra peak memory, MB (lower is better)")
-    figure.legend(*speed.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
-    speed.set_yticks(range(len(rows)), [label for label, _ in rows])
+    figure.legend(*speed.get_legend_handles_labels(), loc="outside lower center", ncol=len(passes),
+                  fontsize=8)
+    speed.set_yticks(range(len(bars)), [label for label, _ in bars])
     speed.invert_yaxis()
     figure.suptitle(f"vsr_kernels on {device_name}")
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def _bars(axes, rows, column, unit, label):
-    """One bar per (row, pass) of measures[pass][column] / unit; "n/a" where it is missing."""
+def _bars(axes, bars, passes, column, unit, label):
+    from matplotlib import ticker
+
+    height = 0.8 / len(passes)
+    colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
     any_measured = False
-    for offset, kind, colour in ((-0.2, "forward", "tab:blue"), (0.2, "forward+backward", "tab:orange")):
-        cells = [(position + offset, measures[kind][column]) for position, (_, measures) in enumerate(rows)
-                 if kind in measures]
-        measured = [(y, value / unit) for y, value in cells if value is not None]
+    for k, pass_name in enumerate(passes):
+        cells = []
+        for y, (_, measures) in enumerate(bars):
+            if pass_name in measures:
+                present = [name for name in passes if name in measures]  # centred on the row's passes
+                offset = (present.index(pass_name) - (len(present) - 1) / 2) * height
+                cells.append((y + offset, measures[pass_name][column]))
+        measured = [(y, value / unit) for y, value in cells if value]
         any_measured = any_measured or bool(measured)
-        drawn = axes.barh([y for y, _ in measured], [value for _, value in measured], height=0.4, color=colour,
-                          label=kind if kind == "forward" else "forward+backward (MANA: training step)")
-        axes.bar_label(drawn, labels=[label(value) for _, value in measured], padding=3, fontsize=8)
+        drawn = axes.barh([y for y, _ in measured], [value for _, value in measured], height=height,
+                          color=colours[k % len(colours)], label=pass_name)
+        axes.bar_label(drawn, labels=[label(value) for _, value in measured], padding=3, fontsize=7)
         for y, value in cells:
-            if value is None:
-                axes.text(0.01, y, "n/a: not measured", va="center", fontsize=8,
-                          transform=axes.get_yaxis_transform())
+            if not value:
+                axes.text(0.01, y, "n/a", va="center", fontsize=7, transform=axes.get_yaxis_transform())
     if any_measured:  # a log axis needs data
         axes.set_xscale("log")
         axes.xaxis.set_major_formatter(ticker.LogFormatter())
-        axes.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
-        axes.margins(x=0.25)
+        axes.margins(x=0.3)
 
 
 def write(run, out_dir=RESULTS):
@@ -252,7 +347,7 @@ def write(run, out_dir=RESULTS):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=pathlib.Path, help="pytest-benchmark JSON of the suites")
+    parser.add_argument("run", type=pathlib.Path, help="pytest-benchmark JSON of the suite")
     parser.add_argument("--out-dir", type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
     write(json.loads(args.run.read_text()), args.out_dir)

@@ -1,0 +1,58 @@
+"""The benchmarks' careful-user baseline (benchmarks/workloads/local_argmax_attention.py) computes
+the same function as the oracle, so that its speed-ups are against an equal, not a shortcut."""
+import pytest
+import torch
+
+from benchmarks.workloads.local_argmax_attention import careful_local_argmax_attention
+from vsr_kernels import reference
+
+# (B, T, C, Cv, H, W, kernel_size, dilation)
+SHAPES = [
+    (2, 3, 5, 4, 7, 9, 3, 1),
+    (1, 2, 4, 3, 6, 5, 5, 2),
+    (1, 2, 3, 2, 4, 4, 5, 1),  # the window is wider than the frame
+    (1, 3, 4, 4, 8, 7, 3, 3),
+]
+
+
+def _inputs(B, T, C, Cv, H, W, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+            for shape in ((B, C, H, W), (B, T, C, H, W), (B, T, Cv, H, W))]
+
+
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_careful_baseline_matches_reference(shape, border):
+    *sizes, kernel_size, dilation = shape
+    inputs = _inputs(*sizes)
+    got = careful_local_argmax_attention(*inputs, kernel_size, dilation, 0.7, border)
+    want = reference.local_argmax_attention(*inputs, kernel_size, dilation, 0.7, border)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    generator = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(got[0].shape, generator=generator, dtype=torch.float64)
+    grad_score = torch.randn(got[1].shape, generator=generator, dtype=torch.float64)
+    got_grads = torch.autograd.grad((got[0], got[1]), inputs, (grad_out, grad_score))
+    want_grads = torch.autograd.grad((want[0], want[1]), inputs, (grad_out, grad_score))
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad)
+
+
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+def test_careful_baseline_tie_and_nan_rules(border):
+    """Ties keep the lowest candidate (the lowest in-frame one with "exclude"); NaN ranks highest."""
+    K, H, W = 3, 4, 5
+    query, key, value = (tensor.detach() for tensor in _inputs(1, 1, 2, 2, H, W))
+    _, _, index = careful_local_argmax_attention(torch.zeros_like(query), key, value, K, 1, 1.0, border)
+    if border == "zeros":
+        assert (index == 0).all()
+    else:
+        ys, xs = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+        first = (ys == 0).long() * K + (xs == 0).long()  # skip the row above / the column left of the frame
+        assert torch.equal(index[0, 0], first)
+    key[0, 0, :, 2, 2] = float("nan")  # candidate j = 0 of (3, 3), 8 of (1, 1), 4 of (2, 2)
+    _, score, index = careful_local_argmax_attention(query, key, value, K, 1, 1.0, border)
+    assert index[0, 0, 3, 3] == 0 and index[0, 0, 1, 1] == 8 and index[0, 0, 2, 2] == 4
+    assert score[0, 0, 2, 2].isnan()
