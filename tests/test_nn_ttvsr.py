@@ -33,8 +33,8 @@ def _update_loop(location, flow, stride):
     return out
 
 
-@pytest.mark.parametrize("B,T,h,w,stride", [(1, 1, 3, 4, 4), (2, 3, 5, 2, 4), (1, 0, 2, 2, 4), (2, 2, 1, 3, 8),
-                                            (1, 4, 6, 7, 4)])
+@pytest.mark.parametrize("B,T,h,w,stride", [(1, 1, 3, 4, 4), (2, 3, 5, 2, 4), (1, 0, 2, 2, 4),
+                                            (2, 2, 1, 3, 8), (1, 4, 6, 7, 4)])
 def test_update_locations_matches_loop(B, T, h, w, stride):
     g = torch.Generator().manual_seed(B * 100 + T * 10 + h + w)
     location = torch.rand(B, T, 2, h, w, generator=g, dtype=torch.float64) * 10 - 2
@@ -50,8 +50,8 @@ def test_update_locations_matches_loop(B, T, h, w, stride):
     assert got.shape == (B, T + 1, 2, h, w) and got.dtype == location.dtype
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(-7.0), want.nan_to_num(-7.0))
-    torch.testing.assert_close(update_locations(location, flow, stride, append=False), got[:, :T], rtol=0, atol=0,
-                               equal_nan=True)
+    moved = update_locations(location, flow, stride, append=False)
+    torch.testing.assert_close(moved, got[:, :T], rtol=0, atol=0, equal_nan=True)
     assert got.isnan().any() == (w > 1 and T > 0)
 
 
@@ -168,7 +168,8 @@ def test_layer_matches_its_definition():
     query = F.unfold(feature, s, stride=s).view(B, C * s * s, H // s, W // s)
     outs, score, _ = vsr_kernels.reference.trajectory_attention(query, keys, values, location)
     folded = torch.cat([F.fold(o.flatten(2), (H, W), s, stride=s) for o in outs], 1)
-    soft = F.fold(score.flatten(1)[:, None].expand(B, C * s * s, -1), (H, W), s, stride=s)  # TTVSR's corr_soft
+    # TTVSR's corr_soft
+    soft = F.fold(score.flatten(1)[:, None].expand(B, C * s * s, -1), (H, W), s, stride=s)
     want = layer.fusion(folded) * soft + anchor
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -203,7 +204,7 @@ def test_layer_gradients_reach_every_input():
 
 
 def test_layer_rejects_bad_input():
-    C, s = 2, 4
+    C = 2
     layer = TrajectoryAwareAttention(C)
     g = torch.Generator().manual_seed(0)
     keys, values = _memory(layer, 1, 2, C, 8, 8, g, torch.float32)
@@ -219,9 +220,11 @@ def test_layer_rejects_bad_input():
         (TypeError, "values", (feature, feature, keys, values[:2], location)),
         (TypeError, "values", (feature, feature, keys, values[0], location)),
         (ValueError, "location", (feature, feature, keys, values, location[:, :1])),
-        (ValueError, r"value\[1\]", (feature, feature, keys, [values[0], values[1][:, :1], values[2]], location)),
+        (ValueError, r"value\[1\]", (feature, feature, keys, [values[0], values[1][:, :1], values[2]],
+                                     location)),
         (TypeError, "location", (feature, feature, keys, values, location.long())),
-        (TypeError, r"value\[2\]", (feature, feature, keys, [values[0], values[1], values[2].double()], location)),
+        (TypeError, r"value\[2\]", (feature, feature, keys, [values[0], values[1], values[2].double()],
+                                    location)),
     ]
     for error, name, args in cases:
         with pytest.raises(error, match=name):

@@ -13,7 +13,7 @@ EPS = 1e-12
 
 
 def _round_half_even(x: float) -> int:
-    return int(round(x))  # Python's round() on a float rounds ties to even
+    return round(x)  # Python's round() on a float rounds ties to even
 
 
 def oracle(query, key, values, location):
@@ -28,7 +28,8 @@ def oracle(query, key, values, location):
         for i in range(h):
             for j in range(w):
                 q = q64[b, :, i, j]
-                qn = q / max(math.sqrt(float((q * q).sum())), EPS) if not torch.isnan(q).any() else q / float("nan")
+                qnorm = math.sqrt(float((q * q).sum()))
+                qn = q / max(qnorm, EPS) if not math.isnan(qnorm) else q / qnorm
                 best_t, best = None, None
                 cells = []
                 for t in range(T):
@@ -70,7 +71,8 @@ def _case(seed, B, T, D, h, w, spread=1.5, halves=False, outside=False, all_outs
     if outside:  # about a third of the locations beyond some border, some far beyond
         far = torch.rand(B, T, 1, h, w, generator=g) < 1 / 3
         shift = torch.where(torch.rand(B, T, 2, h, w, generator=g) < 0.5, -1.0, 1.0).double()
-        loc = torch.where(far, loc + shift * size * torch.tensor([1.0, 7.0]).view(1, 1, 2, 1, 1).double(), loc)
+        reach = torch.tensor([1.0, 7.0], dtype=torch.float64).view(1, 1, 2, 1, 1)
+        loc = torch.where(far, loc + shift * size * reach, loc)
     if all_outside:
         loc = loc + size * 3
     if "query" in nan:
@@ -167,7 +169,7 @@ def test_half_positions_follow_torch_round():
     # all sims are 1 (positive 1-D tokens) or 0 outside; pick the first t, then read which
     # column each t reads by asking for one t at a time
     for t, x in enumerate(xs.tolist()):
-        out, score, _ = reference(query, key[:, t:t + 1], value[:, t:t + 1], loc[:, t:t + 1])
+        out, _, _ = reference(query, key[:, t:t + 1], value[:, t:t + 1], loc[:, t:t + 1])
         col = round(x)
         want = col + 1.0 if 0 <= col < w else 0.0
         assert out[0, 0, 0, 0].item() == want, (x, out[0, 0, 0, 0].item())
@@ -202,8 +204,8 @@ def test_gradcheck_query_key_value():
     k = torch.randn(B, T, D, h, w, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, T, 2, h, w, generator=g, dtype=torch.float64, requires_grad=True)
     # locations on integers and at .5 ties, some outside; they get no gradient
-    loc = (torch.randint(-1, 5, (B, T, 2, h, w), generator=g) + 0.5 * (torch.rand(B, T, 2, h, w, generator=g) < 0.3)
-           ).double().requires_grad_()
+    ties = 0.5 * (torch.rand(B, T, 2, h, w, generator=g) < 0.3)
+    loc = (torch.randint(-1, 5, (B, T, 2, h, w), generator=g) + ties).double().requires_grad_()
 
     def f(q, k, v):
         out, score, _ = vsr_kernels.trajectory_attention(q, k, v, loc)
@@ -238,10 +240,10 @@ def test_value_sequence_shares_the_index():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_matches_float64_choice(dtype):
     q, k, vs, loc = _case(21, 2, 4, 8, 5, 6, outside=True)
-    out, score, index = vsr_kernels.trajectory_attention(q.to(dtype), k.to(dtype), vs[0].to(dtype), loc.float())
+    q, k, v = (t.to(dtype) for t in (q, k, vs[0]))
+    out, score, index = vsr_kernels.trajectory_attention(q, k, v, loc.float())
     assert out.dtype == dtype and score.dtype == dtype and index.dtype == torch.int64
-    want, want_score, want_index = reference(q.to(dtype).double(), k.to(dtype).double(), vs[0].to(dtype).double(),
-                                             loc)
+    want, want_score, want_index = reference(q.double(), k.double(), v.double(), loc)
     assert torch.equal(index, want_index)
     assert torch.equal(out, want.to(dtype))
     torch.testing.assert_close(score, want_score.to(dtype))
@@ -263,7 +265,8 @@ def test_non_contiguous_inputs():
 
 
 def _good():
-    return torch.randn(2, 4, 3, 5), torch.randn(2, 3, 4, 3, 5), torch.randn(2, 3, 6, 3, 5), torch.rand(2, 3, 2, 3, 5)
+    query, key = torch.randn(2, 4, 3, 5), torch.randn(2, 3, 4, 3, 5)
+    return query, key, torch.randn(2, 3, 6, 3, 5), torch.rand(2, 3, 2, 3, 5)
 
 
 def _bad(which, make):
@@ -325,4 +328,4 @@ def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         vsr_kernels.trajectory_attention(*_good(), backend="fast")
     out, score, index = vsr_kernels.trajectory_attention(*_good(), backend="reference")
-    assert out.shape == (2, 6, 3, 5)
+    assert out.shape == (2, 6, 3, 5) and score.shape == index.shape == (2, 3, 5)

@@ -10,7 +10,7 @@ pixel-shuffle upsamplers and a residual over the bilinearly upsampled input.
 TTVSR computes its flows with a pretrained SPyNet, which cannot be downloaded here: this
 network takes the flows as input, or any callable that estimates them.
 """
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def zero_flow(reference: torch.Tensor, supporting: torch.Tensor) -> torch.Tensor
 
 def flow_warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     """x (N, C, H, W) read at p + flow(p) (flow (N, 2, H, W), x then y, pixels): bilinear, border padding."""
-    N, _, H, W = x.shape
+    H, W = x.shape[2:]
     y, xs = torch.meshgrid(torch.arange(H, dtype=flow.dtype, device=flow.device),
                            torch.arange(W, dtype=flow.dtype, device=flow.device), indexing="ij")
     gx = 2.0 * (xs + flow[:, 0]) / max(W - 1, 1) - 1.0
@@ -92,14 +92,15 @@ class TTVSR(nn.Module):
 
     def __init__(self, channels: int = 64, blocks: int = 60, extractor_blocks: int = 5, stride: int = 4,
                  keyframe_stride: int = 3, upsample_channels: int = 64,
-                 flow_estimator: Optional[FlowEstimator] = None, backend: str = "auto"):
+                 flow_estimator: FlowEstimator | None = None, backend: str = "auto"):
         super().__init__()
         self.channels = _checks.integer("channels", channels, 1)
         self.keyframe_stride = _checks.integer("keyframe_stride", keyframe_stride, 1)
         if flow_estimator is not None and not callable(flow_estimator):
             raise TypeError(f"flow_estimator must be callable, got {type(flow_estimator).__name__}")
         self.flow_estimator = flow_estimator
-        self.extractor = residual_blocks(3, channels, _checks.integer("extractor_blocks", extractor_blocks, 0))
+        extractor_blocks = _checks.integer("extractor_blocks", extractor_blocks, 0)
+        self.extractor = residual_blocks(3, channels, extractor_blocks)
         self.attention = TrajectoryAwareAttention(channels, stride, backend)
         self.stride = self.attention.stride
         # shared by both passes, as in TTVSR
@@ -114,7 +115,8 @@ class TTVSR(nn.Module):
     @classmethod
     def small(cls, **kwargs) -> "TTVSR":
         """A configuration for tests and CPU benchmarks: 16 channels, 2 + 1 blocks, key frames every 2."""
-        config = dict(channels=16, blocks=2, extractor_blocks=1, keyframe_stride=2, upsample_channels=16)
+        config = {"channels": 16, "blocks": 2, "extractor_blocks": 1, "keyframe_stride": 2,
+                  "upsample_channels": 16}
         config.update(kwargs)
         return cls(**config)
 
@@ -175,8 +177,8 @@ class TTVSR(nn.Module):
         _checks.tensor("frames", frames, "BTCHW")
         B, T, C, H, W = frames.shape
         if C != 3 or T < 1 or H % self.stride or W % self.stride or H == 0 or W == 0:
-            raise ValueError(f"frames must have shape (B, T >= 1, 3, H, W) with H and W positive multiples of "
-                             f"{self.stride}, got {tuple(frames.shape)}")
+            raise ValueError(f"frames must have shape (B, T >= 1, 3, H, W) with H and W positive multiples "
+                             f"of {self.stride}, got {tuple(frames.shape)}")
         forward_flows, backward_flows = self._flows(frames, flows) if T > 1 else (None, None)
         features = list(self.extractor(frames.flatten(0, 1)).unflatten(0, (B, T)).unbind(1))
         backward = self._propagate(features, backward_flows, reverse=True)

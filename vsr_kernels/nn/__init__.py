@@ -3,6 +3,6 @@ from .mana import CrossFrameNonLocalAttention, MemoryAugmentedAttention
 from .ttvsr import CrossScaleTokenizer, TrajectoryAwareAttention, identity_locations, update_locations
 
 __all__ = [
-    "CrossFrameNonLocalAttention", "CrossScaleTokenizer", "MemoryAugmentedAttention", "TrajectoryAwareAttention",
-    "identity_locations", "update_locations",
+    "CrossFrameNonLocalAttention", "CrossScaleTokenizer", "MemoryAugmentedAttention",
+    "TrajectoryAwareAttention", "identity_locations", "update_locations",
 ]

@@ -9,7 +9,7 @@ in token units) the trajectory ending there was in each of T earlier key frames.
 `TrajectoryAwareAttention` (TTVSR's LTAM block) lets each token of the current frame keep
 its best match on its trajectory, at three scales, through `vsr_kernels.trajectory_attention`.
 """
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ def _check_frame(name: str, value, channels=None, stride=None) -> None:
     if channels is not None and value.shape[1] != channels:
         raise ValueError(f"{name} must have C = {channels} channels in dim 1, got shape {tuple(value.shape)}")
     if stride is not None and (value.shape[2] % stride or value.shape[3] % stride):
-        raise ValueError(f"{name} must have H and W divisible by stride = {stride}, got shape {tuple(value.shape)}")
+        raise ValueError(f"{name} must have H and W divisible by stride = {stride}, "
+                         f"got shape {tuple(value.shape)}")
 
 
 def identity_locations(batch: int, height: int, width: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -43,7 +44,8 @@ def identity_locations(batch: int, height: int, width: int, dtype=torch.float32,
     return torch.stack((x, y), 0).expand(batch, 1, 2, height, width)
 
 
-def update_locations(location: torch.Tensor, flow: torch.Tensor, stride: int, append: bool = True) -> torch.Tensor:
+def update_locations(location: torch.Tensor, flow: torch.Tensor, stride: int,
+                     append: bool = True) -> torch.Tensor:
     """TTVSR's trajectory update: moves T trajectory maps from the previous frame to the current one.
 
     The flow (B, 2, H, W) in pixels, from the current frame to the previous one (channel 0 = x),
@@ -128,13 +130,13 @@ class CrossScaleTokenizer(nn.Module):
     def fold(self, tokens: torch.Tensor) -> torch.Tensor:
         _checks.tensor("tokens", tokens, "BDHW")
         if tokens.shape[1] % (self.stride * self.stride):
-            raise ValueError(f"tokens must have D = C*{self.stride}*{self.stride} channels in dim 1, got shape "
-                             f"{tuple(tokens.shape)}")
+            raise ValueError(f"tokens must have D = C*{self.stride}*{self.stride} channels in dim 1, "
+                             f"got shape {tuple(tokens.shape)}")
         return F.pixel_shuffle(tokens, self.stride)
 
     def _window_tokens(self, x: torch.Tensor, window: int) -> torch.Tensor:
         s = self.stride
-        B, C, H, W = x.shape
+        H, W = x.shape[2:]
         padding = (window - s) // 2
         patches = F.unfold(x, window, padding=padding, stride=s)  # (B, C*window², tokens)
         tiled = F.fold(patches, (H // s * window, W // s * window), window, stride=window)
@@ -197,16 +199,18 @@ class TrajectoryAwareAttention(nn.Module):
         _check_frame("feature", feature, self.channels, self.stride)
         _check_frame("anchor", anchor, self.channels, self.stride)
         if anchor.shape != feature.shape:
-            raise ValueError(f"anchor must have the shape of feature {tuple(feature.shape)}, got {tuple(anchor.shape)}")
+            raise ValueError(f"anchor must have the shape of feature {tuple(feature.shape)}, "
+                             f"got {tuple(anchor.shape)}")
         if isinstance(values, torch.Tensor) or not isinstance(values, (list, tuple)) or len(values) != 3:
-            raise TypeError("values must be a list or tuple of the three token scales (B, T, C*s*s, H/s, W/s)")
+            raise TypeError("values must be a list or tuple of the three token scales "
+                            "(B, T, C*s*s, H/s, W/s)")
         B, C, H, W = feature.shape
         s = self.stride
         _checks.tensor("keys", keys, "BTDHW")
         expected = (B, C * s * s, H // s, W // s)
         if (keys.shape[0], *keys.shape[2:]) != expected:
-            raise ValueError(f"keys must have shape ({B}, T, {C * s * s}, {H // s}, {W // s}) (tokens of feature "
-                             f"{tuple(feature.shape)}), got {tuple(keys.shape)}")
+            raise ValueError(f"keys must have shape ({B}, T, {C * s * s}, {H // s}, {W // s}) (tokens of "
+                             f"feature {tuple(feature.shape)}), got {tuple(keys.shape)}")
         query = self.tokenizer.unfold(feature)
         outs, score, _ = trajectory_attention(query, keys, list(values), location, backend=self.backend)
         aligned = torch.cat([self.tokenizer.fold(out) for out in outs], 1)

@@ -4,14 +4,14 @@ For now every tensor goes to the reference (`vsr_kernels.reference.trajectory_at
 the fused backends (cpu, cuda, triton) are wired through the op-spec registry later, behind
 the same public function and the same checks.
 """
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
 from .. import reference
 from . import _checks
 
-Values = Union[torch.Tensor, Sequence[torch.Tensor]]
+Values = torch.Tensor | Sequence[torch.Tensor]
 
 # Backends this op accepts today; "cpu", "cuda" and "triton" are named in the error message.
 AVAILABLE_BACKENDS = ("auto", "reference")
@@ -20,8 +20,8 @@ FUSED_BACKENDS = ("cpu", "cuda", "triton")
 
 def _check_backend(backend) -> str:
     if backend in FUSED_BACKENDS:
-        raise ValueError(f"backend {backend!r} of trajectory_attention is not built yet (the fused cpu, cuda and "
-                         f"triton kernels are still to come); use backend='auto' or 'reference'")
+        raise ValueError(f"backend {backend!r} of trajectory_attention is not built yet (the fused cpu, "
+                         f"cuda and triton kernels are still to come); use backend='auto' or 'reference'")
     return _checks.choice("backend", backend, AVAILABLE_BACKENDS)
 
 
@@ -31,7 +31,8 @@ def _check_values(value, key: torch.Tensor):
         named = [("value", value)]
     elif isinstance(value, (list, tuple)):
         if not value:
-            raise ValueError("value must be a tensor or a non-empty sequence of tensors, got an empty sequence")
+            raise ValueError("value must be a tensor or a non-empty sequence of tensors, "
+                             "got an empty sequence")
         named = [(f"value[{i}]", v) for i, v in enumerate(value)]
     else:
         raise TypeError(f"value must be a torch.Tensor or a list/tuple of them, got {type(value).__name__}")
@@ -48,9 +49,11 @@ def check(query, key, value, location):
     _checks.tensor("key", key, "BTDHW")
     values = _check_values(value, key)
     if not isinstance(location, torch.Tensor):
-        raise TypeError(f"location must be a torch.Tensor of shape (B, T, 2, h, w), got {type(location).__name__}")
+        raise TypeError(f"location must be a torch.Tensor of shape (B, T, 2, h, w), "
+                        f"got {type(location).__name__}")
     if not location.is_floating_point():
-        raise TypeError(f"location must have a floating-point dtype (token-grid coordinates), got {location.dtype}")
+        raise TypeError(f"location must have a floating-point dtype (token-grid coordinates), "
+                        f"got {location.dtype}")
     _checks.tensor("location", location, "BT2HW")
     for dim, letter in ((0, "B"), (1, "D"), (2, "h"), (3, "w")):
         _checks.same_size("key", key, dim + (dim > 0), letter, "query", query, dim)

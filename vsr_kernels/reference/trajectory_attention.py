@@ -33,12 +33,12 @@ float64 inputs, so the coordinates are exact whatever the feature dtype), and ze
 read at the outside locations with `torch.where` (so a NaN/inf token under an outside
 location does not leak). Everything else is TTVSR's arithmetic.
 """
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-Values = Union[torch.Tensor, Sequence[torch.Tensor]]
+Values = torch.Tensor | Sequence[torch.Tensor]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,7 +67,8 @@ def _sample(maps: torch.Tensor, grid: torch.Tensor, inside: torch.Tensor) -> tor
     flat = maps.reshape(B * T, C, h, w).to(grid.dtype)
     sampled = F.grid_sample(flat, grid, mode="nearest", padding_mode="zeros", align_corners=True)
     sampled = sampled.view(B, T, C, h, w)
-    return torch.where(inside[:, :, None], sampled, torch.zeros((), dtype=sampled.dtype, device=sampled.device))
+    zero = torch.zeros((), dtype=sampled.dtype, device=sampled.device)
+    return torch.where(inside[:, :, None], sampled, zero)
 
 
 def trajectory_attention(query: torch.Tensor, key: torch.Tensor, value: Values, location: torch.Tensor):
@@ -87,7 +88,7 @@ def trajectory_attention(query: torch.Tensor, key: torch.Tensor, value: Values, 
     """
     many = not isinstance(value, torch.Tensor)
     values = list(value) if many else [value]
-    B, T, _, h, w = key.shape
+    B, _, _, h, w = key.shape
     dtype = _compute_dtype(query.dtype)
     grid, inside = _grid(location, h, w, dtype)
     keys = _sample(key, grid, inside)  # (B, T, D, h, w)
