@@ -285,6 +285,18 @@ def test_flow_estimator_is_used_and_zero_flow_equals_given_zero_flows():
     assert calls == [(2, 3, 8, 8), (2, 3, 8, 8)]
 
 
+def test_bfloat16_network_and_cpu_autocast():
+    torch.manual_seed(0)
+    model = TTVSR.small(flow_estimator=zero_flow)
+    frames = _clip((1, 3, 3, 8, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sr = model(frames)
+    sr.float().mean().backward()
+    assert torch.isfinite(sr).all() and model.extractor[0].weight.grad.abs().sum() > 0
+    sr = model.bfloat16()(frames.bfloat16())
+    assert sr.dtype == torch.bfloat16 and torch.isfinite(sr).all()
+
+
 def test_network_rejects_bad_input():
     model = TTVSR.small()
     with pytest.raises(ValueError, match="flows"):

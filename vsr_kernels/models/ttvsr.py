@@ -39,12 +39,20 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
 
 
 class ResidualBlock(nn.Module):
-    """conv 3x3 - ReLU - conv 3x3, plus the input (no normalisation)."""
+    """conv 3x3 - ReLU - conv 3x3, plus the input (no normalisation).
+
+    Initialised as the BasicVSR family does: Kaiming-normal weights scaled by 0.1, zero biases,
+    so that a deep stack starts close to the identity."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight)
+            with torch.no_grad():
+                conv.weight.mul_(0.1)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         return x + self.conv2(F.relu(self.conv1(x)))
