@@ -97,8 +97,14 @@ def trajectory_attention(query: torch.Tensor, key: torch.Tensor, value: Values, 
     k = F.normalize(keys, dim=2)
     # TTVSR's matmul of the normalised sampled keys with the normalised query, per token.
     sim = torch.matmul(k.permute(0, 3, 4, 1, 2), q.permute(0, 2, 3, 1)[..., None])[..., 0]  # (B, h, w, T)
-    # torch.max keeps the first maximal index, and NaN counts as the maximum (first NaN wins).
-    score, index = torch.max(sim, dim=-1)
+    # TTVSR's torch.max over t, with its tie rules spelled out: torch.max documents the first
+    # maximal index for ties but not which NaN it reports, so NaN is ranked highest here and
+    # the lowest t among the maxima is taken explicitly (on every device).
+    ranked = torch.where(sim.isnan(), torch.full_like(sim, float("inf")), sim)
+    best = ranked.amax(dim=-1, keepdim=True)
+    frames = torch.arange(sim.shape[-1], device=sim.device)
+    index = torch.where(ranked == best, frames, sim.shape[-1]).amin(dim=-1)
+    score = sim.gather(-1, index[..., None])[..., 0]
     outs = []
     for v in values:
         picked = _sample(v, grid, inside)  # (B, T, Dv, h, w)
