@@ -25,8 +25,8 @@ probing it (torch 2.13, CPU):
 - On a grid of width (or height) 1, align_corners=True un-normalises every coordinate to 0,
   so every location, however far outside, reads column 0 instead of zeros.
 
-Integer positions do survive the round trip exactly (checked for every position of widths up
-to 3000 in float32). So this reference first rounds the locations with `torch.round` in their
+Integer positions do survive the round trip exactly (checked for every position of every
+7th width from 1 to 2997, in float32). So this reference first rounds the locations with `torch.round` in their
 own dtype, marks the rounded locations outside the grid (or NaN) and points them at token
 (0, 0), lets `grid_sample` sample at those integer positions (in float32, float64 for
 float64 inputs, so the coordinates are exact whatever the feature dtype), and zeroes what it
@@ -83,8 +83,8 @@ def trajectory_attention(query: torch.Tensor, key: torch.Tensor, value: Values, 
 
     Returns:
         (out, score, index), out (B, Dv, h, w) (a list of them when value is a sequence),
-        score (B, h, w) in query's dtype, index (B, h, w) int64: see the module docstring of
-        `vsr_kernels.ops.trajectory_attention` for the exact contract.
+        score (B, h, w) in query's dtype, index (B, h, w) int64: the docstring of
+        `vsr_kernels.trajectory_attention` states the exact contract.
     """
     many = not isinstance(value, torch.Tensor)
     values = list(value) if many else [value]
