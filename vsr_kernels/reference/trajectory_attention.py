@@ -25,13 +25,13 @@ probing it (torch 2.13, CPU):
 - On a grid of width (or height) 1, align_corners=True un-normalises every coordinate to 0,
   so every location, however far outside, reads column 0 instead of zeros.
 
-Integer positions do survive the round trip exactly (checked for every position of every
-7th width from 1 to 2997, in float32). So this reference first rounds the locations with `torch.round` in their
-own dtype, marks the rounded locations outside the grid (or NaN) and points them at token
-(0, 0), lets `grid_sample` sample at those integer positions (in float32, float64 for
-float64 inputs, so the coordinates are exact whatever the feature dtype), and zeroes what it
-read at the outside locations with `torch.where` (so a NaN/inf token under an outside
-location does not leak). Everything else is TTVSR's arithmetic.
+Integer positions do survive the round trip exactly (checked for every position of every 7th
+width from 1 to 2997, in float32). So this reference first rounds the locations with
+`torch.round` in their own dtype, marks the rounded locations outside the grid (or NaN) and
+points them at token (0, 0), lets `grid_sample` sample at those integer positions (in float32,
+float64 for float64 inputs, so the coordinates are exact whatever the feature dtype), and
+zeroes what it read at the outside locations with `torch.where` (so a NaN/inf token under an
+outside location does not leak). Everything else is TTVSR's arithmetic.
 """
 from collections.abc import Sequence
 
