@@ -1,4 +1,5 @@
 """Example networks assembled from vsr_kernels.nn (installed with the package)."""
 from .mana import MANA
+from .ttvsr import TTVSR, zero_flow
 
-__all__ = ["MANA"]
+__all__ = ["MANA", "TTVSR", "zero_flow"]

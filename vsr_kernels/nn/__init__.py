@@ -1,4 +1,8 @@
 """nn.Module layers over the vsr_kernels ops, named after the papers' blocks."""
 from .mana import CrossFrameNonLocalAttention, MemoryAugmentedAttention
+from .ttvsr import CrossScaleTokenizer, TrajectoryAwareAttention, identity_locations, update_locations
 
-__all__ = ["CrossFrameNonLocalAttention", "MemoryAugmentedAttention"]
+__all__ = [
+    "CrossFrameNonLocalAttention", "CrossScaleTokenizer", "MemoryAugmentedAttention",
+    "TrajectoryAwareAttention", "identity_locations", "update_locations",
+]
