@@ -185,7 +185,8 @@ def test_batch_zero():
     assert query.grad.shape == query.shape
 
 
-@pytest.mark.parametrize("w,heads,kind", [(2, 1, "random"), (2, 2, "outside"), (3, 2, "integer"), (1, 1, "random")])
+@pytest.mark.parametrize("w,heads,kind",
+                         [(2, 1, "random"), (2, 2, "outside"), (3, 2, "integer"), (1, 1, "random")])
 def test_gradcheck(w, heads, kind):
     inputs = make_inputs(1, 4, 3, 4, w, True, kind, seed=7)
     query, key, value, flow, key_bias, value_bias = inputs
@@ -250,7 +251,8 @@ def test_op_matches_reference_and_accepts_non_contiguous():
     expected = reference(query, key, value, flow, 3, 3, key_bias, value_bias, 0.5)
     views = [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (query, key, value, flow)]
     for backend in ("auto", "reference"):
-        got = vsr_kernels.flow_guided_window_attention(*views, window_size=3, num_heads=3, key_bias=key_bias.t().contiguous().t(),
+        got = vsr_kernels.flow_guided_window_attention(*views, window_size=3, num_heads=3,
+                                                       key_bias=key_bias.t().contiguous().t(),
                                                        value_bias=value_bias, scale=0.5, backend=backend)
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -288,7 +290,7 @@ BAD = [
     (dict(flow=_x(2, 2, 5, 3)), ValueError, r"flow must have shape \(B, 2, H, W\)"),
     (dict(flow=_x(2, 2, 3)), ValueError, "flow must be 4-D"),
     (dict(flow=_x(2, 2, 3, 5, dtype=torch.int32)), TypeError, "flow must have a floating-point dtype"),
-    (dict(flow=_x(2, 2, 3, 5, dtype=torch.float32).to("meta")), ValueError, "flow must be on the device of query"),
+    (dict(flow=_x(2, 2, 3, 5).to("meta")), ValueError, "flow must be on the device of query"),
     (dict(window_size=0), ValueError, "window_size must be an integer >= 1"),
     (dict(window_size=2.0), TypeError, "window_size must be an int"),
     (dict(num_heads=3), ValueError, "multiple of num_heads = 3"),
@@ -311,7 +313,16 @@ def test_bad_arguments(overrides, error, message):
 
 
 def test_zero_channels_rejected():
-    kwargs = _good(query=_x(2, 0, 3, 5), key=_x(2, 0, 3, 5), value=_x(2, 0, 3, 5), key_bias=None, value_bias=None,
-                   num_heads=1)
+    empty = _x(2, 0, 3, 5)
+    kwargs = _good(query=empty, key=empty, value=empty, key_bias=None, value_bias=None, num_heads=1)
     with pytest.raises(ValueError, match="positive multiple of num_heads"):
         vsr_kernels.flow_guided_window_attention(**kwargs)
+
+
+def test_no_device_is_hard_coded():
+    """Meta tensors stand in for any other device: every tensor the op creates follows its inputs."""
+    query = torch.empty(2, 6, 4, 5, device="meta")
+    flow = torch.empty(2, 2, 4, 5, device="meta")
+    bias = torch.empty(9, 6, device="meta")
+    out = vsr_kernels.flow_guided_window_attention(query, query, query, flow, 3, 2, bias, bias)
+    assert out.device.type == "meta" and out.shape == (2, 6, 4, 5)

@@ -17,6 +17,15 @@ from . import _autocast, _backend, _checks
 AVAILABLE_BACKENDS = ("auto", "reference")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether an autocast region is active for `device_type` (never, for devices autocast does
+    not know, such as "meta")."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _check_tensors(query, key, value, flow, key_bias, value_bias):
     _checks.tensor("query", query, "BCHW")
     _checks.tensor("key", key, "BCHW")
@@ -110,16 +119,20 @@ def flow_guided_window_attention(query, key, value, flow, window_size=2, num_hea
         out (B, C, H, W), differentiable in query, key, value, key_bias and value_bias.
     """
     _check_tensors(query, key, value, flow, key_bias, value_bias)
-    query, key, value = _autocast.cast_inputs(query, key, value)
-    if key_bias is not None:
-        (key_bias,) = _autocast.cast_inputs(key_bias)
-    if value_bias is not None:
-        (value_bias,) = _autocast.cast_inputs(value_bias)
+    autocast = _autocast_enabled(query.device.type)
+    if autocast:
+        query, key, value = _autocast.cast_inputs(query, key, value)
+        if key_bias is not None:
+            (key_bias,) = _autocast.cast_inputs(key_bias)
+        if value_bias is not None:
+            (value_bias,) = _autocast.cast_inputs(value_bias)
     window_size, num_heads, scale = _check(query, key, value, flow, window_size, num_heads, key_bias,
                                            value_bias, scale)
     _choose(backend)
+    args = (query, key, value, flow, window_size, num_heads, key_bias, value_bias, scale)
+    if not autocast:
+        return reference.flow_guided_window_attention(*args)
     # The reference's own matmuls would be autocast again: run it in the dtype chosen above,
     # as a fused kernel would.
     with torch.autocast(query.device.type, enabled=False):
-        return reference.flow_guided_window_attention(query, key, value, flow, window_size, num_heads, key_bias,
-                                                      value_bias, scale)
+        return reference.flow_guided_window_attention(*args)
