@@ -169,6 +169,18 @@ def test_encodings_are_not_saved():
     assert set(layer.state_dict()) == {"q.weight", "q.bias", "k.weight", "k.bias", "v.weight", "v.bias"}
 
 
+def test_loads_official_state_dict():
+    """An ImplicitWarpModule(dim, pe_dim=dim) checkpoint: q/k/v, plus two derived buffers."""
+    source = _layer(8, 2, 2, seed=3)
+    official = dict(source.state_dict())
+    official["position_bias"] = _official_window_encoding(2, 4, 0.01, torch.float32)
+    official["window_idx_offset"] = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    layer = _layer(8, 2, 2, seed=4)
+    layer.load_state_dict(official)  # strict
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(layer.state_dict()[name], tensor)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_module_runs(dtype):
     layer = _layer(8, 2, 2)

@@ -29,16 +29,17 @@ def sine_encoding(y: torch.Tensor, x: torch.Tensor, channels: int, temperature: 
     y, x: tensors of one shape S holding positions already scaled to radians. Returns
     (*S, channels): channels / 2 for y, then channels / 2 for x; within each half, feature
     2i is sin(t / temperature ** (2i / F)) and feature 2i + 1 is cos of the same angle,
-    F = channels / 2 (IART's `temperature ** (2 * (j // 2) / F)` for feature j).
+    F = channels / 2 (IART's `temperature ** (2 * (j // 2) / F)` for feature j). channels
+    must be a multiple of 4.
     """
     features = channels // 2
-    j = torch.arange(features, dtype=y.dtype, device=y.device)
-    period = temperature ** (2 * torch.div(j, 2, rounding_mode="floor") / features)
-    even = (torch.arange(features, device=y.device) % 2) == 0
+    # One period per sin/cos pair: temperature ** (2i / F) for pair i.
+    pair = torch.arange(0, features, 2, dtype=y.dtype, device=y.device)
+    period = temperature ** (pair / features)
 
     def encode(t):
         angle = t[..., None] / period
-        return torch.where(even, angle.sin(), angle.cos())
+        return torch.stack((angle.sin(), angle.cos()), dim=-1).flatten(-2)
 
     return torch.cat((encode(y), encode(x)), dim=-1)
 
@@ -115,6 +116,13 @@ class ImplicitWarp(nn.Module):
         # is cast, so that a float64 module computes it exactly.
         self.register_buffer("cell_pe", cell_encoding(window_size, dim, self.pe_temperature),
                              persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # IART's ImplicitWarpModule saves its window encoding and cell offsets as buffers; here
+        # both derive from the configuration. Its q/k/v weights load as they are.
+        for name in ("position_bias", "window_idx_offset"):
+            state_dict.pop(prefix + name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check(self, reference, current, flow):
         _checks.tensor("reference", reference, "BCHW")
