@@ -26,7 +26,7 @@ def _extension():
         return CppExtension("vsr_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=["-fopenmp"])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    sources += ["csrc/cuda_ops.cpp"] + _sources("csrc/cuda/*.cu")
+    sources += _sources("csrc/cuda_glue/*.cpp") + _sources("csrc/cuda/*.cu")
     nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
     return CUDAExtension("vsr_kernels._C", sources, define_macros=[("VSR_WITH_CUDA", None)],
                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
