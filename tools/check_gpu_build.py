@@ -140,7 +140,7 @@ def find_cuda_include():
     return None
 
 
-def check_cuda_glue(glue: Path, include_from: Path = None) -> None:
+def check_cuda_glue(glue: Path, include_from: Path | None = None) -> None:
     """Type-checks one torch glue file of the CUDA kernels with the host compiler (g++
     -fsyntax-only) against this PyTorch's headers and the CUDA toolkit's, so that it is
     checked on machines whose PyTorch has no CUDA; raises CompileError on errors and
@@ -166,12 +166,6 @@ def check_cuda_glue(glue: Path, include_from: Path = None) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise CompileError(f"{glue} does not compile:\n{result.stderr}")
-
-
-def check_cuda_glue_sources(sources=CUDA_GLUE_SOURCES) -> None:
-    """check_cuda_glue over every glue file, in parallel; raises on the first failure."""
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(check_cuda_glue, sources))
 
 
 def compile_triton_module(module: str, archs=TRITON_ARCHS, dtype_names=TRITON_DTYPES) -> list:
