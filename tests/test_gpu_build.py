@@ -31,7 +31,8 @@ def _relative(path):
     return str(path.relative_to(check_gpu_build.ROOT))
 
 
-CUDA_CASES = [(_relative(source), arch) for source in check_gpu_build.CUDA_SOURCES for arch in check_gpu_build.ARCHES]
+CUDA_CASES = [(_relative(source), arch)
+              for source in check_gpu_build.CUDA_SOURCES for arch in check_gpu_build.ARCHES]
 GLUE_SOURCES = [_relative(source) for source in check_gpu_build.CUDA_GLUE_SOURCES]
 TRITON_MODULES = list(check_gpu_build.TRITON_MODULES)
 
@@ -42,7 +43,8 @@ TRITON_MODULES = list(check_gpu_build.TRITON_MODULES)
 @pytest.fixture(scope="module")
 def cuda_reports():
     if check_gpu_build.find_nvcc() is None:
-        pytest.skip("nvcc not found on PATH or in /usr/local/cuda/bin: the CUDA sources cannot be compiled here")
+        pytest.skip("nvcc not found on PATH or in /usr/local/cuda/bin: "
+                    "the CUDA sources cannot be compiled here")
     return check_gpu_build.compile_cuda_sources()
 
 
@@ -121,9 +123,10 @@ def test_spills_are_seen_in_stack_and_local_memory():
     from vsr_kernels.triton import _compile
 
     # Triton 3.6's ptxas reports a spilling kernel as STACK, 3.9's as LOCAL: both must count.
-    assert _compile.parse_resource_usage("Function f:REG:32 STACK:4176 SHARED:0 LOCAL:0 TEXTURE:0") == (32, 4176)
-    assert _compile.parse_resource_usage("Function f:REG:255 STACK:0 SHARED:0 LOCAL:48 TEXTURE:0") == (255, 48)
-    assert _compile.parse_resource_usage("Function f:REG:64 STACK:0 SHARED:0 LOCAL:0 TEXTURE:0") == (64, 0)
+    parse = _compile.parse_resource_usage
+    assert parse("Function f:REG:32 STACK:4176 SHARED:0 LOCAL:0 TEXTURE:0") == (32, 4176)
+    assert parse("Function f:REG:255 STACK:0 SHARED:0 LOCAL:48 TEXTURE:0") == (255, 48)
+    assert parse("Function f:REG:64 STACK:0 SHARED:0 LOCAL:0 TEXTURE:0") == (64, 0)
 
 
 # What each op launches depends on its arguments, so this check drives one op with inputs of

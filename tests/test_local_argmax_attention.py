@@ -318,6 +318,18 @@ def test_cpu_autocast_leaves_float64_alone():
 # would read or write out of bounds, and take the empty and half-precision inputs the Python
 # function documents.
 
+def _has_kernel(dispatch_key):
+    try:
+        name = torch.ops.vsr_kernels.local_argmax_attention.default.name()
+    except (AttributeError, RuntimeError):  # vsr_kernels._C is not loaded
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+
+
+# The C++ entry points share their checks and per-pixel code: on a GPU machine the CUDA ones
+# run the checks and index tests too.
+_DIRECT_DEVICES = [d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                   if _has_kernel(key) and (d == "cpu" or torch.cuda.is_available())]
 _SIZES = dict(B=2, T=3, C=4, Cv=5, H=6, W=7)
 # The dimension names of every tensor argument of the forward and the backward.
 _FORWARD_DIMS = dict(query="B C H W", key="B T C H W", value="B T Cv H W")
@@ -325,7 +337,7 @@ _BACKWARD_DIMS = dict(grad_out="B T Cv H W", grad_score="B T H W", query="B C H 
                       value="B T Cv H W", score="B T H W", index="B T H W")
 
 
-def _direct_args(dims, perturbed=None, dim=None, delta=0, dtype=torch.float64):
+def _direct_args(dims, perturbed=None, dim=None, delta=0, dtype=torch.float64, device="cpu"):
     """The tensor arguments named in `dims`, random, with dimension `dim` of `perturbed` made
     `delta` larger."""
     g = torch.Generator().manual_seed(0)
@@ -338,7 +350,7 @@ def _direct_args(dims, perturbed=None, dim=None, delta=0, dtype=torch.float64):
             args[name] = torch.randint(0, 9, shape, generator=g)
         else:
             args[name] = torch.randn(shape, generator=g, dtype=dtype)
-    return args
+    return {name: t.to(device) for name, t in args.items()}
 
 
 def _size_cases(dims, skip=()):
@@ -354,58 +366,67 @@ def _raises_naming(name, call):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
 @pytest.mark.parametrize("name, dim, delta", _size_cases(_FORWARD_DIMS, skip={("value", "Cv")}),
                          ids=lambda x: str(x))
-def test_direct_forward_rejects_every_size_mismatch(name, dim, delta):
-    args = _direct_args(_FORWARD_DIMS, name, dim, delta)
+def test_direct_forward_rejects_every_size_mismatch(name, dim, delta, device):
+    args = _direct_args(_FORWARD_DIMS, name, dim, delta, device=device)
     message = _raises_naming(name, lambda: torch.ops.vsr_kernels.local_argmax_attention(
         args["query"], args["key"], args["value"], 3, 1, 0.5, False))
     assert "vsr_kernels.local_argmax_attention" in message and "got" in message
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
 @pytest.mark.parametrize("name, dim, delta", _size_cases(_BACKWARD_DIMS), ids=lambda x: str(x))
-def test_direct_backward_rejects_every_size_mismatch(name, dim, delta):
-    a = _direct_args(_BACKWARD_DIMS, name, dim, delta)
+def test_direct_backward_rejects_every_size_mismatch(name, dim, delta, device):
+    a = _direct_args(_BACKWARD_DIMS, name, dim, delta, device=device)
     message = _raises_naming(name, lambda: torch.ops.vsr_kernels.local_argmax_attention_backward(
         a["grad_out"], a["grad_score"], a["query"], a["key"], a["value"], a["score"], a["index"], 3, 1, 0.5,
         False))
     assert "vsr_kernels.local_argmax_attention_backward" in message and "got" in message
 
 
-def _backward_with(**changes):
-    a = dict(_direct_args(_BACKWARD_DIMS), **changes)
+def _backward_with(device, **changes):
+    a = dict(_direct_args(_BACKWARD_DIMS, device=device), **changes)
     return lambda: torch.ops.vsr_kernels.local_argmax_attention_backward(
-        a["grad_out"], a["grad_score"], a["query"], a["key"], a["value"], a["score"], a["index"], 3, 1, 0.5, False)
+        a["grad_out"], a["grad_score"], a["query"], a["key"], a["value"], a["score"], a["index"], 3, 1, 0.5,
+        False)
 
 
 @needs_cpu_kernels
-def test_direct_ops_reject_bad_ranks_dtypes_and_index():
-    f = _direct_args(_FORWARD_DIMS)
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
+def test_direct_ops_reject_bad_ranks_dtypes_and_index(device):
+    f = _direct_args(_FORWARD_DIMS, device=device)
     forward = torch.ops.vsr_kernels.local_argmax_attention
     _raises_naming("query", lambda: forward(f["key"], f["key"], f["value"], 3, 1, 0.5, False))
     _raises_naming("key", lambda: forward(f["query"], f["query"], f["value"], 3, 1, 0.5, False))
     _raises_naming("value", lambda: forward(f["query"], f["key"], f["value"][:, 0], 3, 1, 0.5, False))
     _raises_naming("key", lambda: forward(f["query"], f["key"].float(), f["value"], 3, 1, 0.5, False))
-    _raises_naming("query", lambda: forward(f["query"].long(), f["key"].long(), f["value"].long(), 3, 1, 0.5, False))
-    b = _direct_args(_BACKWARD_DIMS)
-    _raises_naming("index", _backward_with(index=b["index"].int()))
-    _raises_naming("index", _backward_with(index=b["index"][..., None]))
-    _raises_naming("score", _backward_with(score=b["score"].float()))
-    _raises_naming("grad_out", _backward_with(grad_out=b["grad_out"].float()))
+    integers = [f[name].long() for name in ("query", "key", "value")]
+    _raises_naming("query", lambda: forward(*integers, 3, 1, 0.5, False))
+    b = _direct_args(_BACKWARD_DIMS, device=device)
+    _raises_naming("index", _backward_with(device, index=b["index"].int()))
+    _raises_naming("index", _backward_with(device, index=b["index"][..., None]))
+    _raises_naming("score", _backward_with(device, score=b["score"].float()))
+    _raises_naming("grad_out", _backward_with(device, grad_out=b["grad_out"].float()))
+    if device == "cuda":  # a CPU tensor among CUDA ones dispatches to the CUDA kernel
+        _raises_naming("value", lambda: forward(f["query"], f["key"], f["value"].cpu(), 3, 1, 0.5, False))
+        _raises_naming("index", _backward_with(device, index=b["index"].cpu()))
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
 @pytest.mark.parametrize("kernel_size, dilation, bad", [
     (0, 1, "kernel_size"), (-1, 1, "kernel_size"), (2, 1, "kernel_size"), (32769, 1, "kernel_size"),
     (2**31 + 1, 1, "kernel_size"), (2**32 + 3, 1, "kernel_size"),  # was truncated to 3 silently
     (3, 0, "dilation"), (3, -1, "dilation"), (3, 2**31, "dilation"), (3, 2**32 + 1, "dilation"),  # was 1
 ])
-def test_direct_ops_bound_kernel_size_and_dilation(kernel_size, dilation, bad):
-    f = _direct_args(_FORWARD_DIMS)
+def test_direct_ops_bound_kernel_size_and_dilation(kernel_size, dilation, bad, device):
+    f = _direct_args(_FORWARD_DIMS, device=device)
     _raises_naming(bad, lambda: torch.ops.vsr_kernels.local_argmax_attention(
         f["query"], f["key"], f["value"], kernel_size, dilation, 0.5, False))
-    b = _direct_args(_BACKWARD_DIMS)
+    b = _direct_args(_BACKWARD_DIMS, device=device)
     _raises_naming(bad, lambda: torch.ops.vsr_kernels.local_argmax_attention_backward(
         b["grad_out"], b["grad_score"], b["query"], b["key"], b["value"], b["score"], b["index"], kernel_size,
         dilation, 0.5, False))
@@ -420,18 +441,19 @@ def test_direct_ops_take_the_largest_dilation():
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
 @pytest.mark.parametrize("border", [False, True])
-def test_direct_backward_ignores_indices_outside_the_window(border):
+def test_direct_backward_ignores_indices_outside_the_window(border, device):
     # An index no forward produces (only a direct call can pass one) selects nothing, in every
     # gradient alike; it used to be truncated to int for the query gradient (2**32 + 4 -> 4)
     # and wrapped into the window for negative ones.
-    q, k, v = make_inputs(1, 2, 3, 2, 4, 5)
+    q, k, v = (t.to(device) for t in make_inputs(1, 2, 3, 2, 4, 5))
     out, score, _ = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.5, border)
     go, gs = torch.randn_like(out), torch.randn_like(score)
     for bad in (2**32 + 4, -1, 9, -(2**40)):
-        index = torch.full(score.shape, bad, dtype=torch.int64)
-        grads = torch.ops.vsr_kernels.local_argmax_attention_backward(go, gs, q, k, v, score, index, 3, 1, 0.5,
-                                                                        border)
+        index = torch.full(score.shape, bad, dtype=torch.int64, device=device)
+        grads = torch.ops.vsr_kernels.local_argmax_attention_backward(
+            go, gs, q, k, v, score, index, 3, 1, 0.5, border)
         for grad in grads:
             assert torch.equal(grad, torch.zeros_like(grad)), bad
 
@@ -485,10 +507,10 @@ def test_cpu_half_precision_matches_float64_reference(dtype, border):
     small integer inputs every float32 sum is exact, so each result is the float64
     reference's rounded once to dtype (ties included: exact scores tie exactly)."""
     g = torch.Generator().manual_seed(5)
-    shape = dict(B=2, T=3, C=6, Cv=5, H=7, W=6)
-    q = torch.randint(-2, 3, (shape["B"], shape["C"], shape["H"], shape["W"]), generator=g).double()
-    k = torch.randint(-2, 3, (shape["B"], shape["T"], shape["C"], shape["H"], shape["W"]), generator=g).double()
-    v = torch.randint(-3, 4, (shape["B"], shape["T"], shape["Cv"], shape["H"], shape["W"]), generator=g).double()
+    B, T, C, Cv, H, W = 2, 3, 6, 5, 7, 6
+    q = torch.randint(-2, 3, (B, C, H, W), generator=g).double()
+    k = torch.randint(-2, 3, (B, T, C, H, W), generator=g).double()
+    v = torch.randint(-3, 4, (B, T, Cv, H, W), generator=g).double()
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, score, index = vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.5, border, backend="reference")
     go = torch.randint(-2, 3, out.shape, generator=g).double()

@@ -231,8 +231,9 @@ def triton_section() -> bool:
             print(error)
             passed = False
             continue
-        rows += [(module.rsplit(".", 1)[1], r["kernel"], " ".join(f"{k}={v}" for k, v in r["constexprs"].items()),
-                  r["dtype"], f"sm_{r['arch']}", r["n_regs"], r["n_spills"], r["shared"]) for r in reports]
+        rows += [(module.rsplit(".", 1)[1], r["kernel"],
+                  " ".join(f"{k}={v}" for k, v in r["constexprs"].items()), r["dtype"], f"sm_{r['arch']}",
+                  r["n_regs"], r["n_spills"], r["shared"]) for r in reports]
         passed &= all(r["n_spills"] == 0 for r in reports)
     _print_table(("module", "kernel", "constexprs", "dtype", "arch", "registers", "spills", "shared B"), rows)
     return passed
