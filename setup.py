@@ -116,9 +116,8 @@ def _extension():
         return cpp_extension.CppExtension(f"{PACKAGE}._C", sources, extra_compile_args={"cxx": cxx_flags},
                                           extra_link_args=link_flags)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    # csrc/cuda_glue/*.cpp is the torch glue of each op's CUDA launchers (csrc/cuda_ops.cpp in
-    # trees from before that directory existed).
-    sources += _sources("csrc/cuda/*.cu", "csrc/cuda_glue/*.cpp", "csrc/cuda_ops.cpp")
+    # csrc/cuda_glue/*.cpp is the torch glue of each op's CUDA launchers.
+    sources += _sources("csrc/cuda/*.cu", "csrc/cuda_glue/*.cpp")
     return cpp_extension.CUDAExtension(f"{PACKAGE}._C", sources, define_macros=[("VSR_WITH_CUDA", None)],
                                        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
                                        extra_link_args=link_flags)

@@ -1,5 +1,5 @@
 // Every schema of the vsr_kernels library. Kernels are registered per device in
-// cpu/*.cpp and cuda_ops.cpp; autograd and fake tensors in vsr_kernels/ops (Python).
+// cpu/<op>.cpp and cuda_glue/<op>.cpp; autograd and fake tensors in vsr_kernels/ops (Python).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -5,6 +5,7 @@ Triton-specific tests live in test_triton.py, GPU-only ones in test_gpu.py.
 """
 import itertools
 import random
+import re
 import zlib
 
 import pytest
@@ -602,3 +603,219 @@ def test_torch_compile_traces_the_first_call_of_a_lazily_imported_backend():
     if out.strip().endswith("skip"):
         pytest.skip("Triton cannot run on CPU tensors here")
     assert out.strip().endswith("ok")
+
+
+# --- issue 5 regression tests (C++ entry points) ---
+# Direct torch.ops calls bypass the Python checks: the C++ entry points must refuse whatever
+# would read or write out of bounds, and take the empty and half-precision inputs the Python
+# function documents.
+
+def _has_kernel(dispatch_key):
+    try:
+        name = torch.ops.vsr_kernels.local_argmax_attention.default.name()
+    except (AttributeError, RuntimeError):  # vsr_kernels._C is not loaded
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+
+
+# The C++ entry points share their checks and per-pixel code: on a GPU machine the CUDA ones
+# run the checks and index tests too.
+_DIRECT_DEVICES = [d for d, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                   if _has_kernel(key) and (d == "cpu" or torch.cuda.is_available())]
+_SIZES = dict(B=2, T=3, C=4, Cv=5, H=6, W=7)
+# The dimension names of every tensor argument of the forward and the backward.
+_FORWARD_DIMS = dict(query="B C H W", key="B T C H W", value="B T Cv H W")
+_BACKWARD_DIMS = dict(grad_out="B T Cv H W", grad_score="B T H W", query="B C H W", key="B T C H W",
+                      value="B T Cv H W", score="B T H W", index="B T H W")
+
+
+def _direct_args(dims, perturbed=None, dim=None, delta=0, dtype=torch.float64, device="cpu"):
+    """The tensor arguments named in `dims`, random, with dimension `dim` of `perturbed` made
+    `delta` larger."""
+    g = torch.Generator().manual_seed(0)
+    args = {}
+    for name, names in dims.items():
+        shape = [_SIZES[n] for n in names.split()]
+        if name == perturbed:
+            shape[dim] += delta
+        if name == "index":
+            args[name] = torch.randint(0, 9, shape, generator=g)
+        else:
+            args[name] = torch.randn(shape, generator=g, dtype=dtype)
+    return {name: t.to(device) for name, t in args.items()}
+
+
+def _size_cases(dims, skip=()):
+    return [(name, dim, delta) for name, names in dims.items() for dim, size in enumerate(names.split())
+            if (name, size) not in skip for delta in (1, -1)]
+
+
+def _raises_naming(name, call):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert re.search(rf"\b{name}\b", str(info.value)), f"the error does not name {name}: {info.value}"
+    return str(info.value)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
+@pytest.mark.parametrize("name, dim, delta", _size_cases(_FORWARD_DIMS, skip={("value", "Cv")}),
+                         ids=lambda x: str(x))
+def test_direct_forward_rejects_every_size_mismatch(name, dim, delta, device):
+    args = _direct_args(_FORWARD_DIMS, name, dim, delta, device=device)
+    message = _raises_naming(name, lambda: torch.ops.vsr_kernels.local_argmax_attention(
+        args["query"], args["key"], args["value"], 3, 1, 0.5, False))
+    assert "vsr_kernels.local_argmax_attention" in message and "got" in message
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
+@pytest.mark.parametrize("name, dim, delta", _size_cases(_BACKWARD_DIMS), ids=lambda x: str(x))
+def test_direct_backward_rejects_every_size_mismatch(name, dim, delta, device):
+    a = _direct_args(_BACKWARD_DIMS, name, dim, delta, device=device)
+    message = _raises_naming(name, lambda: torch.ops.vsr_kernels.local_argmax_attention_backward(
+        a["grad_out"], a["grad_score"], a["query"], a["key"], a["value"], a["score"], a["index"], 3, 1, 0.5,
+        False))
+    assert "vsr_kernels.local_argmax_attention_backward" in message and "got" in message
+
+
+def _backward_with(device, **changes):
+    a = dict(_direct_args(_BACKWARD_DIMS, device=device), **changes)
+    return lambda: torch.ops.vsr_kernels.local_argmax_attention_backward(
+        a["grad_out"], a["grad_score"], a["query"], a["key"], a["value"], a["score"], a["index"], 3, 1, 0.5,
+        False)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
+def test_direct_ops_reject_bad_ranks_dtypes_and_index(device):
+    f = _direct_args(_FORWARD_DIMS, device=device)
+    forward = torch.ops.vsr_kernels.local_argmax_attention
+    _raises_naming("query", lambda: forward(f["key"], f["key"], f["value"], 3, 1, 0.5, False))
+    _raises_naming("key", lambda: forward(f["query"], f["query"], f["value"], 3, 1, 0.5, False))
+    _raises_naming("value", lambda: forward(f["query"], f["key"], f["value"][:, 0], 3, 1, 0.5, False))
+    _raises_naming("key", lambda: forward(f["query"], f["key"].float(), f["value"], 3, 1, 0.5, False))
+    integers = [f[name].long() for name in ("query", "key", "value")]
+    _raises_naming("query", lambda: forward(*integers, 3, 1, 0.5, False))
+    b = _direct_args(_BACKWARD_DIMS, device=device)
+    _raises_naming("index", _backward_with(device, index=b["index"].int()))
+    _raises_naming("index", _backward_with(device, index=b["index"][..., None]))
+    _raises_naming("score", _backward_with(device, score=b["score"].float()))
+    _raises_naming("grad_out", _backward_with(device, grad_out=b["grad_out"].float()))
+    if device == "cuda":  # a CPU tensor among CUDA ones dispatches to the CUDA kernel
+        _raises_naming("value", lambda: forward(f["query"], f["key"], f["value"].cpu(), 3, 1, 0.5, False))
+        _raises_naming("index", _backward_with(device, index=b["index"].cpu()))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
+@pytest.mark.parametrize("kernel_size, dilation, bad", [
+    (0, 1, "kernel_size"), (-1, 1, "kernel_size"), (2, 1, "kernel_size"), (32769, 1, "kernel_size"),
+    (2**31 + 1, 1, "kernel_size"), (2**32 + 3, 1, "kernel_size"),  # was truncated to 3 silently
+    (3, 0, "dilation"), (3, -1, "dilation"), (3, 2**31, "dilation"), (3, 2**32 + 1, "dilation"),  # was 1
+])
+def test_direct_ops_bound_kernel_size_and_dilation(kernel_size, dilation, bad, device):
+    f = _direct_args(_FORWARD_DIMS, device=device)
+    _raises_naming(bad, lambda: torch.ops.vsr_kernels.local_argmax_attention(
+        f["query"], f["key"], f["value"], kernel_size, dilation, 0.5, False))
+    b = _direct_args(_BACKWARD_DIMS, device=device)
+    _raises_naming(bad, lambda: torch.ops.vsr_kernels.local_argmax_attention_backward(
+        b["grad_out"], b["grad_score"], b["query"], b["key"], b["value"], b["score"], b["index"], kernel_size,
+        dilation, 0.5, False))
+
+
+@needs_cpu_kernels
+def test_direct_ops_take_the_largest_dilation():
+    q, k, v = make_inputs(1, 2, 3, 2, 4, 5)
+    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 2**31 - 1, 0.5, False)
+    assert (index == 4).all()  # every other candidate lies outside the frame
+    torch.testing.assert_close(out, score[:, :, None] * v, rtol=0, atol=0)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("device", _DIRECT_DEVICES)
+@pytest.mark.parametrize("border", [False, True])
+def test_direct_backward_ignores_indices_outside_the_window(border, device):
+    # An index no forward produces (only a direct call can pass one) selects nothing, in every
+    # gradient alike; it used to be truncated to int for the query gradient (2**32 + 4 -> 4)
+    # and wrapped into the window for negative ones.
+    q, k, v = (t.to(device) for t in make_inputs(1, 2, 3, 2, 4, 5))
+    out, score, _ = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.5, border)
+    go, gs = torch.randn_like(out), torch.randn_like(score)
+    for bad in (2**32 + 4, -1, 9, -(2**40)):
+        index = torch.full(score.shape, bad, dtype=torch.int64, device=device)
+        grads = torch.ops.vsr_kernels.local_argmax_attention_backward(
+            go, gs, q, k, v, score, index, 3, 1, 0.5, border)
+        for grad in grads:
+            assert torch.equal(grad, torch.zeros_like(grad)), bad
+
+
+_EMPTY_SHAPES = {"C": (2, 3, 0, 2, 4, 5), "T": (2, 0, 3, 2, 4, 5), "Cv": (2, 3, 3, 0, 4, 5),
+                 "H": (2, 3, 3, 2, 0, 5), "W": (2, 3, 3, 2, 4, 0)}
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("empty", list(_EMPTY_SHAPES))
+def test_cpu_empty_dimensions(empty, border):
+    """Empty C, T, Cv, H or W: empty or zero results, never "expected adjacent channels".
+    With C = 0 every score is scale * 0 = 0 and the first admissible candidate wins."""
+    B, T, C, Cv, H, W = _EMPTY_SHAPES[empty]
+    q, k, v = make_inputs(B, T, C, Cv, H, W, seed=3)
+    zero_border = border == "zeros"
+    forward = torch.ops.vsr_kernels.local_argmax_attention
+    backward = torch.ops.vsr_kernels.local_argmax_attention_backward
+    out, score, index = forward(q, k, v, 3, 1, 0.5, zero_border)
+    assert_same_outputs((out, score, index), loop_oracle(q, k, v, 3, 1, 0.5, border), rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(4)
+    go = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    gs = torch.randn(score.shape, generator=g, dtype=score.dtype)
+    grads = backward(go, gs, q, k, v, score, index, 3, 1, 0.5, zero_border)
+    for grad, x in zip(grads, (q, k, v)):
+        assert grad.shape == x.shape and grad.dtype == x.dtype and grad.is_contiguous()
+    # What the empty dimension leaves, computed by the same op on a non-empty equivalent:
+    # C = 0 is C = 1 with zero query and key; Cv = 0 is Cv = 1 with a zero grad_out.
+    if empty == "C":
+        q1, k1 = torch.zeros(B, 1, H, W, dtype=q.dtype), torch.zeros(B, T, 1, H, W, dtype=q.dtype)
+        assert_same_outputs(forward(q1, k1, v, 3, 1, 0.5, zero_border), (out, score, index), rtol=0, atol=0)
+        want = backward(go, gs, q1, k1, v, score, index, 3, 1, 0.5, zero_border)[2]
+        torch.testing.assert_close(grads[2], want, rtol=0, atol=0)
+    elif empty == "Cv":
+        v1 = torch.randn(B, T, 1, H, W, generator=g, dtype=v.dtype)
+        go1 = torch.zeros(B, T, 1, H, W, dtype=v.dtype)
+        want = backward(go1, gs, q, k, v1, score, index, 3, 1, 0.5, zero_border)
+        torch.testing.assert_close(grads[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(grads[1], want[1], rtol=0, atol=0)
+    else:  # T, H or W = 0: nothing selects anything
+        for grad in grads:
+            assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_precision_matches_float64_reference(dtype, border):
+    """float16 and bfloat16 on the cpu kernels accumulate in float32 and round once: with
+    small integer inputs every float32 sum is exact, so each result is the float64
+    reference's rounded once to dtype (ties included: exact scores tie exactly)."""
+    g = torch.Generator().manual_seed(5)
+    B, T, C, Cv, H, W = 2, 3, 6, 5, 7, 6
+    q = torch.randint(-2, 3, (B, C, H, W), generator=g).double()
+    k = torch.randint(-2, 3, (B, T, C, H, W), generator=g).double()
+    v = torch.randint(-3, 4, (B, T, Cv, H, W), generator=g).double()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, score, index = vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.5, border, backend="reference")
+    go = torch.randint(-2, 3, out.shape, generator=g).double()
+    gs = torch.randint(-2, 3, score.shape, generator=g).double()
+    want_grads = torch.autograd.grad((out * go).sum() + (score * gs).sum(), (q, k, v))
+
+    zero_border = border == "zeros"
+    half = [t.detach().to(dtype) for t in (q, k, v)]
+    got = torch.ops.vsr_kernels.local_argmax_attention(*half, 3, 2, 0.5, zero_border)
+    assert got[0].dtype == got[1].dtype == dtype
+    assert_same_outputs(got, (out.detach().to(dtype), score.detach().to(dtype), index), rtol=0, atol=0)
+    got_grads = torch.ops.vsr_kernels.local_argmax_attention_backward(
+        go.to(dtype), gs.to(dtype), *half, got[1], got[2], 3, 2, 0.5, zero_border)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        assert got_grad.dtype == dtype and got_grad.is_contiguous()
+        torch.testing.assert_close(got_grad, want_grad.to(dtype), rtol=0, atol=0)

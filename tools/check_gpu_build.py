@@ -7,6 +7,10 @@ which raise on compile errors and return what the compiler reports.
 
 CUDA section: every csrc/cuda/*.cu compiled by nvcc for each architecture with
 `-Xptxas -v`, which reports per kernel its registers, stack frame and spills.
+Glue section: every csrc/cuda_glue/*.cpp type-checked against the PyTorch and CUDA headers.
+Triton section: every Triton op module (vsr_kernels/triton/*.py whose name does not start
+with "_"), each exposing compile_all(archs, dtype_names), compiled for every launch
+configuration with triton.compile.
 """
 import os
 import re
@@ -20,7 +24,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA_SOURCES = tuple(sorted((ROOT / "csrc" / "cuda").glob("*.cu")))
+CUDA_GLUE_SOURCES = tuple(sorted((ROOT / "csrc" / "cuda_glue").glob("*.cpp")))
+TRITON_MODULES = tuple(f"vsr_kernels.triton.{path.stem}"
+                       for path in sorted((ROOT / "vsr_kernels" / "triton").glob("*.py"))
+                       if not path.name.startswith("_"))
 ARCHES = ("80", "90")
+TRITON_ARCHS = (80, 90)
+TRITON_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 # PyTorch's CUDAExtension passes these to nvcc (torch.utils.cpp_extension.COMMON_NVCC_FLAGS):
 # they remove __half's and __nv_bfloat16's implicit conversions and operators, so the check
@@ -119,9 +129,6 @@ def compile_cuda_sources(arches=ARCHES, sources=CUDA_SOURCES) -> dict:
                 for (source, arch), report in zip(jobs, reports)}
 
 
-CUDA_GLUE = ROOT / "csrc" / "cuda_ops.cpp"
-
-
 def find_cuda_include():
     """The CUDA toolkit's include folder, or None. nvcc may be a wrapper script, so its own
     folder is the last place tried."""
@@ -133,14 +140,17 @@ def find_cuda_include():
     return None
 
 
-def check_cuda_glue(glue=CUDA_GLUE) -> None:
-    """Type-checks the torch glue of the CUDA kernels with the host compiler (g++
+def check_cuda_glue(glue: Path, include_from: Path | None = None) -> None:
+    """Type-checks one torch glue file of the CUDA kernels with the host compiler (g++
     -fsyntax-only) against this PyTorch's headers and the CUDA toolkit's, so that it is
     checked on machines whose PyTorch has no CUDA; raises CompileError on errors and
     FileNotFoundError where nvcc (hence the CUDA headers) is absent.
 
-    A CPU build of PyTorch ships c10/cuda without its generated cuda_cmake_macros.h;
-    C10_CUDA_NO_CMAKE_CONFIGURE_FILE tells c10 to do without it."""
+    Its relative includes ("../torch_glue.h") are resolved from its own folder, then from
+    `include_from` (default csrc/cuda_glue): a modified copy elsewhere checks the same way.
+    VSR_WITH_CUDA is defined as the CUDA build defines it. A CPU build of PyTorch ships
+    c10/cuda without its generated cuda_cmake_macros.h; C10_CUDA_NO_CMAKE_CONFIGURE_FILE
+    tells c10 to do without it."""
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
@@ -149,12 +159,22 @@ def check_cuda_glue(glue=CUDA_GLUE) -> None:
     if cuda_include is None:
         raise FileNotFoundError("no CUDA toolkit headers (cuda_runtime.h) in $CUDA_HOME, /usr/local/cuda "
                                 "or beside nvcc")
-    includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include), str(ROOT / "csrc")]
+    includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include)]
     command = ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+               "-DVSR_WITH_CUDA", "-iquote", str(include_from or ROOT / "csrc" / "cuda_glue"),
                *(f"-I{path}" for path in includes), str(glue)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise CompileError(f"{glue} does not compile:\n{result.stderr}")
+
+
+def compile_triton_module(module: str, archs=TRITON_ARCHS, dtype_names=TRITON_DTYPES) -> list:
+    """`module.compile_all(archs, dtype_names)` in a process without TRITON_INTERPRET: one
+    report per compiled kernel (vsr_kernels.triton._compile.compile_kernel's, with "dtype" and
+    "constexprs"); raises RuntimeError on compile errors."""
+    from vsr_kernels.triton import _compile
+
+    return _compile.call_without_interpreter(module, "compile_all", list(archs), list(dtype_names))
 
 
 def _print_table(header, rows):
@@ -181,29 +201,42 @@ def cuda_section() -> bool:
 
 
 def glue_section() -> bool:
-    """Type-checks csrc/cuda_ops.cpp; False on errors."""
-    try:
-        check_cuda_glue()
-    except (CompileError, FileNotFoundError) as error:
-        print(error)
+    """Type-checks every csrc/cuda_glue/*.cpp; False on errors."""
+    if not CUDA_GLUE_SOURCES:
+        print("no csrc/cuda_glue/*.cpp found")
         return False
-    print(f"{CUDA_GLUE.relative_to(ROOT)}: compiles")
-    return True
+    passed = True
+    for glue in CUDA_GLUE_SOURCES:
+        try:
+            check_cuda_glue(glue)
+        except (CompileError, FileNotFoundError) as error:
+            print(error)
+            passed = False
+        else:
+            print(f"{glue.relative_to(ROOT)}: compiles")
+    return passed
 
 
 def triton_section() -> bool:
-    """Compiles every Triton launch configuration with triton.compile; False on errors or spills."""
-    from vsr_kernels.triton import _compile, local_argmax_attention
-
-    try:
-        reports = _compile.call_without_interpreter(local_argmax_attention.__name__, "compile_all")
-    except Exception as error:  # the subprocess's compile error, shown as the section's result
-        print(error)
+    """Compiles every launch configuration of every Triton op module with triton.compile;
+    False on errors or spills."""
+    if not TRITON_MODULES:
+        print("no Triton op module (vsr_kernels/triton/*.py not starting with '_') found")
         return False
-    rows = [(r["kernel"], " ".join(f"{k}={v}" for k, v in r["constexprs"].items()), r["dtype"], f"sm_{r['arch']}",
-             r["n_regs"], r["n_spills"], r["shared"]) for r in reports]
-    _print_table(("kernel", "constexprs", "dtype", "arch", "registers", "spills", "shared B"), rows)
-    return all(r["n_spills"] == 0 for r in reports)
+    rows, passed = [], True
+    for module in TRITON_MODULES:
+        try:
+            reports = compile_triton_module(module)
+        except Exception as error:  # the subprocess's compile error, shown as the section's result
+            print(error)
+            passed = False
+            continue
+        rows += [(module.rsplit(".", 1)[1], r["kernel"],
+                  " ".join(f"{k}={v}" for k, v in r["constexprs"].items()), r["dtype"], f"sm_{r['arch']}",
+                  r["n_regs"], r["n_spills"], r["shared"]) for r in reports]
+        passed &= all(r["n_spills"] == 0 for r in reports)
+    _print_table(("module", "kernel", "constexprs", "dtype", "arch", "registers", "spills", "shared B"), rows)
+    return passed
 
 
 # (title, function printing the section and returning whether it passed)

@@ -1,5 +1,7 @@
 // CUDA launchers of local argmax attention. Torch-free (see DESIGN.md, "Why torch-free .cu
 // files"): the caller passes raw device pointers, their strides and the current stream.
+// Host-includable: the glue (cuda_glue/local_argmax_attention.cpp) is compiled by the host
+// C++ compiler.
 //
 // Every launch runs one thread per pixel with the shared per-pixel functions of
 // kernels/local_argmax_attention.h. Consecutive threads take consecutive x, so frames with
@@ -10,23 +12,12 @@
 
 #include <cstdint>
 
+#include "../common/dtype.h"
+#include "../common/frames.h"
 #include "../kernels/local_argmax_attention.h"
 
 namespace vsr_kernels {
-
-// Element type of the tensors of one call. Accumulation is in float, or double for kFloat64.
-enum class DType { kFloat16, kBFloat16, kFloat32, kFloat64 };
-
-// A (B, T, C, H, W) frame stack, or a (B, C, H, W) map with frame stride 0, of the call's
-// element type: batch element b is the Frames at data + b * batch_stride elements.
-template <typename Void>
-struct BatchedFrames {
-  Void* data;
-  int64_t batch_stride;
-  Strides stride;
-};
-using InputFrames = BatchedFrames<const void>;
-using OutputFrames = BatchedFrames<void>;
+namespace local_argmax_attention {
 
 // score and index are contiguous (B, T, H, W), in the element type and int64.
 cudaError_t launch_local_argmax_attention_forward(
@@ -43,4 +34,5 @@ cudaError_t launch_local_argmax_attention_backward(
     OutputFrames grad_query, OutputFrames grad_key, OutputFrames grad_value, int64_t batch,
     const Extent& extent, const Window& window, double scale, cudaStream_t stream);
 
+}  // namespace local_argmax_attention
 }  // namespace vsr_kernels

@@ -1,5 +1,6 @@
-// Shared by the CPU launchers (compiled by the host C++ compiler) and the CUDA kernels
-// (compiled by nvcc). Torch-free on purpose: see DESIGN.md, "Why torch-free .cu files".
+// VSR_HOST_DEVICE, convert<To>(x) and beats(candidate, best): what every op's per-element
+// functions need to run unchanged in the CPU launchers (host C++ compiler) and the CUDA
+// kernels (nvcc). Torch-free on purpose: see DESIGN.md, "Why torch-free .cu files".
 #pragma once
 
 #include <cstdint>
@@ -14,10 +15,13 @@
 
 namespace vsr_kernels {
 
-// Conversion between storage and accumulation types. Not a plain static_cast because
-// PyTorch compiles CUDA sources with __CUDA_NO_HALF_CONVERSIONS__ and
-// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's and __nv_bfloat16's implicit
-// conversions: those two go through the explicit intrinsics below.
+// Conversion between storage and accumulation types. On the host a static_cast, which
+// rounds c10::Half and c10::BFloat16 to nearest like the CUDA intrinsics do. Not a plain
+// static_cast in CUDA code because PyTorch compiles CUDA sources with
+// __CUDA_NO_HALF_CONVERSIONS__ and __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove __half's
+// and __nv_bfloat16's implicit conversions: those two go through the explicit intrinsics below.
+// Call it qualified, vsr_kernels::convert<To>(x): for c10::Half and c10::BFloat16 arguments,
+// argument-dependent lookup also finds c10::convert, and the unqualified call is ambiguous.
 template <typename To, typename From>
 VSR_HOST_DEVICE To convert(From x) {
   return static_cast<To>(x);
