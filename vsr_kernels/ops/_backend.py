@@ -63,3 +63,14 @@ def choose(backend: str, tensor: torch.Tensor, gpu_default: str) -> str:
     if tensor.dtype not in _DTYPES[backend]:
         raise TypeError(f"backend={backend!r} supports dtypes {_DTYPES[backend]}, got {tensor.dtype}")
     return backend
+
+
+def unavailable(op_name: str, backend: str, device) -> "str | None":
+    """Why `backend` cannot run op `op_name` on `device` in this installation, or None if it can.
+
+    A thin shim over `_unavailable` (every backend serves every op today); the op spec
+    registry of issue 5 replaces it.
+    """
+    if backend == "reference":
+        return None
+    return _unavailable(backend, torch.device(device))
