@@ -166,19 +166,24 @@ def _flatten(x) -> list:
 # Canary buffers.
 
 def canary(t: torch.Tensor, fill: float = float("nan"), before: int = 7, after: int = 7, gap: int = 1,
-           channels_last: bool = False) -> torch.Tensor:
+           channels_last: bool = False, flat_pixels: bool = False) -> torch.Tensor:
     """`t`'s values in a view into a larger buffer filled with `fill` (NaN).
 
     The buffer holds `before` elements before the view and `after` after it, and every dimension
     but the outermost is padded by `gap` elements (between rows, channels, frames), so a kernel
     that reads one element outside the tensor, or uses a wrong stride, reads NaN and shows it in
-    its outputs. `channels_last` lays dim -3 (the channels of (..., C, H, W)) innermost. The
-    result is a leaf requiring grad when `t` does.
+    its outputs. `channels_last` lays dim -3 (the channels of (..., C, H, W)) innermost.
+    `flat_pixels` leaves the innermost storage dim unpadded, so that (H, W) still flatten into
+    one pixel dimension and kernels that copy other layouts read this one in place (a read
+    just before or after a row then lands in the neighbouring row or in the padding of the
+    dim above). The result is a leaf requiring grad when `t` does.
     """
     order = list(range(t.dim()))
     if channels_last and t.dim() >= 3:
         order = order[:-3] + [t.dim() - 2, t.dim() - 1, t.dim() - 3]  # storage order of the dims
-    storage_shape = [t.shape[d] + (gap if i > 0 else 0) for i, d in enumerate(order)]
+    last = len(order) - 1
+    storage_shape = [t.shape[d] + (gap if 0 < i and not (flat_pixels and i == last) else 0)
+                     for i, d in enumerate(order)]
     numel = 1
     for s in storage_shape:
         numel *= s
@@ -190,6 +195,13 @@ def canary(t: torch.Tensor, fill: float = float("nan"), before: int = 7, after: 
     with torch.no_grad():
         view.copy_(t)
     return view.requires_grad_(t.requires_grad)
+
+
+CANARY_VARIANTS = {  # name: canary() keywords
+    "flat": dict(flat_pixels=True),
+    "gapped": dict(),
+    "gapped_channels_last": dict(channels_last=True),
+}
 
 
 def canaries(inputs: Sequence[torch.Tensor], **kw) -> list[torch.Tensor]:

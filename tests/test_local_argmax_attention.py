@@ -104,14 +104,16 @@ FLOAT64 = dict(rtol=1e-12, atol=1e-12)
 def check_against_reference(backend, shape, window, scale, border, seed, canary=False, integers=False):
     """Outputs and gradients of `backend` (on its device) equal the float64 reference's. With
     `canary`, the backend reads every input and upstream gradient from a NaN-padded buffer
-    (channels-last for odd seeds): a read outside any of them would show as NaN."""
+    (the harness's variant number seed % 3: pixels flat, rows gapped, or rows gapped and
+    channels-last): a read outside any of them shows as NaN."""
     q, k, v = make_inputs(*shape, seed=seed, integers=integers, requires_grad=True)
     want = H.forward_and_grads(reference_op(*window, scale, border), [q, k, v])
     inputs = H.leaf_copies([q, k, v], device=backend.device)
     grad_outputs = [None if g is None else g.to(backend.device) for g in H.upstream_grads(want[0])]
     if canary:
-        inputs = H.canaries(inputs, channels_last=bool(seed % 2))
-        grad_outputs = [None if g is None else H.canary(g, channels_last=bool(seed % 2)) for g in grad_outputs]
+        kw = list(H.CANARY_VARIANTS.values())[seed % len(H.CANARY_VARIANTS)]
+        inputs = H.canaries(inputs, **kw)
+        grad_outputs = [None if g is None else H.canary(g, **kw) for g in grad_outputs]
     got = H.forward_and_grads(op(backend, *window, scale, border), inputs, grad_outputs=grad_outputs)
     H.assert_same(got, want, OUTPUT_NAMES, **FLOAT64)
 
