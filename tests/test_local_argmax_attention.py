@@ -130,6 +130,89 @@ def test_reference_matches_loop_oracle(border, kernel_size, dilation):
 
 
 # ---------------------------------------------------------------------------------------
+# Bad inputs and size mismatches through the public function (fast: first). The registered
+# ops called directly are tested further down.
+
+def _bad_input_cases():
+    q, k, v = make_inputs(2, 3, 4, 5, 6, 7, dtype=torch.float32)
+    ok = dict(query=q, key=k, value=v)
+    yield "query rank", dict(ok, query=q[0]), ValueError, "query must be 4-D"
+    yield "key rank", dict(ok, key=k[0]), ValueError, "key must be 5-D"
+    yield "value rank", dict(ok, value=v[:, 0]), ValueError, "value must be 5-D"
+    yield "query not a tensor", dict(ok, query=q.numpy()), TypeError, "query must be a torch.Tensor"
+    yield "B mismatch", dict(ok, key=k[:1]), ValueError, "key must have B = 2"
+    yield "C mismatch", dict(ok, key=k[:, :, :3]), ValueError, "key must have C = 4"
+    yield "H mismatch", dict(ok, key=k[:, :, :, :5]), ValueError, "key must have H = 6"
+    yield "W mismatch", dict(ok, value=v[..., :6]), ValueError, "value must have W = 7"
+    yield "T mismatch", dict(ok, value=v[:, :2]), ValueError, "value must have T = 3"
+    yield "even kernel", dict(ok, kernel_size=4), ValueError, "kernel_size must be an odd integer >= 1, got 4"
+    yield "zero kernel", dict(ok, kernel_size=0), ValueError, "kernel_size must be an odd integer >= 1"
+    yield "float kernel", dict(ok, kernel_size=3.0), TypeError, "kernel_size must be an int"
+    yield "dilation", dict(ok, dilation=0), ValueError, "dilation must be an integer >= 1, got 0"
+    yield "border", dict(ok, border="reflect"), ValueError, "border must be one of 'exclude', 'zeros'"
+    yield "backend", dict(ok, backend="opencl"), ValueError, "backend must be one of"
+    yield "scale", dict(ok, scale="1"), TypeError, "scale must be a real number"
+    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, "key must have the dtype of query (torch.float32)"
+    yield "integer dtype", dict(ok, value=v.long()), TypeError, "value must have a floating-point dtype"
+    yield "half on cpu", dict(query=q.half(), key=k.half(), value=v.half(), backend="cpu"), TypeError, \
+        "backend='cpu' supports dtypes"
+    yield "device mismatch", dict(ok, value=v.to("meta")), ValueError, "value must be on the device of query"
+    yield "cuda backend on cpu", dict(ok, backend="cuda"), ValueError, "backend='cuda' cannot run"
+
+
+@pytest.mark.parametrize("case", list(_bad_input_cases()), ids=lambda c: c[0])
+def test_bad_input_raises_before_any_kernel(case):
+    _, kwargs, error, message = case
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        vsr_kernels.local_argmax_attention(**kwargs)
+
+
+MISMATCH_SHAPE = (2, 2, 3, 2, 3, 4)  # B, T, C, Cv, H, W: every size >= 2, so one smaller is not empty
+FORWARD_AGREE = {
+    "B": [("query", 0), ("key", 0), ("value", 0)],
+    "T": [("key", 1), ("value", 1)],
+    "C": [("query", 1), ("key", 2)],
+    "H": [("query", 2), ("key", 3), ("value", 3)],
+    "W": [("query", 3), ("key", 4), ("value", 4)],
+}
+BACKWARD_AGREE = {
+    "B": [("grad_out", 0), ("grad_score", 0), ("query", 0), ("key", 0), ("value", 0), ("score", 0), ("index", 0)],
+    "T": [("grad_out", 1), ("grad_score", 1), ("key", 1), ("value", 1), ("score", 1), ("index", 1)],
+    "C": [("query", 1), ("key", 2)],
+    "Cv": [("grad_out", 2), ("value", 2)],
+    "H": [("grad_out", 3), ("grad_score", 2), ("query", 2), ("key", 3), ("value", 3), ("score", 2), ("index", 2)],
+    "W": [("grad_out", 4), ("grad_score", 3), ("query", 3), ("key", 4), ("value", 4), ("score", 3), ("index", 3)],
+}
+
+
+def _forward_inputs(device="cpu"):
+    return dict(zip(NAMES, make_inputs(*MISMATCH_SHAPE, seed=31, device=device)))
+
+
+def _backward_inputs(device="cpu"):
+    q, k, v = make_inputs(*MISMATCH_SHAPE, seed=31)
+    out, score, index = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, "zeros")
+    go, gs = H.upstream_grads([out, score])
+    named = dict(grad_out=go, grad_score=gs, query=q, key=k, value=v, score=score, index=index)
+    return {n: t.to(device) for n, t in named.items()}
+
+
+FORWARD_MISMATCHES = list(H.size_mismatches(_forward_inputs(), FORWARD_AGREE))
+BACKWARD_MISMATCHES = list(H.size_mismatches(_backward_inputs(), BACKWARD_AGREE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mismatch", FORWARD_MISMATCHES, ids=[m.id for m in FORWARD_MISMATCHES])
+def test_size_mismatch_public_function(backend, mismatch):
+    """Every size that must agree, one larger and one smaller, on every input: a ValueError
+    naming the size, before any kernel runs."""
+    inputs = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
+    letter = [label for label, members in FORWARD_AGREE.items() if (mismatch.name, mismatch.dim) in members][0]
+    with pytest.raises(ValueError, match=f"must have {letter} = "):
+        vsr_kernels.local_argmax_attention(**inputs, kernel_size=3, border="zeros", backend=str(backend))
+
+
+# ---------------------------------------------------------------------------------------
 # Every backend against the reference, float64: fixed and random sweeps, plain and canary.
 
 # Shapes that exercise the borders: windows larger than the frame, 1-pixel frames, T = 1.
@@ -455,88 +538,6 @@ def test_cpu_autocast_leaves_float64_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
     assert out.dtype == score.dtype == torch.float64
-
-
-# ---------------------------------------------------------------------------------------
-# Bad inputs and size mismatches.
-
-def _bad_input_cases():
-    q, k, v = make_inputs(2, 3, 4, 5, 6, 7, dtype=torch.float32)
-    ok = dict(query=q, key=k, value=v)
-    yield "query rank", dict(ok, query=q[0]), ValueError, "query must be 4-D"
-    yield "key rank", dict(ok, key=k[0]), ValueError, "key must be 5-D"
-    yield "value rank", dict(ok, value=v[:, 0]), ValueError, "value must be 5-D"
-    yield "query not a tensor", dict(ok, query=q.numpy()), TypeError, "query must be a torch.Tensor"
-    yield "B mismatch", dict(ok, key=k[:1]), ValueError, "key must have B = 2"
-    yield "C mismatch", dict(ok, key=k[:, :, :3]), ValueError, "key must have C = 4"
-    yield "H mismatch", dict(ok, key=k[:, :, :, :5]), ValueError, "key must have H = 6"
-    yield "W mismatch", dict(ok, value=v[..., :6]), ValueError, "value must have W = 7"
-    yield "T mismatch", dict(ok, value=v[:, :2]), ValueError, "value must have T = 3"
-    yield "even kernel", dict(ok, kernel_size=4), ValueError, "kernel_size must be an odd integer >= 1, got 4"
-    yield "zero kernel", dict(ok, kernel_size=0), ValueError, "kernel_size must be an odd integer >= 1"
-    yield "float kernel", dict(ok, kernel_size=3.0), TypeError, "kernel_size must be an int"
-    yield "dilation", dict(ok, dilation=0), ValueError, "dilation must be an integer >= 1, got 0"
-    yield "border", dict(ok, border="reflect"), ValueError, "border must be one of 'exclude', 'zeros'"
-    yield "backend", dict(ok, backend="opencl"), ValueError, "backend must be one of"
-    yield "scale", dict(ok, scale="1"), TypeError, "scale must be a real number"
-    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, "key must have the dtype of query (torch.float32)"
-    yield "integer dtype", dict(ok, value=v.long()), TypeError, "value must have a floating-point dtype"
-    yield "half on cpu", dict(query=q.half(), key=k.half(), value=v.half(), backend="cpu"), TypeError, \
-        "backend='cpu' supports dtypes"
-    yield "device mismatch", dict(ok, value=v.to("meta")), ValueError, "value must be on the device of query"
-    yield "cuda backend on cpu", dict(ok, backend="cuda"), ValueError, "backend='cuda' cannot run"
-
-
-@pytest.mark.parametrize("case", list(_bad_input_cases()), ids=lambda c: c[0])
-def test_bad_input_raises_before_any_kernel(case):
-    _, kwargs, error, message = case
-    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
-        vsr_kernels.local_argmax_attention(**kwargs)
-
-
-MISMATCH_SHAPE = (2, 2, 3, 2, 3, 4)  # B, T, C, Cv, H, W: every size >= 2, so one smaller is not empty
-FORWARD_AGREE = {
-    "B": [("query", 0), ("key", 0), ("value", 0)],
-    "T": [("key", 1), ("value", 1)],
-    "C": [("query", 1), ("key", 2)],
-    "H": [("query", 2), ("key", 3), ("value", 3)],
-    "W": [("query", 3), ("key", 4), ("value", 4)],
-}
-BACKWARD_AGREE = {
-    "B": [("grad_out", 0), ("grad_score", 0), ("query", 0), ("key", 0), ("value", 0), ("score", 0), ("index", 0)],
-    "T": [("grad_out", 1), ("grad_score", 1), ("key", 1), ("value", 1), ("score", 1), ("index", 1)],
-    "C": [("query", 1), ("key", 2)],
-    "Cv": [("grad_out", 2), ("value", 2)],
-    "H": [("grad_out", 3), ("grad_score", 2), ("query", 2), ("key", 3), ("value", 3), ("score", 2), ("index", 2)],
-    "W": [("grad_out", 4), ("grad_score", 3), ("query", 3), ("key", 4), ("value", 4), ("score", 3), ("index", 3)],
-}
-
-
-def _forward_inputs(device="cpu"):
-    return dict(zip(NAMES, make_inputs(*MISMATCH_SHAPE, seed=31, device=device)))
-
-
-def _backward_inputs(device="cpu"):
-    q, k, v = make_inputs(*MISMATCH_SHAPE, seed=31)
-    out, score, index = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, "zeros")
-    go, gs = H.upstream_grads([out, score])
-    named = dict(grad_out=go, grad_score=gs, query=q, key=k, value=v, score=score, index=index)
-    return {n: t.to(device) for n, t in named.items()}
-
-
-FORWARD_MISMATCHES = list(H.size_mismatches(_forward_inputs(), FORWARD_AGREE))
-BACKWARD_MISMATCHES = list(H.size_mismatches(_backward_inputs(), BACKWARD_AGREE))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("mismatch", FORWARD_MISMATCHES, ids=[m.id for m in FORWARD_MISMATCHES])
-def test_size_mismatch_public_function(backend, mismatch):
-    """Every size that must agree, one larger and one smaller, on every input: a ValueError
-    naming the size, before any kernel runs."""
-    inputs = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    letter = [label for label, members in FORWARD_AGREE.items() if (mismatch.name, mismatch.dim) in members][0]
-    with pytest.raises(ValueError, match=f"must have {letter} = "):
-        vsr_kernels.local_argmax_attention(**inputs, kernel_size=3, border="zeros", backend=str(backend))
 
 
 def _assert_rejected(outcome, mismatch):
