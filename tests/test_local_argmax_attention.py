@@ -274,7 +274,9 @@ def _random_case(seed):
     return shape, (rng.choice([1, 3, 5, 7, 9]), rng.randint(1, 3)), rng.choice(BORDERS)
 
 
-RANDOM_SEEDS = {"triton": range(6)}  # the interpreter is slow; 25 seeds elsewhere
+# The interpreter is slow: the Triton random sweep takes six of the cheaper seeds (kernel 1, 5
+# and 9, both borders, odd ones with canaries); 25 seeds elsewhere.
+RANDOM_SEEDS = {"triton": (2, 6, 7, 9, 15, 20)}
 
 
 @pytest.mark.parametrize("backend,seed", [
@@ -366,7 +368,8 @@ def test_gradcheck(backend, border, window):
     if backend.name == "triton":
         q, k, v = H.leaf_copies([q[:1], k[:1], v[:1]])
     fn = lambda q, k, v: op(backend, *window, 0.7, border)(q, k, v)[:2]  # noqa: E731
-    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=backend.name == "triton")
+    # fast_mode where the full Jacobian is slow to build: the interpreter, and the reference's unfold
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=backend.name in ("triton", "reference"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -43,8 +43,10 @@ MUTANTS = [
     Mutant("triton-radius", TRI, "    r = kernel_size // 2\n", "    r = kernel_size // 2 + 1\n", "triton",
            "window radius"),
     Mutant("triton-value-mask", TRI,
-           "v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & selected[None, :], other=0)",
-           "v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & in_frame[None, :], other=0)",
+           "v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & selected[None, :], other=0)\n"
+           "        tl.store(",
+           "v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & in_frame[None, :], other=0)\n"
+           "        tl.store(",
            "triton", "dropped mask", "reads the value at an out-of-frame selection and multiplies it by 0"),
     Mutant("triton-key-mask", TRI,
            "k = tl.load(shifted_key_ptr + k_off, mask=(c < C)[:, None] & inside[None, :], other=0).to(ACC)",
