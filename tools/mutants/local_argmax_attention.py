@@ -78,7 +78,9 @@ MUTANTS = [
            "TORCH_CHECK(true,", "cpu", "missing check",
            "equivalent today: every launcher copies an unflattenable layout before frame_strides"),
     # CUDA (run only where a GPU is present).
-    Mutant("cuda-batch-index", CUDA, "const int64_t b = i / pixels / e.frames, t = i / pixels % e.frames, p = i % pixels;",
-           "const int64_t b = i / pixels % e.frames, t = i / pixels / e.frames, p = i % pixels;", "cuda",
-           "swapped stride"),
+    Mutant("cuda-batch-index", CUDA,
+           "const int64_t b = i / pixels / e.frames, t = i / pixels % e.frames, p = i % pixels;\n"
+           "    local_argmax_forward_pixel",
+           "const int64_t b = i / pixels % e.frames, t = i / pixels / e.frames, p = i % pixels;\n"
+           "    local_argmax_forward_pixel", "cuda", "swapped stride", "the forward kernel's (b, t) of element i"),
 ]
