@@ -283,7 +283,8 @@ def resize_dim(t: torch.Tensor, dim: int, delta: int) -> torch.Tensor:
         return t.narrow(dim, 0, t.shape[dim] + delta).clone()
     reps = [t]
     while sum(r.shape[dim] for r in reps) < t.shape[dim] + delta:
-        reps.append(t.narrow(dim, 0, min(t.shape[dim], t.shape[dim] + delta - sum(r.shape[dim] for r in reps))))
+        missing = t.shape[dim] + delta - sum(r.shape[dim] for r in reps)
+        reps.append(t.narrow(dim, 0, min(t.shape[dim], missing)))
     return torch.cat(reps, dim).clone()
 
 

@@ -38,7 +38,8 @@ KERNEL_BACKENDS = H.backend_params(OP, ("cpu", "triton", "cuda"))  # backends wi
 AVAILABLE = {b.name for b in H.available_backends(OP)}
 HAS_CPU_OP = "cpu" in AVAILABLE
 needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_OP, reason=f"backend='cpu': {H.unavailable(OP, 'cpu')}")
-needs_triton = pytest.mark.skipif("triton" not in AVAILABLE, reason=f"backend='triton': {H.unavailable(OP, 'triton')}")
+needs_triton = pytest.mark.skipif("triton" not in AVAILABLE,
+                                  reason=f"backend='triton': {H.unavailable(OP, 'triton')}")
 needs_cuda = pytest.mark.skipif(not H.HAS_CUDA, reason="needs a CUDA device")
 interpreter_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -53,7 +54,8 @@ def shapes(B, T, C, Cv, H_, W):
 
 def make_inputs(B, T, C, Cv, H_, W, dtype=torch.float64, device="cpu", seed=0, integers=False,
                 requires_grad=False):
-    return list(H.make_inputs(shapes(B, T, C, Cv, H_, W), dtype, device, seed, integers, requires_grad).values())
+    named = H.make_inputs(shapes(B, T, C, Cv, H_, W), dtype, device, seed, integers, requires_grad)
+    return list(named.values())
 
 
 def op(backend, kernel_size, dilation, scale, border):
@@ -126,7 +128,8 @@ def check_against_reference(backend, shape, window, scale, border, seed, canary=
 def test_reference_matches_loop_oracle(border, kernel_size, dilation):
     q, k, v = make_inputs(2, 2, 3, 2, 4, 5, seed=kernel_size * 10 + dilation)
     want = loop_oracle(q, k, v, kernel_size, dilation, 0.5, border)
-    H.assert_same(reference.local_argmax_attention(q, k, v, kernel_size, dilation, 0.5, border), want, **FLOAT64)
+    got = reference.local_argmax_attention(q, k, v, kernel_size, dilation, 0.5, border)
+    H.assert_same(got, want, **FLOAT64)
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,7 +155,8 @@ def _bad_input_cases():
     yield "border", dict(ok, border="reflect"), ValueError, "border must be one of 'exclude', 'zeros'"
     yield "backend", dict(ok, backend="opencl"), ValueError, "backend must be one of"
     yield "scale", dict(ok, scale="1"), TypeError, "scale must be a real number"
-    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, "key must have the dtype of query (torch.float32)"
+    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, \
+        "key must have the dtype of query (torch.float32)"
     yield "integer dtype", dict(ok, value=v.long()), TypeError, "value must have a floating-point dtype"
     yield "half on cpu", dict(query=q.half(), key=k.half(), value=v.half(), backend="cpu"), TypeError, \
         "backend='cpu' supports dtypes"
@@ -176,12 +180,15 @@ FORWARD_AGREE = {
     "W": [("query", 3), ("key", 4), ("value", 4)],
 }
 BACKWARD_AGREE = {
-    "B": [("grad_out", 0), ("grad_score", 0), ("query", 0), ("key", 0), ("value", 0), ("score", 0), ("index", 0)],
+    "B": [("grad_out", 0), ("grad_score", 0), ("query", 0), ("key", 0), ("value", 0), ("score", 0),
+          ("index", 0)],
     "T": [("grad_out", 1), ("grad_score", 1), ("key", 1), ("value", 1), ("score", 1), ("index", 1)],
     "C": [("query", 1), ("key", 2)],
     "Cv": [("grad_out", 2), ("value", 2)],
-    "H": [("grad_out", 3), ("grad_score", 2), ("query", 2), ("key", 3), ("value", 3), ("score", 2), ("index", 2)],
-    "W": [("grad_out", 4), ("grad_score", 3), ("query", 3), ("key", 4), ("value", 4), ("score", 3), ("index", 3)],
+    "H": [("grad_out", 3), ("grad_score", 2), ("query", 2), ("key", 3), ("value", 3), ("score", 2),
+          ("index", 2)],
+    "W": [("grad_out", 4), ("grad_score", 3), ("query", 3), ("key", 4), ("value", 4), ("score", 3),
+          ("index", 3)],
 }
 
 
@@ -207,7 +214,8 @@ def test_size_mismatch_public_function(backend, mismatch):
     """Every size that must agree, one larger and one smaller, on every input: a ValueError
     naming the size, before any kernel runs."""
     inputs = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    letter = [label for label, members in FORWARD_AGREE.items() if (mismatch.name, mismatch.dim) in members][0]
+    letter = next(label for label, members in FORWARD_AGREE.items()
+                  if (mismatch.name, mismatch.dim) in members)
     with pytest.raises(ValueError, match=f"must have {letter} = "):
         vsr_kernels.local_argmax_attention(**inputs, kernel_size=3, border="zeros", backend=str(backend))
 
@@ -325,7 +333,8 @@ def test_planted_ties_pick_the_lowest_candidate(backend, border):
     # scale 0 ties every candidate: the first wins, j = 0 with zeros, else the first in the frame.
     for dilation in (1, 2):
         index = op(backend, 3, dilation, 0.0, border)(q.to(dev), k.to(dev), v.to(dev))[2].cpu()
-        assert torch.equal(index, loop_oracle(q.detach(), k.detach(), v.detach(), 3, dilation, 0.0, border)[2])
+        want = loop_oracle(q.detach(), k.detach(), v.detach(), 3, dilation, 0.0, border)[2]
+        assert torch.equal(index, want)
         assert index[0, 0, 0, 0] == (0 if border == "zeros" else 4)
 
 
@@ -390,7 +399,8 @@ def test_opcheck(backend, zero_border):
     out, score, index = forward(q, k, v, 3, 2, 0.5, zero_border)
     go, gs = H.upstream_grads([out, score])
     torch.library.opcheck(backward,
-                          (go, gs, q.detach(), k.detach(), v.detach(), score.detach(), index, 3, 2, 0.5, zero_border))
+                          (go, gs, q.detach(), k.detach(), v.detach(), score.detach(), index, 3, 2, 0.5,
+                           zero_border))
 
 
 def _compile_backend(backend):
@@ -407,7 +417,8 @@ def test_torch_compile_fullgraph_matches_eager(backend):
     compiled = torch.compile(step, fullgraph=True, backend=_compile_backend(backend))
     eager_loss, compiled_loss = step(q, k, v), compiled(q, k, v)
     torch.testing.assert_close(compiled_loss, eager_loss)
-    for got, want in zip(torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
+    for got, want in zip(torch.autograd.grad(compiled_loss, (q, k, v)),
+                         torch.autograd.grad(eager_loss, (q, k, v))):
         torch.testing.assert_close(got, want)
 
 
@@ -438,7 +449,8 @@ EMPTY_SHAPES = {"B0": (0, 3, 4, 5, 6, 7), "T0": (2, 0, 4, 5, 6, 7), "H0": (2, 3,
 @pytest.mark.parametrize("empty", list(EMPTY_SHAPES))
 def test_empty_batch_frames_and_rows(backend, empty):
     if empty != "B0" and backend.name in ("reference", "cpu"):
-        pytest.xfail("issue 5 section 3: empty T or H fail on the reference and cpu backends (fixed elsewhere)")
+        pytest.xfail("issue 5 section 3: empty T or H fail on the reference and cpu backends "
+                     "(fixed on another branch)")
     shape = EMPTY_SHAPES[empty]
     q, k, v = make_inputs(*shape, device=backend.device, requires_grad=True)
     out, score, index = op(backend, 3, 1, 1.0, "exclude")(q, k, v)
@@ -480,8 +492,8 @@ def test_layout_sweep(backend, assignment):
     fn = op(backend, 3, 1, -0.7, "zeros")
     got = H.forward_and_grads(fn, laid)
     H.assert_same(got, H.forward_and_grads(fn, dense), OUTPUT_NAMES, **FLOAT64)
-    H.assert_same(got, H.forward_and_grads(reference_op(3, 1, -0.7, "zeros"), H.leaf_copies(dense, device="cpu")),
-                  OUTPUT_NAMES, **FLOAT64)
+    want = H.forward_and_grads(reference_op(3, 1, -0.7, "zeros"), H.leaf_copies(dense, device="cpu"))
+    H.assert_same(got, want, OUTPUT_NAMES, **FLOAT64)
     if backend.name != "reference":
         assert all(g.is_contiguous() for g in got[1])
 
@@ -546,7 +558,8 @@ def test_cpu_autocast_leaves_float64_alone():
 def _assert_rejected(outcome, mismatch):
     assert outcome.kind == "raised", f"{mismatch.id}: the op {outcome.kind} {outcome.error}".rstrip() + \
         " instead of rejecting mismatched sizes"
-    assert outcome.error in ("RuntimeError", "ValueError"), f"{mismatch.id}: {outcome.error}: {outcome.message}"
+    assert outcome.error in ("RuntimeError", "ValueError"), \
+        f"{mismatch.id}: {outcome.error}: {outcome.message}"
     assert any(name in outcome.message for name in mismatch.group), \
         f"{mismatch.id}: the error names none of {mismatch.group}: {outcome.message}"
 
@@ -558,7 +571,8 @@ def test_size_mismatch_registered_forward_op(backend, mismatch):
     Run in a forked child: an unchecked kernel may read out of bounds and fault."""
     forward, _ = registered_ops(backend.name)
     inputs = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    outcome = H.call_isolated(lambda: forward(inputs["query"], inputs["key"], inputs["value"], 3, 1, 1.0, True))
+    outcome = H.call_isolated(
+        lambda: forward(inputs["query"], inputs["key"], inputs["value"], 3, 1, 1.0, True))
     _assert_rejected(outcome, mismatch)
 
 
@@ -567,8 +581,8 @@ def test_size_mismatch_registered_forward_op(backend, mismatch):
 def test_size_mismatch_registered_backward_op(backend, mismatch):
     _, backward = registered_ops(backend.name)
     i = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    outcome = H.call_isolated(lambda: backward(i["grad_out"], i["grad_score"], i["query"], i["key"], i["value"],
-                                               i["score"], i["index"], 3, 1, 1.0, True))
+    args = [i[name] for name in ("grad_out", "grad_score", "query", "key", "value", "score", "index")]
+    outcome = H.call_isolated(lambda: backward(*args, 3, 1, 1.0, True))
     _assert_rejected(outcome, mismatch)
 
 
@@ -578,7 +592,8 @@ def test_size_mismatch_registered_backward_op(backend, mismatch):
 @needs_triton
 def test_triton_cases_cover_every_launch_config():
     C, Cv = 2, 3  # positions in a TRITON_CASES shape
-    channels = (("forward", C), ("score_grad", Cv), ("query_grad", C), ("gather_grad", C), ("gather_grad", Cv))
+    channels = (("forward", C), ("score_grad", Cv), ("query_grad", C), ("gather_grad", C),
+                ("gather_grad", Cv))
     launched = {triton_module.launch_config(kernel, shape[dim]) for shape, _, _ in TRITON_CASES
                 for kernel, dim in channels}
     assert launched == set(triton_module.all_launch_configs())
@@ -742,7 +757,8 @@ def _assert_forward_matches(out, score, index, query, key, value, kernel_size, d
 def _assert_close_in_dtype(name, got, expected, dtype):
     rtol, atol, _ = GPU_TOLERANCES[dtype]
     assert got.dtype == dtype, f"grad of {name} has dtype {got.dtype}"
-    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"grad of {name}: {m}")
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol,
+                               msg=lambda m: f"grad of {name}: {m}")
 
 
 def _assert_same_results(got: Result, expected: Result, **tolerances):
@@ -849,7 +865,8 @@ def _assert_frame_matches(r: Result, query, key, value, b, t, kernel_size, dilat
     at, frame = slice(b, b + 1), slice(t, t + 1)
     q, k, v = query[at], key[at, frame], value[at, frame]
     index = r.index[at, frame]
-    _assert_forward_matches(r.out[at, frame], r.score[at, frame], index, q, k, v, kernel_size, dilation, border)
+    _assert_forward_matches(r.out[at, frame], r.score[at, frame], index, q, k, v, kernel_size, dilation,
+                            border)
     grad_q, grad_k, grad_v = _gradients_of_selection(q, k, v, index, r.score[at, frame], r.grad_out[at, frame],
                                                      r.grad_score[at, frame], kernel_size, dilation)
     _assert_close_in_dtype("key", r.grad_key[at, frame], grad_k, query.dtype)

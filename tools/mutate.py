@@ -63,7 +63,8 @@ def scratch_copy(dest: Path) -> None:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    for built in list((ROOT / "vsr_kernels").glob("_C*.so")) + list((ROOT / "vsr_kernels").glob("_build_info.py")):
+    package = ROOT / "vsr_kernels"
+    for built in [*package.glob("_C*.so"), *package.glob("_build_info.py")]:
         shutil.copy2(built, dest / "vsr_kernels" / built.name)
     if (ROOT / "build").is_dir():
         shutil.copytree(ROOT / "build", dest / "build", symlinks=True)
@@ -71,7 +72,8 @@ def scratch_copy(dest: Path) -> None:
 
 def build(tree: Path, log: Path) -> bool:
     with open(log, "a") as out:
-        return subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "--force"], cwd=tree, stdout=out,
+        command = [sys.executable, "setup.py", "build_ext", "--inplace", "--force"]
+        return subprocess.run(command, cwd=tree, stdout=out,
                               stderr=subprocess.STDOUT).returncode == 0
 
 
@@ -91,7 +93,8 @@ def run_tests(tree: Path, op: str, deselect: list, timeout: float, extra: list) 
 def baseline_failures(tree: Path, op: str, timeout: float, extra: list) -> list:
     """Ids of the tests that fail on the unmutated tree (run without -x)."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", f"tests/test_{op}.py", *extra]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf", f"tests/test_{op}.py",
+           *extra]
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
     return re.findall(r"^FAILED (\S+)", done.stdout, re.M)
 
@@ -106,7 +109,8 @@ def first_failure(output: str) -> str:
 
 def main(argv=None) -> int:
     lists = op_lists()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ops", nargs="*", help=f"ops to mutate (default: all of {', '.join(lists)})")
     parser.add_argument("--only", action="append", default=[], help="mutant id (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -166,7 +170,8 @@ def main(argv=None) -> int:
                           f"{first_failure(output)}", flush=True)
             total = killed + survived
             scores[op] = (killed, total)
-            print(f"{op}: mutation score {killed}/{total}" + (f" = {100 * killed / total:.0f}%" if total else ""),
+            percent = f" = {100 * killed / total:.0f}%" if total else ""
+            print(f"{op}: mutation score {killed}/{total}{percent}",
                   flush=True)
         finally:
             if args.keep:
