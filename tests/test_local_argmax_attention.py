@@ -1,45 +1,95 @@
-"""local_argmax_attention: the reference against a plain loop, the C++ CPU backend against
-the reference, gradients, registration, torch.compile and every documented edge.
+"""local_argmax_attention on every backend, through the shared harness (tests/_harness.py).
 
-Triton-specific tests live in test_triton.py, GPU-only ones in test_gpu.py.
+Backends: "reference", "cpu" (C++), "triton" (the interpreter on CPU tensors without a GPU,
+real kernels on CUDA tensors) and "cuda" (C++/CUDA, GPU only), each skipped with the reason
+when this installation cannot run it. Each property is tested once, parametrised over the
+backends:
+
+- the reference against a plain loop (the oracle's oracle);
+- every backend against the float64 reference on the fixed and random sweeps, plain and
+  with canary inputs (views into NaN-filled buffers: an out-of-bounds read shows as NaN);
+- planted ties, NaN, gradcheck, opcheck of every registered op pair, torch.compile, batch 0
+  and empty dims, the layout sweep for every input, autocast, bad inputs and size mismatches
+  (both directions, every dim that must agree, every input) through the public function and
+  through the registered ops called directly;
+- Triton specifics (launch configs, low precision) and GPU-only checks (CUDA tensors).
+
+The Triton interpreter is slow: Triton cases keep tiny shapes and their own, shorter sweeps.
 """
 import itertools
 import random
-import re
 import zlib
+from typing import NamedTuple
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vsr_kernels
 from vsr_kernels import reference
 from vsr_kernels.ops import _backend
 
-CPU_BACKENDS = [b for b in ("cpu",)
-                if _backend.unavailable("local_argmax_attention", b, torch.device("cpu")) is None]
-needs_cpu_kernels = pytest.mark.skipif(not CPU_BACKENDS, reason="vsr_kernels._C is not built")
+import _harness as H
+
+OP = "local_argmax_attention"
+NAMES = ("query", "key", "value")
+BORDERS = ("exclude", "zeros")
+BACKENDS = H.backend_params(OP)
+KERNEL_BACKENDS = H.backend_params(OP, ("cpu", "triton", "cuda"))  # backends with registered ops
+AVAILABLE = {b.name for b in H.available_backends(OP)}
+HAS_CPU_OP = "cpu" in AVAILABLE
+needs_cpu_kernels = pytest.mark.skipif(not HAS_CPU_OP, reason=f"backend='cpu': {H.unavailable(OP, 'cpu')}")
+needs_triton = pytest.mark.skipif("triton" not in AVAILABLE,
+                                  reason=f"backend='triton': {H.unavailable(OP, 'triton')}")
+needs_cuda = pytest.mark.skipif(not H.HAS_CUDA, reason="needs a CUDA device")
+interpreter_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+if "triton" in AVAILABLE:
+    from vsr_kernels.triton import local_argmax_attention as triton_module
+    from vsr_kernels.triton.local_argmax_attention import BLOCK_P, MAX_CHANNEL_BLOCK
 
 
-def make_inputs(B, T, C, Cv, H, W, dtype=torch.float64, seed=0, requires_grad=False):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, C, H, W, generator=g, dtype=dtype)
-    k = torch.randn(B, T, C, H, W, generator=g, dtype=dtype)
-    v = torch.randn(B, T, Cv, H, W, generator=g, dtype=dtype)
-    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+def shapes(B, T, C, Cv, H_, W):
+    return {"query": (B, C, H_, W), "key": (B, T, C, H_, W), "value": (B, T, Cv, H_, W)}
+
+
+def make_inputs(B, T, C, Cv, H_, W, dtype=torch.float64, device="cpu", seed=0, integers=False,
+                requires_grad=False):
+    named = H.make_inputs(shapes(B, T, C, Cv, H_, W), dtype, device, seed, integers, requires_grad)
+    return list(named.values())
+
+
+def op(backend, kernel_size, dilation, scale, border):
+    """The public function on one backend (a name or a harness Backend)."""
+    return lambda q, k, v: vsr_kernels.local_argmax_attention(q, k, v, kernel_size, dilation, scale, border,
+                                                              backend=str(backend))
+
+
+def reference_op(kernel_size, dilation, scale, border):
+    return lambda q, k, v: reference.local_argmax_attention(q, k, v, kernel_size, dilation, scale, border)
+
+
+def registered_ops(backend):
+    """(forward, backward) registered ops of a kernel backend."""
+    if backend == "triton":
+        _backend.op_for(OP, "triton")  # imports the Triton module and registers its fake and autograd
+        return (torch.ops.vsr_kernels.local_argmax_attention_triton,
+                torch.ops.vsr_kernels.local_argmax_attention_triton_backward)
+    return torch.ops.vsr_kernels.local_argmax_attention, torch.ops.vsr_kernels.local_argmax_attention_backward
 
 
 def loop_oracle(q, k, v, kernel_size, dilation, scale, border):
     """The definition in the README, one pixel at a time, independent of unfold and gather."""
-    B, T, _, H, W = k.shape
+    B, T, _, H_, W = k.shape
     r = kernel_size // 2
-    out = torch.zeros(B, T, v.shape[2], H, W, dtype=q.dtype)
-    score = torch.zeros(B, T, H, W, dtype=q.dtype)
-    index = torch.zeros(B, T, H, W, dtype=torch.int64)
-    for b, t, y, x in itertools.product(range(B), range(T), range(H), range(W)):
+    out = torch.zeros(B, T, v.shape[2], H_, W, dtype=q.dtype)
+    score = torch.zeros(B, T, H_, W, dtype=q.dtype)
+    index = torch.zeros(B, T, H_, W, dtype=torch.int64)
+    for b, t, y, x in itertools.product(range(B), range(T), range(H_), range(W)):
         best = None
         for j in range(kernel_size * kernel_size):
             cy, cx = y + (j // kernel_size - r) * dilation, x + (j % kernel_size - r) * dilation
-            inside = 0 <= cy < H and 0 <= cx < W
+            inside = 0 <= cy < H_ and 0 <= cx < W
             if not inside and border == "exclude":
                 continue
             s = scale * float(q[b, :, y, x] @ k[b, t, :, cy, cx]) if inside else 0.0
@@ -50,212 +100,43 @@ def loop_oracle(q, k, v, kernel_size, dilation, scale, border):
     return out, score, index
 
 
-def assert_same_outputs(got, want, **tol):
-    torch.testing.assert_close(got[0], want[0], equal_nan=True, **tol)
-    torch.testing.assert_close(got[1], want[1], equal_nan=True, **tol)
-    assert torch.equal(got[2], want[2])
+OUTPUT_NAMES = ("out", "score", "index", "grad_query", "grad_key", "grad_value")
+EXACT = dict(rtol=0, atol=0)
+FLOAT64 = dict(rtol=1e-12, atol=1e-12)
 
 
-def grads(fn, q, k, v, seed=1):
-    """Gradients of a random linear function of out and score."""
-    out, score, _ = fn(q, k, v)
-    g = torch.Generator().manual_seed(seed)
-    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum() + \
-        (score * torch.randn(score.shape, generator=g, dtype=score.dtype)).sum()
-    return torch.autograd.grad(loss, (q, k, v))
+def check_against_reference(backend, shape, window, scale, border, seed, canary=False, integers=False):
+    """Outputs and gradients of `backend` (on its device) equal the float64 reference's. With
+    `canary`, the backend reads every input and upstream gradient from a NaN-padded buffer
+    (the harness's variant number seed % 3: pixels flat, rows gapped, or rows gapped and
+    channels-last): a read outside any of them shows as NaN."""
+    q, k, v = make_inputs(*shape, seed=seed, integers=integers, requires_grad=True)
+    want = H.forward_and_grads(reference_op(*window, scale, border), [q, k, v])
+    inputs = H.leaf_copies([q, k, v], device=backend.device)
+    grad_outputs = [None if g is None else g.to(backend.device) for g in H.upstream_grads(want[0])]
+    if canary:
+        kw = list(H.CANARY_VARIANTS.values())[seed % len(H.CANARY_VARIANTS)]
+        inputs = H.canaries(inputs, **kw)
+        grad_outputs = [None if g is None else H.canary(g, **kw) for g in grad_outputs]
+    got = H.forward_and_grads(op(backend, *window, scale, border), inputs, grad_outputs=grad_outputs)
+    H.assert_same(got, want, OUTPUT_NAMES, **FLOAT64)
 
 
-def check_against_reference(backend, shape, window, scale, border, seed):
-    """Outputs and gradients of `backend` equal the reference's in float64."""
-    q, k, v = make_inputs(*shape, seed=seed, requires_grad=True)
-    call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
-        q, k, v, *window, scale=scale, border=border, backend=backend)
-    assert_same_outputs(call(backend)(q, k, v), call("reference")(q, k, v), rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+# ---------------------------------------------------------------------------------------
+# The oracle.
 
-
-# Shapes that exercise the borders: windows larger than the frame, 1-pixel frames, T = 1.
-SHAPES = [  # B, T, C, Cv, H, W
-    (2, 3, 4, 5, 6, 7), (1, 1, 3, 2, 5, 5), (1, 2, 2, 3, 1, 9), (2, 2, 5, 1, 3, 2), (1, 3, 1, 4, 8, 4),
-    (1, 2, 3, 2, 5, 1),
-]
-WINDOWS = [(1, 1), (3, 1), (3, 2), (9, 1), (5, 2)]  # kernel_size, dilation
-
-
-@pytest.mark.parametrize("border", ["exclude", "zeros"])
+@pytest.mark.parametrize("border", BORDERS)
 @pytest.mark.parametrize("kernel_size,dilation", [(1, 1), (3, 1), (3, 2), (5, 1)])
 def test_reference_matches_loop_oracle(border, kernel_size, dilation):
     q, k, v = make_inputs(2, 2, 3, 2, 4, 5, seed=kernel_size * 10 + dilation)
     want = loop_oracle(q, k, v, kernel_size, dilation, 0.5, border)
-    assert_same_outputs(reference.local_argmax_attention(q, k, v, kernel_size, dilation, 0.5, border), want)
+    got = reference.local_argmax_attention(q, k, v, kernel_size, dilation, 0.5, border)
+    H.assert_same(got, want, **FLOAT64)
 
 
-@needs_cpu_kernels
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("border", ["exclude", "zeros"])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("window", WINDOWS)
-def test_matches_reference_float64(backend, border, shape, window):
-    seed = zlib.crc32(repr((border, shape, window)).encode())
-    check_against_reference(backend, shape, window, random.Random(seed).uniform(-2, 2), border, seed)
-
-
-def _random_case(seed):
-    rng = random.Random(seed)
-    shape = (rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 8), rng.randint(1, 8), rng.randint(1, 12),
-             rng.randint(1, 12))
-    return shape, (rng.choice([1, 3, 5, 7, 9]), rng.randint(1, 3)), rng.choice(["exclude", "zeros"])
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("seed", range(25))
-def test_random_sweep_matches_reference(backend, seed):
-    shape, window, border = _random_case(seed)
-    check_against_reference(backend, shape, window, 0.5, border, seed)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("border", ["exclude", "zeros"])
-def test_float32_close_to_float64_reference(border):
-    q, k, v = make_inputs(2, 3, 16, 8, 12, 10, seed=7)
-    want = reference.local_argmax_attention(q, k, v, 5, 1, 0.25, border)
-    got = vsr_kernels.local_argmax_attention(q.float(), k.float(), v.float(), 5, 1, 0.25, border, "cpu")
-    agree = got[2] == want[2]
-    assert agree.float().mean() > 0.99  # float32 rounding may flip near-ties only
-    torch.testing.assert_close(got[1][agree].double(), want[1][agree], rtol=1e-5, atol=1e-5)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("border", ["exclude", "zeros"])
-def test_planted_ties_pick_the_lowest_candidate(border):
-    # Integer-valued inputs make many candidates score exactly the same.
-    g = torch.Generator().manual_seed(3)
-    q = torch.randint(-1, 2, (2, 2, 6, 6), generator=g).double()
-    k = torch.randint(-1, 2, (2, 3, 2, 6, 6), generator=g).double()
-    v = torch.randn(2, 3, 3, 6, 6, generator=g, dtype=torch.float64)
-    want = loop_oracle(q, k, v, 3, 1, 1.0, border)
-    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend="cpu")
-    assert_same_outputs(got, want)
-    assert_same_outputs(reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border), want)
-    # scale 0 ties every candidate: the first one inside the window wins.
-    _, _, index = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.0, border, backend="cpu")
-    first = reference.local_argmax_attention(q, k, v, 3, 1, 0.0, border)[2]
-    assert torch.equal(index, first)
-    assert index[0, 0, 0, 0] == (0 if border == "zeros" else 4)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("border", ["exclude", "zeros"])
-@pytest.mark.parametrize("window", [(3, 1), (3, 2)])
-def test_gradcheck(border, window):
-    q, k, v = make_inputs(2, 2, 3, 2, 4, 5, seed=11, requires_grad=True)
-    fn = lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
-        q, k, v, *window, scale=0.7, border=border, backend="cpu")[:2]
-    assert torch.autograd.gradcheck(fn, (q, k, v))
-
-
-@needs_cpu_kernels
-def test_index_is_not_differentiable():
-    q, k, v = make_inputs(1, 2, 3, 2, 4, 4, requires_grad=True)
-    out, score, index = vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu")
-    assert out.requires_grad and score.requires_grad and not index.requires_grad
-    assert index.dtype == torch.int64
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("border", [False, True])
-def test_opcheck(border):
-    q, k, v = make_inputs(2, 2, 3, 4, 5, 6, requires_grad=True)
-    torch.library.opcheck(torch.ops.vsr_kernels.local_argmax_attention, (q, k, v, 3, 2, 0.5, border))
-    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.5, border)
-    go, gs = torch.randn_like(out), torch.randn_like(score)
-    torch.library.opcheck(torch.ops.vsr_kernels.local_argmax_attention_backward,
-                          (go, gs, q.detach(), k.detach(), v.detach(), score.detach(), index, 3, 2, 0.5, border))
-
-
-@needs_cpu_kernels
-def test_torch_compile_fullgraph_matches_eager():
-    def step(q, k, v):
-        out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.5, "zeros", backend="cpu")
-        return (out.sin().sum() + score.square().sum())
-
-    q, k, v = make_inputs(1, 2, 4, 3, 6, 5, requires_grad=True)
-    compiled = torch.compile(step, fullgraph=True)
-    eager_loss, compiled_loss = step(q, k, v), compiled(q, k, v)
-    torch.testing.assert_close(compiled_loss, eager_loss)
-    for got, want in zip(torch.autograd.grad(compiled_loss, (q, k, v)), torch.autograd.grad(eager_loss, (q, k, v))):
-        torch.testing.assert_close(got, want)
-
-
-@needs_cpu_kernels
-def test_torch_compile_with_channels_last_query():
-    # Inductor checks the real gradients' strides against the fake ones: they must agree
-    # whatever the inputs' layout.
-    def step(q, k, v):
-        out, score, _ = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 0.5, backend="cpu")
-        return out.sum() + score.sum()
-
-    q, k, v = make_inputs(2, 2, 6, 3, 5, 4)
-    q = q.contiguous(memory_format=torch.channels_last).requires_grad_()
-    k, v = k.requires_grad_(), v.requires_grad_()
-    compiled = torch.compile(step, fullgraph=True)
-    for got, want in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
-                         torch.autograd.grad(step(q, k, v), (q, k, v))):
-        torch.testing.assert_close(got, want)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("backend", ["reference"] + CPU_BACKENDS)
-def test_batch_zero(backend):
-    q, k, v = make_inputs(0, 3, 4, 5, 6, 7, requires_grad=True)
-    out, score, index = vsr_kernels.local_argmax_attention(q, k, v, 3, backend=backend)
-    assert out.shape == (0, 3, 5, 6, 7) and score.shape == (0, 3, 6, 7) and index.shape == (0, 3, 6, 7)
-    gq, gk, gv = torch.autograd.grad(out.sum() + score.sum(), (q, k, v))
-    assert gq.shape == q.shape and gk.shape == k.shape and gv.shape == v.shape
-
-
-@needs_cpu_kernels
-def test_non_contiguous_inputs_match_contiguous():
-    q, k, v = make_inputs(2, 3, 4, 5, 7, 6, seed=5)
-    # The same values behind transposed, strided and permuted layouts.
-    qn = q.transpose(-1, -2).contiguous().transpose(-1, -2)
-    kn = torch.empty(2, 3, 8, 7, 6, dtype=k.dtype)[:, :, ::2].copy_(k)
-    vn = v.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
-    assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
-    fn = lambda q, k, v: vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.3, backend="cpu")  # noqa: E731
-    strided = [t.requires_grad_() for t in (qn, kn, vn)]
-    dense = [t.requires_grad_() for t in (q, k, v)]
-    assert_same_outputs(fn(*strided), fn(*dense), rtol=0, atol=0)
-    for got, want in zip(grads(fn, *strided), grads(fn, *dense)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-
-@needs_cpu_kernels
-@pytest.mark.parametrize("border", ["exclude", "zeros"])
-def test_nan_propagates(border):
-    q, k, v = make_inputs(1, 2, 3, 2, 6, 6, seed=9)
-    q[0, 1, 2, 2] = float("nan")  # one query pixel
-    k[0, 1, 0, 4, 4] = float("nan")  # one key pixel of frame 1
-    v[0, 0, 1, 0, 0] = float("nan")  # one value pixel of frame 0
-    got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend="cpu")
-    want = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border)
-    assert_same_outputs(got, want)
-    assert got[1][0, :, 2, 2].isnan().all()  # the NaN query poisons its scores in every frame
-    assert got[1][0, 1, 3:6, 3:6].isnan().all()  # every window holding the NaN key selects it
-    if border == "zeros":  # with zero padding a NaN query poisons even the zero candidates
-        q[0, 0, 0, 0] = float("nan")
-        got = vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, border, backend="cpu")
-        assert_same_outputs(got, reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border))
-
-
-@needs_cpu_kernels
-def test_auto_backend_on_cpu_is_the_cpu_kernel():
-    q, k, v = make_inputs(1, 2, 3, 4, 5, 6)
-    assert_same_outputs(vsr_kernels.local_argmax_attention(q, k, v, 3),
-                        vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu"), rtol=0, atol=0)
-
+# ---------------------------------------------------------------------------------------
+# Bad inputs and size mismatches through the public function (fast: first). The registered
+# ops called directly are tested further down.
 
 def _bad_input_cases():
     q, k, v = make_inputs(2, 3, 4, 5, 6, 7, dtype=torch.float32)
@@ -276,7 +157,8 @@ def _bad_input_cases():
     yield "border", dict(ok, border="reflect"), ValueError, "border must be one of 'exclude', 'zeros'"
     yield "backend", dict(ok, backend="opencl"), ValueError, "backend must be one of"
     yield "scale", dict(ok, scale="1"), TypeError, "scale must be a real number"
-    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, "key must have the dtype of query (torch.float32)"
+    yield "dtype mismatch", dict(ok, key=k.double()), TypeError, \
+        "key must have the dtype of query (torch.float32)"
     yield "integer dtype", dict(ok, value=v.long()), TypeError, "value must have a floating-point dtype"
     yield "device mismatch", dict(ok, value=v.to("meta")), ValueError, "value must be on the device of query"
     yield "cuda backend on cpu", dict(ok, backend="cuda"), ValueError, "backend='cuda' cannot run"
@@ -289,6 +171,364 @@ def test_bad_input_raises_before_any_kernel(case):
         vsr_kernels.local_argmax_attention(**kwargs)
 
 
+MISMATCH_SHAPE = (2, 2, 3, 2, 3, 4)  # B, T, C, Cv, H, W: every size >= 2, so one smaller is not empty
+FORWARD_AGREE = {
+    "B": [("query", 0), ("key", 0), ("value", 0)],
+    "T": [("key", 1), ("value", 1)],
+    "C": [("query", 1), ("key", 2)],
+    "H": [("query", 2), ("key", 3), ("value", 3)],
+    "W": [("query", 3), ("key", 4), ("value", 4)],
+}
+BACKWARD_AGREE = {
+    "B": [("grad_out", 0), ("grad_score", 0), ("query", 0), ("key", 0), ("value", 0), ("score", 0),
+          ("index", 0)],
+    "T": [("grad_out", 1), ("grad_score", 1), ("key", 1), ("value", 1), ("score", 1), ("index", 1)],
+    "C": [("query", 1), ("key", 2)],
+    "Cv": [("grad_out", 2), ("value", 2)],
+    "H": [("grad_out", 3), ("grad_score", 2), ("query", 2), ("key", 3), ("value", 3), ("score", 2),
+          ("index", 2)],
+    "W": [("grad_out", 4), ("grad_score", 3), ("query", 3), ("key", 4), ("value", 4), ("score", 3),
+          ("index", 3)],
+}
+
+
+def _forward_inputs(device="cpu"):
+    return dict(zip(NAMES, make_inputs(*MISMATCH_SHAPE, seed=31, device=device)))
+
+
+def _backward_inputs(device="cpu"):
+    q, k, v = make_inputs(*MISMATCH_SHAPE, seed=31)
+    out, score, index = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, "zeros")
+    go, gs = H.upstream_grads([out, score])
+    named = dict(grad_out=go, grad_score=gs, query=q, key=k, value=v, score=score, index=index)
+    return {n: t.to(device) for n, t in named.items()}
+
+
+FORWARD_MISMATCHES = list(H.size_mismatches(_forward_inputs(), FORWARD_AGREE))
+BACKWARD_MISMATCHES = list(H.size_mismatches(_backward_inputs(), BACKWARD_AGREE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mismatch", FORWARD_MISMATCHES, ids=[m.id for m in FORWARD_MISMATCHES])
+def test_size_mismatch_public_function(backend, mismatch):
+    """Every size that must agree, one larger and one smaller, on every input: a ValueError
+    naming the size, before any kernel runs."""
+    inputs = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
+    letter = next(label for label, members in FORWARD_AGREE.items()
+                  if (mismatch.name, mismatch.dim) in members)
+    with pytest.raises(ValueError, match=f"must have {letter} = "):
+        vsr_kernels.local_argmax_attention(**inputs, kernel_size=3, border="zeros", backend=str(backend))
+
+
+# ---------------------------------------------------------------------------------------
+# Every backend against the reference, float64: fixed and random sweeps, plain and canary.
+
+# Shapes that exercise the borders: windows larger than the frame, 1-pixel frames, T = 1.
+SHAPES = [  # B, T, C, Cv, H, W
+    (2, 3, 4, 5, 6, 7), (1, 1, 3, 2, 5, 5), (1, 2, 2, 3, 1, 9), (2, 2, 5, 1, 3, 2), (1, 3, 1, 4, 8, 4),
+    (1, 2, 3, 2, 5, 1),
+]
+WINDOWS = [(1, 1), (3, 1), (3, 2), (9, 1), (5, 2)]  # kernel_size, dilation
+# The Triton sweep (the interpreter is slow). Together: both borders; kernel 1, 3, 5 and 9,
+# also larger than the frame; dilation 2; T = 1; H = 1 or W = 2; rows of more than BLOCK_P
+# pixels (programs own runs of one row); every channel tile of the dispatcher (the query in
+# registers up to 16 channels, looped over beyond; 32 in the backward) and channel counts
+# that are not tile multiples.
+TRITON_CASES = [
+    ((2, 3, 4, 5, 6, 7), (3, 1), "exclude"),
+    ((2, 3, 4, 5, 6, 7), (3, 2), "zeros"),
+    ((1, 1, 3, 2, 5, 5), (9, 1), "zeros"),
+    ((1, 1, 3, 2, 5, 5), (9, 1), "exclude"),
+    ((1, 2, 2, 3, 1, 9), (1, 1), "exclude"),
+    ((2, 2, 5, 1, 3, 2), (5, 1), "zeros"),
+    ((1, 1, 20, 40, 4, 4), (3, 1), "exclude"),
+    ((1, 1, 40, 20, 4, 3), (3, 2), "zeros"),
+    ((1, 2, 70, 3, 5, 6), (3, 2), "exclude"),
+    ((1, 1, 2, 2, 12, 12), (3, 1), "exclude"),
+    ((1, 1, 2, 3, 3, 131), (3, 2), "zeros"),
+]
+FIXED_CASES = [(s, w, b) for b in BORDERS for s in SHAPES for w in WINDOWS]
+
+
+def _case_id(case):
+    s, w, b = case
+    return f"{'x'.join(map(str, s))}-k{w[0]}d{w[1]}-{b}"
+
+
+def _sweep_params(cases_for):
+    params = []
+    for param in BACKENDS:
+        backend = param.values[0]
+        for case in cases_for(backend.name):
+            for canary in ("plain", "canary"):
+                params.append(pytest.param(backend, case, canary, marks=param.marks,
+                                           id=f"{backend}-{_case_id(case)}-{canary}"))
+    return params
+
+
+@pytest.mark.parametrize("backend,case,canary",
+                         _sweep_params(lambda b: TRITON_CASES if b == "triton" else FIXED_CASES))
+def test_matches_reference_float64(backend, case, canary):
+    shape, window, border = case
+    seed = zlib.crc32(repr((shape, window, border)).encode())
+    scale = random.Random(seed).uniform(-2, 2)
+    check_against_reference(backend, shape, window, scale, border, seed, canary == "canary")
+
+
+def _random_case(seed):
+    rng = random.Random(seed)
+    shape = (rng.randint(1, 2), rng.randint(1, 3), rng.randint(1, 8), rng.randint(1, 8), rng.randint(1, 12),
+             rng.randint(1, 12))
+    return shape, (rng.choice([1, 3, 5, 7, 9]), rng.randint(1, 3)), rng.choice(BORDERS)
+
+
+# The interpreter is slow: the Triton random sweep takes six of the cheaper seeds (kernel 1, 5
+# and 9, both borders, odd ones with canaries); 25 seeds elsewhere.
+RANDOM_SEEDS = {"triton": (2, 6, 7, 9, 15, 20)}
+
+
+@pytest.mark.parametrize("backend,seed", [
+    pytest.param(p.values[0], seed, marks=p.marks, id=f"{p.values[0]}-{seed}")
+    for p in BACKENDS for seed in RANDOM_SEEDS.get(p.values[0].name, range(25))])
+def test_random_sweep_matches_reference(backend, seed):
+    """Odd seeds read canary inputs."""
+    shape, window, border = _random_case(seed)
+    check_against_reference(backend, shape, window, 0.5, border, seed, canary=seed % 2 == 1)
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("reference", "cpu", "cuda")))
+@pytest.mark.parametrize("border", BORDERS)
+def test_float32_close_to_float64_reference(backend, border):
+    q, k, v = make_inputs(2, 3, 16, 8, 12, 10, seed=7)
+    want = reference.local_argmax_attention(q, k, v, 5, 1, 0.25, border)
+    got = op(backend, 5, 1, 0.25, border)(*(t.float().to(backend.device) for t in (q, k, v)))
+    got = [t.cpu() for t in got]
+    agree = got[2] == want[2]
+    assert agree.float().mean() > 0.99  # float32 rounding may flip near-ties only
+    torch.testing.assert_close(got[1][agree].double(), want[1][agree], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Ties, NaN, gradients, registration, compile.
+
+@interpreter_warnings
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", BORDERS)
+def test_planted_ties_pick_the_lowest_candidate(backend, border):
+    # Integer-valued inputs make many candidates score exactly the same.
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-1, 2, (2, 2, 6, 6), generator=g).double()
+    k = torch.randint(-1, 2, (2, 3, 2, 6, 6), generator=g).double()
+    v = torch.randn(2, 3, 3, 6, 6, generator=g, dtype=torch.float64)
+    dev = backend.device
+    got = op(backend, 3, 1, 1.0, border)(q.to(dev), k.to(dev), v.to(dev))
+    H.assert_same(got, loop_oracle(q, k, v, 3, 1, 1.0, border), **FLOAT64)
+    # Duplicated key columns: neighbours along x tie exactly; gradients too.
+    q, k, v = make_inputs(1, 2, 3, 2, 6, 6, seed=3, integers=True, requires_grad=True)
+    with torch.no_grad():
+        k[..., 1::2] = k[..., 0::2]
+    want = H.forward_and_grads(reference_op(3, 1, 1.0, border), [q, k, v])
+    H.assert_same(H.forward_and_grads(op(backend, 3, 1, 1.0, border), H.leaf_copies([q, k, v], device=dev)),
+                  want, OUTPUT_NAMES, **FLOAT64)
+    # scale 0 ties every candidate: the first wins, j = 0 with zeros, else the first in the frame.
+    for dilation in (1, 2):
+        index = op(backend, 3, dilation, 0.0, border)(q.to(dev), k.to(dev), v.to(dev))[2].cpu()
+        want = loop_oracle(q.detach(), k.detach(), v.detach(), 3, dilation, 0.0, border)[2]
+        assert torch.equal(index, want)
+        assert index[0, 0, 0, 0] == (0 if border == "zeros" else 4)
+
+
+@interpreter_warnings
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", BORDERS)
+def test_nan_propagates(backend, border):
+    """NaN ranks above every number and the first NaN wins; a NaN or inf query poisons even
+    the zero-padded candidates. Gradients are compared with the C++ CPU backend's, which
+    (unlike the reference's autograd) never multiply an unselected NaN key by zero."""
+    dev = backend.device
+    q, k, v = make_inputs(1, 2, 3, 2, 6, 6, seed=9)
+    q[0, 1, 2, 2] = float("nan")  # one query pixel: every candidate of it scores NaN, no other
+    out, score, _ = op(backend, 3, 1, 1.0, border)(q.to(dev), k.to(dev), v.to(dev))
+    assert score[0, :, 2, 2].isnan().all() and out[0, :, :, 2, 2].isnan().all()
+    assert score.isnan().sum() == 2
+    k[0, 1, 0, 4, 4] = float("nan")  # one key pixel of frame 1
+    v[0, 0, 1, 0, 0] = float("nan")  # one value pixel of frame 0
+    q[0, 0, 0, 0] = float("inf")
+    for poison_corner in (False, True):
+        if poison_corner:  # with zero padding a NaN query poisons even the zero candidates
+            q[0, 0, 0, 0] = float("nan")
+        inputs = H.leaf_copies([q, k, v], device=dev)
+        got = H.forward_and_grads(op(backend, 3, 1, 1.0, border), inputs)
+        H.assert_same(got[0], reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border), **FLOAT64)
+        assert got[0][1][0, :, 2, 2].isnan().all()  # the NaN query poisons its scores in every frame
+        assert got[0][1][0, 1, 3:6, 3:6].isnan().all()  # every window holding the NaN key selects it
+        if HAS_CPU_OP and backend.name != "cpu" and backend.name != "reference":
+            want = H.forward_and_grads(op("cpu", 3, 1, 1.0, border), H.leaf_copies([q, k, v]))
+            H.assert_same(got, want, OUTPUT_NAMES, **FLOAT64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("window", [(3, 1), (3, 2)])
+def test_gradcheck(backend, border, window):
+    if backend.name == "triton" and window != (3, 2):
+        pytest.skip("the interpreter is slow: one window")
+    q, k, v = make_inputs(2, 2, 3, 2, 4, 5, seed=11, device=backend.device, requires_grad=True)
+    if backend.name == "triton":
+        q, k, v = H.leaf_copies([q[:1], k[:1], v[:1]])
+    fn = lambda q, k, v: op(backend, *window, 0.7, border)(q, k, v)[:2]  # noqa: E731
+    # fast_mode where the full Jacobian is slow to build: the interpreter, and the reference's unfold
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=backend.name in ("triton", "reference"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_is_not_differentiable(backend):
+    q, k, v = make_inputs(1, 2, 3, 2, 4, 4, device=backend.device, requires_grad=True)
+    out, score, index = op(backend, 3, 1, 1.0, "exclude")(q, k, v)
+    assert out.requires_grad and score.requires_grad and not index.requires_grad
+    assert index.dtype == torch.int64
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("zero_border", [False, True])
+def test_opcheck(backend, zero_border):
+    forward, backward = registered_ops(backend.name)
+    shape = (1, 2, 3, 4, 4, 5) if backend.name == "triton" else (2, 2, 3, 4, 5, 6)
+    q, k, v = make_inputs(*shape, device=backend.device, requires_grad=True)
+    torch.library.opcheck(forward, (q, k, v, 3, 2, 0.5, zero_border))
+    out, score, index = forward(q, k, v, 3, 2, 0.5, zero_border)
+    go, gs = H.upstream_grads([out, score])
+    torch.library.opcheck(backward,
+                          (go, gs, q.detach(), k.detach(), v.detach(), score.detach(), index, 3, 2, 0.5,
+                           zero_border))
+
+
+def _compile_backend(backend):
+    return "aot_eager" if backend.name == "triton" else "inductor"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    def step(q, k, v):
+        out, score, _ = op(backend, 3, 1, 0.5, "zeros")(q, k, v)
+        return out.sin().sum() + score.square().sum()
+
+    q, k, v = make_inputs(1, 2, 4, 3, 6, 5, device=backend.device, requires_grad=True)
+    compiled = torch.compile(step, fullgraph=True, backend=_compile_backend(backend))
+    eager_loss, compiled_loss = step(q, k, v), compiled(q, k, v)
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for got, want in zip(torch.autograd.grad(compiled_loss, (q, k, v)),
+                         torch.autograd.grad(eager_loss, (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_torch_compile_with_channels_last_query(backend):
+    # Inductor checks the real gradients' strides against the fake ones: they must agree
+    # whatever the inputs' layout.
+    def step(q, k, v):
+        out, score, _ = op(backend, 3, 1, 0.5, "exclude")(q, k, v)
+        return out.sum() + score.sum()
+
+    q, k, v = make_inputs(2, 2, 6, 3, 5, 4, device=backend.device)
+    q = q.contiguous(memory_format=torch.channels_last).requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    compiled = torch.compile(step, fullgraph=True, backend=_compile_backend(backend))
+    for got, want in zip(torch.autograd.grad(compiled(q, k, v), (q, k, v)),
+                         torch.autograd.grad(step(q, k, v), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------------------------------
+# Empty inputs, layouts, determinism.
+
+EMPTY_SHAPES = {"B0": (0, 3, 4, 5, 6, 7), "T0": (2, 0, 4, 5, 6, 7), "H0": (2, 3, 4, 5, 0, 7)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("empty", list(EMPTY_SHAPES))
+def test_empty_batch_frames_and_rows(backend, empty):
+    shape = EMPTY_SHAPES[empty]
+    q, k, v = make_inputs(*shape, device=backend.device, requires_grad=True)
+    out, score, index = op(backend, 3, 1, 1.0, "exclude")(q, k, v)
+    B, T, _, Cv, H_, W = shape
+    assert out.shape == (B, T, Cv, H_, W) and score.shape == index.shape == (B, T, H_, W)
+    grads = torch.autograd.grad(out.sum() + score.sum(), (q, k, v))
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert all(bool((g == 0).all()) for g in grads)  # with T = 0, no frame feeds the query
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs_match_contiguous(backend):
+    q, k, v = make_inputs(2, 2, 4, 5, 7, 6, seed=5, device=backend.device)
+    # The same values behind transposed, strided and permuted (channels-last) layouts.
+    qn = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+    kn = torch.empty(2, 2, 8, 7, 6, dtype=k.dtype, device=k.device)[:, :, ::2].copy_(k)
+    vn = v.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
+    fn = op(backend, 3, 2, 0.3, "zeros")
+    strided = H.forward_and_grads(fn, H.leaf_copies([qn, kn, vn]))
+    H.assert_same(strided, H.forward_and_grads(fn, H.leaf_copies([q, k, v])), OUTPUT_NAMES, **EXACT)
+    if backend.name != "reference":  # autograd's gradients follow the inputs' layout
+        assert all(g.is_contiguous() for g in strided[1])  # gradients are contiguous, like every backend's
+
+
+LAYOUT_CASES = H.layout_assignments(NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("assignment", [a for _, a in LAYOUT_CASES], ids=[i for i, _ in LAYOUT_CASES])
+def test_layout_sweep(backend, assignment):
+    """Each input alone, then all mixed, in every layout of the sweep (channels-last, H/W
+    strides swapped, stride 0 along B, a sliced view with stride 2 and an offset): the
+    backend equals itself on contiguous copies and the float64 reference, and its gradients
+    are contiguous (the kernel backends')."""
+    inputs = make_inputs(2, 2, 3, 2, 4, 5, seed=21, device=backend.device, requires_grad=True)
+    laid = [H.apply_layout(t, assignment[n]) for n, t in zip(NAMES, inputs)]
+    dense = H.leaf_copies([t.contiguous() for t in laid])
+    fn = op(backend, 3, 1, -0.7, "zeros")
+    got = H.forward_and_grads(fn, laid)
+    H.assert_same(got, H.forward_and_grads(fn, dense), OUTPUT_NAMES, **FLOAT64)
+    want = H.forward_and_grads(reference_op(3, 1, -0.7, "zeros"), H.leaf_copies(dense, device="cpu"))
+    H.assert_same(got, want, OUTPUT_NAMES, **FLOAT64)
+    if backend.name != "reference":
+        assert all(g.is_contiguous() for g in got[1])
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_non_contiguous_upstream_gradients(backend):
+    q, k, v = make_inputs(1, 2, 3, 4, 5, 6, seed=6, device=backend.device)
+    out, score, index = op(backend, 3, 1, 1.0, "zeros")(q, k, v)
+    go, gs = H.upstream_grads([out, score])
+    strided_go = go.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    strided_gs = gs.mT.contiguous().mT
+    backward = registered_ops(backend.name)[1]
+    args = (q, k, v, score, index, 3, 1, 1.0, True)
+    H.assert_same(backward(strided_go, strided_gs, *args), backward(go, gs, *args), **EXACT)
+    H.assert_same(backward(H.canary(go), H.canary(gs), *args), backward(go, gs, *args), **EXACT)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_backward_is_deterministic(backend):
+    q, k, v = make_inputs(1, 2, 3, 4, 6, 6, seed=8, integers=True, device=backend.device)
+    out, score, index = op(backend, 5, 1, 0.3, "exclude")(q, k, v)
+    go, gs = H.upstream_grads([out, score])
+    backward = registered_ops(backend.name)[1]
+    args = (go, gs, q, k, v, score, index, 5, 1, 0.3, False)
+    for first, second in zip(backward(*args), backward(*args)):
+        assert torch.equal(first, second)
+
+
+@needs_cpu_kernels
+def test_auto_backend_on_cpu_is_the_cpu_kernel():
+    q, k, v = make_inputs(1, 2, 3, 4, 5, 6)
+    H.assert_same(vsr_kernels.local_argmax_attention(q, k, v, 3),
+                  vsr_kernels.local_argmax_attention(q, k, v, 3, backend="cpu"), **EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# Autocast.
+
 @needs_cpu_kernels
 def test_cpu_autocast_runs_mixed_half_precision_inputs_in_float32():
     q, k, v = (t.bfloat16().requires_grad_() for t in make_inputs(1, 2, 4, 3, 5, 6, dtype=torch.float32))
@@ -297,7 +537,7 @@ def test_cpu_autocast_runs_mixed_half_precision_inputs_in_float32():
         got = vsr_kernels.local_argmax_attention(q, kf, v, 3, backend="cpu")
     want = vsr_kernels.local_argmax_attention(q.float(), k.float(), v.float(), 3, backend="cpu")
     assert got[0].dtype == got[1].dtype == torch.float32
-    assert_same_outputs(got, want, rtol=0, atol=0)
+    H.assert_same(got, want, **EXACT)
     gq, gk, gv = torch.autograd.grad(got[0].sum() + got[1].sum(), (q, kf, v))
     assert (gq.dtype, gk.dtype, gv.dtype) == (torch.bfloat16, torch.float32, torch.bfloat16)
     with pytest.raises(TypeError, match="key must have the dtype of query"):  # no autocast: no casts
@@ -312,6 +552,351 @@ def test_cpu_autocast_leaves_float64_alone():
     assert out.dtype == score.dtype == torch.float64
 
 
+def _assert_rejected(outcome, mismatch):
+    assert outcome.kind == "raised", f"{mismatch.id}: the op {outcome.kind} {outcome.error}".rstrip() + \
+        " instead of rejecting mismatched sizes"
+    assert outcome.error in ("RuntimeError", "ValueError"), \
+        f"{mismatch.id}: {outcome.error}: {outcome.message}"
+    assert any(name in outcome.message for name in mismatch.group), \
+        f"{mismatch.id}: the error names none of {mismatch.group}: {outcome.message}"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mismatch", FORWARD_MISMATCHES, ids=[m.id for m in FORWARD_MISMATCHES])
+def test_size_mismatch_registered_forward_op(backend, mismatch):
+    """The registered forward op called directly (no Python checks in front) rejects it too.
+    Run in a forked child: an unchecked kernel may read out of bounds and fault."""
+    forward, _ = registered_ops(backend.name)
+    inputs = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
+    outcome = H.call_isolated(
+        lambda: forward(inputs["query"], inputs["key"], inputs["value"], 3, 1, 1.0, True))
+    _assert_rejected(outcome, mismatch)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mismatch", BACKWARD_MISMATCHES, ids=[m.id for m in BACKWARD_MISMATCHES])
+def test_size_mismatch_registered_backward_op(backend, mismatch):
+    _, backward = registered_ops(backend.name)
+    i = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
+    args = [i[name] for name in ("grad_out", "grad_score", "query", "key", "value", "score", "index")]
+    outcome = H.call_isolated(lambda: backward(*args, 3, 1, 1.0, True))
+    _assert_rejected(outcome, mismatch)
+
+
+# ---------------------------------------------------------------------------------------
+# Triton specifics: launch configurations and low precision.
+
+@needs_triton
+def test_triton_cases_cover_every_launch_config():
+    C, Cv = 2, 3  # positions in a TRITON_CASES shape
+    channels = (("forward", C), ("score_grad", Cv), ("query_grad", C), ("gather_grad", C),
+                ("gather_grad", Cv))
+    launched = {triton_module.launch_config(kernel, shape[dim]) for shape, _, _ in TRITON_CASES
+                for kernel, dim in channels}
+    assert launched == set(triton_module.all_launch_configs())
+    assert any(H_ * W > BLOCK_P for (_, _, _, _, H_, W), _, _ in TRITON_CASES)
+
+
+@needs_triton
+def test_triton_channel_tiles_of_the_dispatcher():
+    def forward(channels):
+        return dict(triton_module.launch_config("forward", channels).constexprs)
+
+    assert forward(1) == {"BLOCK_C": 16, "BLOCK_P": BLOCK_P, "QUERY_IN_REGISTERS": True}
+    assert forward(16)["QUERY_IN_REGISTERS"]
+    assert forward(17) == forward(64) == {"BLOCK_C": 16, "BLOCK_P": BLOCK_P, "QUERY_IN_REGISTERS": False}
+    for kernel, largest in MAX_CHANNEL_BLOCK.items():
+        assert dict(triton_module.launch_config(kernel, 1000).constexprs)["BLOCK_C"] == largest
+
+
+def _as_double(result):
+    return tuple(tuple(t.double() if t.is_floating_point() else t for t in part) for part in result)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_low_precision_exact_on_integer_inputs(dtype):
+    """Integer-valued inputs make every product and sum exact in float32 accumulation, and
+    every output representable: the result must equal the float64 reference, ties included."""
+    q, k, v = make_inputs(1, 2, 4, 3, 6, 5, seed=12, integers=True, device=H.DEVICE)
+    fn = (3, 1, 1.0, "zeros")
+    got = H.forward_and_grads(op("triton", *fn), H.leaf_copies([q, k, v], dtype), integers=True)
+    want = H.forward_and_grads(reference_op(*fn), H.leaf_copies([q, k, v]), integers=True)
+    assert all(t.dtype == dtype for t in (got[0][0], got[0][1], *got[1]))
+    H.assert_same(_as_double(got), want, **EXACT)
+
+
+# Relative error of one rounding to the dtype (the interpreter's float32 -> bfloat16 cast
+# truncates, a whole unit in the last place) plus float32 accumulation.
+LOW_PRECISION_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(LOW_PRECISION_RTOL))
+def test_triton_low_precision_close_to_float64_reference(dtype):
+    q, k, v = make_inputs(1, 2, 24, 6, 6, 7, seed=13, device=H.DEVICE)
+    q, k, v = (t.to(dtype).double() for t in (q, k, v))  # the reference sees the rounded inputs
+    fn = (5, 1, 0.3, "exclude")
+    got = H.forward_and_grads(op("triton", *fn), H.leaf_copies([q, k, v], dtype))
+    want = H.forward_and_grads(reference_op(*fn), H.leaf_copies([q, k, v]))
+    assert torch.equal(got[0][2], want[0][2])  # no near-ties at this seed: the same candidates
+    rtol = LOW_PRECISION_RTOL[dtype]
+    for a, b in zip((*got[0][:2], *got[1]), (*want[0][:2], *want[1])):
+        assert a.dtype == dtype
+        # The gradients sum terms of either sign: errors scale with the largest term.
+        torch.testing.assert_close(a.double(), b, rtol=2 * rtol, atol=2 * rtol * b.abs().max().item())
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only: the CUDA and Triton backends on CUDA tensors, in every dtype, against the
+# float64 reference, and what only a GPU shows (streams, devices, large tensors).
+#
+# Scores rounded differently may order a near-tie differently from float64. So each pixel's
+# selection must score within tolerance of the float64 maximum, most selections must equal
+# the reference's, out and score are compared where they do, and gradients are compared with
+# the float64 gradients of the selection the backend made.
+
+GPU_SCALE = 0.5  # exact in every dtype
+# dtype: (rtol, atol, least fraction of indices equal to the float64 reference's)
+GPU_TOLERANCES = {
+    torch.float64: (1e-10, 1e-10, 1.0),
+    torch.float32: (1e-5, 1e-4, 0.999),
+    torch.float16: (2e-3, 2e-3, 0.99),
+    torch.bfloat16: (1.6e-2, 1.6e-2, 0.99),
+}
+GPU_SHAPES = [  # (B, T, C, Cv, H, W, kernel_size, dilation)
+    pytest.param((2, 3, 16, 8, 11, 13, 1, 1), id="kernel1"),
+    pytest.param((2, 3, 16, 8, 11, 13, 3, 1), id="kernel3"),
+    pytest.param((2, 3, 16, 8, 11, 13, 9, 1), id="kernel9"),
+    pytest.param((2, 3, 16, 8, 11, 13, 3, 2), id="dilation2"),
+    pytest.param((2, 3, 16, 8, 4, 3, 9, 1), id="frame_smaller_than_window"),
+    pytest.param((3, 1, 8, 5, 9, 17, 9, 2), id="one_frame"),
+]
+GPU_BACKENDS = [pytest.param(name, marks=[pytest.mark.gpu, needs_cuda]) for name in ("cuda", "triton")]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request):
+    torch.manual_seed(0)
+    reason = H.unavailable(OP, request.param)
+    if reason is not None:
+        pytest.skip(f"backend={request.param!r} cannot run: {reason}")
+    return request.param
+
+
+def _gpu_inputs(B, T, C, Cv, H_, W, dtype, device="cuda"):
+    """query, key, value: standard normal (never zero), requiring grad."""
+    sizes = ((B, C, H_, W), (B, T, C, H_, W), (B, T, Cv, H_, W))
+    return [torch.randn(s, dtype=torch.float64, device=device).to(dtype).requires_grad_() for s in sizes]
+
+
+class Result(NamedTuple):
+    out: torch.Tensor
+    score: torch.Tensor
+    index: torch.Tensor
+    grad_out: torch.Tensor
+    grad_score: torch.Tensor
+    grad_query: torch.Tensor
+    grad_key: torch.Tensor
+    grad_value: torch.Tensor
+
+
+def _run(backend, query, key, value, kernel_size, dilation, border, grad_out=None, grad_score=None):
+    out, score, index = vsr_kernels.local_argmax_attention(query, key, value, kernel_size, dilation, GPU_SCALE,
+                                                           border, backend=backend)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    grad_score = torch.randn_like(score) if grad_score is None else grad_score
+    grads = torch.autograd.grad((out, score), (query, key, value), (grad_out, grad_score))
+    return Result(out, score, index, grad_out, grad_score, *grads)
+
+
+def _selected(frames, index, kernel_size, dilation):
+    """frames[b, t, :, candidate index[b, t, y, x] of (y, x)], zero outside the frame."""
+    B, T, C, H_, W = frames.shape
+    cols = F.unfold(frames.reshape(B * T, C, H_, W), kernel_size, dilation=dilation,
+                    padding=kernel_size // 2 * dilation).view(B, T, C, kernel_size**2, H_, W)
+    return cols.gather(3, index[:, :, None, None].expand(B, T, C, 1, H_, W)).squeeze(3)
+
+
+def _selection_score(query, key, index, kernel_size, dilation):
+    return GPU_SCALE * (query[:, None] * _selected(key, index, kernel_size, dilation)).sum(2)
+
+
+def _gradients_of_selection(query, key, value, index, stored_score, grad_out, grad_score, kernel_size,
+                            dilation):
+    """float64 gradients of out and score for the candidates `index` selects; the value's
+    gradient uses the score the backend stored (rounded to its dtype)."""
+    q, k, v = (x.detach().double().requires_grad_() for x in (query, key, value))
+    score = _selection_score(q, k, index, kernel_size, dilation)
+    as_stored = score + (stored_score.double() - score).detach()
+    out = as_stored[:, :, None] * _selected(v, index, kernel_size, dilation)
+    return torch.autograd.grad((out, score), (q, k, v), (grad_out.double(), grad_score.double()))
+
+
+def _assert_forward_matches(out, score, index, query, key, value, kernel_size, dilation, border):
+    rtol, atol, agreement = GPU_TOLERANCES[query.dtype]
+    q, k, v = (x.detach().double() for x in (query, key, value))
+    ref_out, ref_score, ref_index = reference.local_argmax_attention(q, k, v, kernel_size, dilation, GPU_SCALE,
+                                                                     border)
+    assert (out.dtype, score.dtype, index.dtype) == (query.dtype, query.dtype, torch.int64)
+    assert (out.shape, score.shape, index.shape) == (ref_out.shape, ref_score.shape, ref_index.shape)
+    assert ((index >= 0) & (index < kernel_size**2)).all(), "index out of range"
+    torch.testing.assert_close(_selection_score(q, k, index, kernel_size, dilation), ref_score, rtol=rtol,
+                               atol=atol, msg=lambda m: f"a selection is not a maximum: {m}")
+    same = index == ref_index
+    agreeing = same.double().mean().item()
+    assert agreeing >= agreement, f"only {agreeing:.4f} of the indices agree with the reference"
+    torch.testing.assert_close(score.double()[same], ref_score[same], rtol=rtol, atol=atol)
+    torch.testing.assert_close(out.double().movedim(2, -1)[same], ref_out.movedim(2, -1)[same], rtol=rtol,
+                               atol=atol)
+
+
+def _assert_close_in_dtype(name, got, expected, dtype):
+    rtol, atol, _ = GPU_TOLERANCES[dtype]
+    assert got.dtype == dtype, f"grad of {name} has dtype {got.dtype}"
+    torch.testing.assert_close(got.double(), expected, rtol=rtol, atol=atol,
+                               msg=lambda m: f"grad of {name}: {m}")
+
+
+def _assert_same_results(got: Result, expected: Result, **tolerances):
+    for name, g, e in zip(Result._fields, got, expected):
+        torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}", **tolerances)
+
+
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("dtype", list(GPU_TOLERANCES))
+def test_gpu_matches_reference_in_every_dtype(gpu_backend, dtype, border, shape):
+    *sizes, kernel_size, dilation = shape
+    query, key, value = _gpu_inputs(*sizes, dtype)
+    r = _run(gpu_backend, query, key, value, kernel_size, dilation, border)
+    _assert_forward_matches(r.out, r.score, r.index, query, key, value, kernel_size, dilation, border)
+    expected = _gradients_of_selection(query, key, value, r.index, r.score, r.grad_out, r.grad_score, kernel_size,
+                                       dilation)
+    for name, got, want in zip(("query", "key", "value"), (r.grad_query, r.grad_key, r.grad_value), expected):
+        _assert_close_in_dtype(name, got, want, dtype)
+
+
+def _every_other(x, dim):
+    """x copied into every other slice of a tensor twice as long along dim."""
+    shape = list(x.shape)
+    shape[dim] *= 2
+    return x.new_empty(shape)[(slice(None),) * dim + (slice(None, None, 2),)].copy_(x)
+
+
+def test_gpu_non_contiguous_inputs_and_upstream_gradients(gpu_backend):
+    query, key, value = _gpu_inputs(2, 3, 16, 8, 11, 13, torch.float32)
+    expected = _run(gpu_backend, query, key, value, 5, 2, "zeros")
+    layouts = (
+        lambda q: q.contiguous(memory_format=torch.channels_last),
+        lambda k: _every_other(k, 2),
+        lambda v: v.transpose(-1, -2).contiguous().transpose(-1, -2),
+    )
+    strided = [layout(x.detach()).requires_grad_() for layout, x in zip(layouts, (query, key, value))]
+    assert not any(x.is_contiguous() for x in strided)
+    grad_out = _every_other(expected.grad_out, 1)
+    grad_score = expected.grad_score.transpose(-1, -2).contiguous().transpose(-1, -2)
+    got = _run(gpu_backend, *strided, 5, 2, "zeros", grad_out, grad_score)
+    _assert_same_results(got, expected)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_gpu_autocast_runs_in_the_region_dtype(gpu_backend, dtype):
+    query, key, value = _gpu_inputs(2, 3, 16, 8, 11, 13, torch.float32)
+    with torch.autocast("cuda", dtype=dtype):
+        got = _run(gpu_backend, query, key, value, 3, 1, "exclude")
+    low = [x.detach().to(dtype).requires_grad_() for x in (query, key, value)]
+    expected = _run(gpu_backend, *low, 3, 1, "exclude", got.grad_out, got.grad_score)
+    assert got.out.dtype == got.score.dtype == dtype
+    assert got.grad_query.dtype == torch.float32  # the cast is differentiable, back to the input dtype
+    for name in ("out", "score", "index"):
+        torch.testing.assert_close(getattr(got, name), getattr(expected, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("border", BORDERS)
+def test_gpu_and_cpu_agree(gpu_backend, border):
+    if not HAS_CPU_OP:
+        pytest.skip(f"backend='cpu' cannot run: {H.unavailable(OP, 'cpu')}")
+    query, key, value = _gpu_inputs(2, 3, 16, 8, 11, 13, torch.float64)
+    gpu = _run(gpu_backend, query, key, value, 5, 2, border)
+    on_cpu = [x.detach().cpu().requires_grad_() for x in (query, key, value)]
+    cpu = _run("cpu", *on_cpu, 5, 2, border, gpu.grad_out.cpu(), gpu.grad_score.cpu())
+    _assert_same_results(Result(*(x.cpu() for x in gpu)), cpu, rtol=1e-12, atol=1e-12)
+
+
+def test_gpu_runs_on_the_current_stream(gpu_backend):
+    """Inputs written on a side stream kept busy first: a kernel launched on any other stream
+    than the current one would run before they are written, and read zeros."""
+    query, key, value = _gpu_inputs(2, 3, 16, 8, 11, 13, torch.float32)
+    expected = _run(gpu_backend, query, key, value, 3, 1, "exclude")
+    sources = (query, key, value, expected.grad_out, expected.grad_score)
+    blanks = [torch.zeros_like(x, requires_grad=False) for x in sources]
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        for blank, source in zip(blanks, sources):
+            blank.copy_(source.detach())
+        q, k, v, grad_out, grad_score = blanks
+        leaves = (x.requires_grad_() for x in (q, k, v))
+        got = _run(gpu_backend, *leaves, 3, 1, "exclude", grad_out, grad_score)
+    torch.cuda.current_stream().wait_stream(side)
+    _assert_same_results(got, expected)
+
+
+@pytest.mark.skipif(not H.HAS_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_runs_on_the_device_of_the_inputs(gpu_backend):
+    inputs = _gpu_inputs(2, 3, 16, 8, 11, 13, torch.float32)
+    expected = _run(gpu_backend, *inputs, 3, 1, "exclude")
+    with torch.cuda.device(0):
+        on_1 = [x.detach().to("cuda:1").requires_grad_() for x in inputs]
+        got = _run(gpu_backend, *on_1, 3, 1, "exclude", expected.grad_out.to("cuda:1"),
+                   expected.grad_score.to("cuda:1"))
+    assert all(x.device == torch.device("cuda:1") for x in got)
+    _assert_same_results(Result(*(x.to(expected.out.device) for x in got)), expected)
+
+
+def _assert_frame_matches(r: Result, query, key, value, b, t, kernel_size, dilation, border):
+    """Forward and key/value gradients of frame t of batch element b, checked alone; returns
+    that frame's float64 share of the query gradient."""
+    at, frame = slice(b, b + 1), slice(t, t + 1)
+    q, k, v = query[at], key[at, frame], value[at, frame]
+    index = r.index[at, frame]
+    _assert_forward_matches(r.out[at, frame], r.score[at, frame], index, q, k, v, kernel_size, dilation,
+                            border)
+    grad_q, grad_k, grad_v = _gradients_of_selection(q, k, v, index, r.score[at, frame], r.grad_out[at, frame],
+                                                     r.grad_score[at, frame], kernel_size, dilation)
+    _assert_close_in_dtype("key", r.grad_key[at, frame], grad_k, query.dtype)
+    _assert_close_in_dtype("value", r.grad_value[at, frame], grad_v, query.dtype)
+    return grad_q
+
+
+def test_gpu_benchmark_shape(gpu_backend):
+    """The CUDA benchmark shape, checked frame by frame at both ends of the batch: wrong grid
+    sizing or offsets show up there first."""
+    B, T, C, H_, W = 4, 7, 64, 180, 320
+    query, key, value = _gpu_inputs(B, T, C, C, H_, W, torch.float32)
+    r = _run(gpu_backend, query, key, value, 9, 1, "exclude")
+    for b in (0, B - 1):
+        grad_query = sum(_assert_frame_matches(r, query, key, value, b, t, 9, 1, "exclude") for t in range(T))
+        _assert_close_in_dtype("query", r.grad_query[b:b + 1], grad_query, torch.float32)
+
+
+@pytest.mark.slow
+def test_gpu_more_than_2_31_elements(gpu_backend):
+    """key holds more than 2**31 elements, so its last frame lies past any 32-bit offset."""
+    C, H_, W = 64, 64, 64
+    T = 2**31 // (C * H_ * W) + 1
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    query = torch.randn(1, C, H_, W, dtype=torch.float16, device="cuda", requires_grad=True)
+    key = torch.randn(1, T, C, H_, W, dtype=torch.float16, device="cuda", requires_grad=True)
+    value = torch.randn(1, T, 1, H_, W, dtype=torch.float16, device="cuda", requires_grad=True)
+    assert key.numel() > 2**31
+    r = _run(gpu_backend, query, key, value, 3, 1, "zeros")
+    _assert_frame_matches(r, query, key, value, 0, T - 1, 3, 1, "zeros")
+
+
 # --- issue 5 regression tests (Python) ---
 
 import doctest  # noqa: E402
@@ -321,9 +906,19 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 import warnings  # noqa: E402
 
+import re  # noqa: E402
+
 from vsr_kernels import _extension  # noqa: E402
 
-OP = "local_argmax_attention"
+
+def assert_same_outputs(got, want, **tol):
+    H.assert_same(got, want, ("out", "score", "index"), **tol)
+
+
+def grads(fn, q, k, v, seed=1):
+    """Gradients of a random linear function of out and score."""
+    return H.forward_and_grads(fn, [q, k, v], seed=seed)[1]
+
 ALL_BACKENDS = ["reference", "cpu", "triton"]
 
 

@@ -45,6 +45,32 @@ class LaunchConfig(NamedTuple):
         return dict(self.constexprs)["BLOCK_C"]
 
 
+def check_inputs(op: str, tensors: dict, dtype_of: str) -> None:
+    """Validates the tensor arguments of a registered Triton op before any kernel reads them.
+
+    The ops are public entry points (torch.ops.vsr_kernels.<op>_triton) with no Python checks
+    in front, and a kernel indexes every tensor by sizes taken from one of them: a mismatch
+    would read or write out of bounds. `tensors` maps each argument's name to (tensor, its
+    dimension letters, e.g. "B T C H W"): every tensor must have that rank and each letter one
+    size across all of them. Floating tensors share the dtype and every tensor the device of
+    the argument named `dtype_of`. Raises ValueError naming the argument."""
+    first, _ = tensors[dtype_of]
+    sizes = {}
+    for name, (t, dims) in tensors.items():
+        letters = dims.split()
+        if t.dim() != len(letters):
+            raise ValueError(f"{op}: {name} must be {len(letters)}-D ({dims}), got shape {tuple(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} must be on {first.device} like {dtype_of}, got {t.device}")
+        if t.is_floating_point() and t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} must have dtype {first.dtype} like {dtype_of}, got {t.dtype}")
+        for letter, size in zip(letters, t.shape):
+            owner, expected = sizes.setdefault(letter, (name, size))
+            if size != expected:
+                raise ValueError(f"{op}: {name} must have {letter} = {expected} like {owner}, "
+                                 f"got shape {tuple(t.shape)}")
+
+
 def launcher(kernels: dict) -> Callable:
     """launch(config, grid, *args, dtype): runs kernels[config.kernel] on `grid` with the
     config's constexprs and the accumulation type of `dtype`; an empty grid launches nothing."""

@@ -314,10 +314,27 @@ def _pixel_blocks(H: int, W: int) -> int:
 # ---------------------------------------------------------------------------------------
 # The ops.
 
+# The bounds the C++ entry points enforce (csrc/kernels/local_argmax_attention.h): K*K and the
+# candidate numbers fit int32; the window steps are int64 in the kernels.
+MAX_KERNEL_SIZE = 32767
+MAX_DILATION = 2**31 - 1
+
+
+def _check_window(kernel_size: int, dilation: int) -> None:
+    if not (1 <= kernel_size <= MAX_KERNEL_SIZE and kernel_size % 2 == 1):
+        raise ValueError(f"local_argmax_attention_triton: kernel_size must be odd in [1, {MAX_KERNEL_SIZE}], "
+                         f"got {kernel_size}")
+    if not 1 <= dilation <= MAX_DILATION:
+        raise ValueError(f"local_argmax_attention_triton: dilation must be in [1, {MAX_DILATION}], got {dilation}")
+
+
 @torch.library.custom_op("vsr_kernels::local_argmax_attention_triton", mutates_args=())
 def local_argmax_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int,
                            dilation: int, scale: float, zero_border: bool
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_window(kernel_size, dilation)
+    _launch.check_inputs("local_argmax_attention_triton", {
+        "query": (query, "B C H W"), "key": (key, "B T C H W"), "value": (value, "B T Cv H W")}, "query")
     B, T, C, H, W = key.shape
     Cv = value.shape[2]
     out = value.new_empty((B, T, Cv, H, W))
@@ -341,6 +358,14 @@ def local_argmax_attention_backward(grad_out: torch.Tensor, grad_score: torch.Te
                                     zero_border: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # zero_border needs no kernel argument here: the index already says which candidate was
     # picked, and one outside the frame has no key or value to receive a gradient.
+    _check_window(kernel_size, dilation)
+    maps = "B T H W"
+    _launch.check_inputs("local_argmax_attention_triton_backward", {
+        "grad_out": (grad_out, "B T Cv H W"), "grad_score": (grad_score, maps), "query": (query, "B C H W"),
+        "key": (key, "B T C H W"), "value": (value, "B T Cv H W"), "score": (score, maps),
+        "index": (index, maps)}, "query")
+    if index.dtype != torch.int64:
+        raise ValueError(f"local_argmax_attention_triton_backward: index must be int64, got {index.dtype}")
     B, T, C, H, W = key.shape
     Cv = value.shape[2]
     grad_query, grad_key, grad_value = (x.new_empty(x.shape) for x in (query, key, value))

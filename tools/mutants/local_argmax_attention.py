@@ -1,0 +1,86 @@
+"""Mutants of local_argmax_attention: small, realistic single-line bugs, one kind per backend.
+
+Fragments name today's files; when a file moves (issue 5's layout), update the path here:
+tools/mutate.py reports a fragment it cannot find as "stale", never as survived.
+"""
+from . import Mutant
+
+REF = "vsr_kernels/reference/local_argmax_attention.py"
+OPS = "vsr_kernels/ops/local_argmax_attention.py"
+CHECKS = "vsr_kernels/ops/_checks.py"
+TRI = "vsr_kernels/triton/local_argmax_attention.py"
+MATH = "csrc/kernels/local_argmax_attention.h"
+GLUE = "csrc/torch_glue.h"
+CPU = "csrc/cpu/local_argmax_attention.cpp"
+CUDA = "csrc/cuda/local_argmax_attention.cu"
+
+MUTANTS = [
+    # The reference (the oracle): tested against the loop oracle.
+    Mutant("ref-tie-last", REF, "score, index = scores.max(dim=2)",
+           "score, index = scores.flip(2).max(dim=2); index = scores.shape[2] - 1 - index",
+           "reference", "tie rule"),
+    Mutant("ref-radius", REF, "pad = (kernel_size // 2) * dilation", "pad = (kernel_size // 2) * dilation + 1",
+           "reference", "window radius"),
+    Mutant("ref-mask-dilation", REF, "outside = _outside_frame(H, W, kernel_size, dilation, query.device)",
+           "outside = _outside_frame(H, W, kernel_size, 1, query.device)", "reference", "dropped mask"),
+    Mutant("ref-swap-hw", REF, "cols = F.unfold(frames.reshape(B * T, C, H, W), kernel_size, dilation=dilation, padding=pad)",
+           "cols = F.unfold(frames.transpose(-1, -2).reshape(B * T, C, H, W), kernel_size, dilation=dilation, padding=pad)",
+           "reference", "swapped stride"),
+    Mutant("ref-detach-score", REF, "out = score[:, :, None] * picked", "out = score.detach()[:, :, None] * picked",
+           "reference", "dropped gradient"),
+    # Python checks and autograd.
+    Mutant("checks-value-H", OPS, 'for dim, letter in ((0, "B"), (1, "T"), (3, "H"), (4, "W")):',
+           'for dim, letter in ((0, "B"), (1, "T"), (4, "W")):', "checks", "missing check"),
+    Mutant("checks-only-smaller", CHECKS, "if value.shape[dim] != ref.shape[ref_dim]:",
+           "if value.shape[dim] < ref.shape[ref_dim]:", "checks", "missing check",
+           "rejects sizes too small only"),
+    Mutant("autograd-drop-value-grad", OPS, "return (*grads, None, None, None, None)",
+           "return (grads[0], grads[1], torch.zeros_like(grads[2]), None, None, None, None)",
+           "checks", "dropped gradient"),
+    # Triton kernels (the interpreter on CPU).
+    Mutant("triton-tie-last", TRI, "beats = (s > best) | ((s != s) & (best == best))",
+           "beats = (s >= best) | ((s != s) & (best == best))", "triton", "tie rule"),
+    Mutant("triton-radius", TRI, "    r = kernel_size // 2\n", "    r = kernel_size // 2 + 1\n", "triton",
+           "window radius"),
+    Mutant("triton-value-mask", TRI,
+           "v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & selected[None, :], other=0)\n"
+           "        tl.store(",
+           "v = tl.load(_channel_block(value_ptr, c0, v_sc) + v_off, mask=mask & in_frame[None, :], other=0)\n"
+           "        tl.store(",
+           "triton", "dropped mask", "reads the value at an out-of-frame selection and multiplies it by 0"),
+    Mutant("triton-key-mask", TRI,
+           "k = tl.load(shifted_key_ptr + k_off, mask=(c < C)[:, None] & inside[None, :], other=0).to(ACC)",
+           "k = tl.load(shifted_key_ptr + k_off, mask=(c < C)[:, None] & in_frame[None, :], other=0).to(ACC)",
+           "triton", "dropped mask"),
+    Mutant("triton-swap-value-stride", TRI, "v_off = _offsets(c, sy, sx, v_sc, v_sy, v_sx)\n    g = tl.load",
+           "v_off = _offsets(c, sy, sx, v_sc, v_sx, v_sy)\n    g = tl.load", "triton", "swapped stride",
+           "in the score-gradient kernel"),
+    Mutant("triton-drop-out-grad", TRI, "g += tl.sum(go.to(ACC) * v.to(ACC), axis=0)",
+           "g += 0 * tl.sum(go.to(ACC) * v.to(ACC), axis=0)", "triton", "dropped gradient"),
+    # C++: the shared per-pixel math and the CPU launcher (rebuilt in the scratch copy).
+    Mutant("cpp-tie-last", MATH, "if (best_j < 0 || beats(s, best)) {", "if (best_j < 0 || beats(s, best) || s == best) {",
+           "cpu", "tie rule"),
+    Mutant("cpp-radius", MATH, "    const int r = kernel_size / 2;\n", "    const int r = (kernel_size + 1) / 2;\n",
+           "cpu", "window radius"),
+    Mutant("cpp-value-mask", MATH,
+           "const acc_t v = best_pixel < 0 ? acc_t(0) : convert<acc_t>(value.at(t, c, best_pixel));",
+           "const acc_t v = convert<acc_t>(value.at(t, c, best_pixel));", "cpu", "dropped mask",
+           "reads the value before the frame (pixel -1) for an out-of-frame selection, times 0"),
+    Mutant("cpp-swap-frame-stride", MATH, "return data[t * stride.frame + c * stride.channel + p * stride.pixel];",
+           "return data[t * stride.frame + c * stride.pixel + p * stride.channel];", "cpu", "swapped stride"),
+    Mutant("cpp-launcher-map-stride", CPU,
+           "auto map_at = [&](const at::Tensor& m, int64_t b) { return m.data_ptr<scalar_t>() + b * T * H * W; };",
+           "auto map_at = [&](const at::Tensor& m, int64_t b) { return m.data_ptr<scalar_t>() + b * H * W; };",
+           "cpu", "swapped stride", "the launcher's batch stride of the (B, T, H, W) maps"),
+    Mutant("cpp-drop-out-grad", MATH, "return grad_score + dot<acc_t>(grad_out, t, p, value, t, sel, e.value_channels);",
+           "return grad_score;", "cpu", "dropped gradient"),
+    Mutant("cpp-glue-unflattened", GLUE, "TORCH_CHECK(H <= 1 || W == 1 || t.stride(-2) == W * pixel,",
+           "TORCH_CHECK(true,", "cpu", "missing check",
+           "equivalent today: every launcher copies an unflattenable layout before frame_strides"),
+    # CUDA (run only where a GPU is present).
+    Mutant("cuda-batch-index", CUDA,
+           "const int64_t b = i / pixels / e.frames, t = i / pixels % e.frames, p = i % pixels;\n"
+           "    local_argmax_forward_pixel",
+           "const int64_t b = i / pixels % e.frames, t = i / pixels / e.frames, p = i % pixels;\n"
+           "    local_argmax_forward_pixel", "cuda", "swapped stride", "the forward kernel's (b, t) of element i"),
+]
