@@ -47,7 +47,8 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
     _checks.tensor("input", input, "BCHW")
     _checks.tensor("offset", offset, "BOHW")
     _checks.tensor("weight", weight, "OCHW")
-    stride, padding, dilation = pair("stride", stride, 1), pair("padding", padding, 0), pair("dilation", dilation, 1)
+    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
+    dilation = pair("dilation", dilation, 1)
     B, C_in, H, W = input.shape
     C_out, C_in_g, kh, kw = weight.shape
     if kh < 1 or kw < 1:
@@ -57,13 +58,15 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
         raise ValueError(f"input and weight need at least one input channel, got input of shape "
                          f"{tuple(input.shape)} and weight of shape {tuple(weight.shape)}")
     if C_in % C_in_g != 0:
-        raise ValueError(f"input channels ({C_in}) must be a multiple of weight.shape[1] ({C_in_g}, the input "
-                         f"channels per group): groups = C_in / weight.shape[1]; got input of shape "
+        raise ValueError(f"input channels ({C_in}) must be a multiple of weight.shape[1] ({C_in_g}, "
+                         f"the input channels per group): groups = C_in / weight.shape[1]; "
+                         f"got input of shape "
                          f"{tuple(input.shape)} and weight of shape {tuple(weight.shape)}")
     groups = C_in // C_in_g
     if C_out < 1 or C_out % groups != 0:
-        raise ValueError(f"weight's output channels ({C_out}) must be a positive multiple of groups ({groups} "
-                         f"= C_in {C_in} / weight.shape[1] {C_in_g}), got weight of shape {tuple(weight.shape)}")
+        raise ValueError(f"weight's output channels ({C_out}) must be a positive multiple of groups "
+                         f"({groups} = C_in {C_in} / weight.shape[1] {C_in_g}), "
+                         f"got weight of shape {tuple(weight.shape)}")
     K = kh * kw
     if offset.shape[1] < 2 * K or offset.shape[1] % (2 * K) != 0:
         raise ValueError(f"offset must have 2*kh*kw*offset_groups channels (2*{kh}*{kw} = {2 * K} per offset "
@@ -81,7 +84,8 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
     if tuple(offset.shape[2:]) != (H_out, W_out):
         raise ValueError(f"offset must have the output's spatial size (H_out, W_out) = ({H_out}, {W_out}) in "
                          f"dims 2, 3 (from input {tuple(input.shape)}, weight {tuple(weight.shape)}, stride "
-                         f"{stride}, padding {padding}, dilation {dilation}), got shape {tuple(offset.shape)}")
+                         f"{stride}, padding {padding}, dilation {dilation}), "
+                         f"got shape {tuple(offset.shape)}")
     tensors = {"input": input, "offset": offset, "weight": weight}
     if bias is not None:
         _checks.tensor("bias", bias, "O")
@@ -103,7 +107,8 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
     return stride, padding, dilation, groups, offset_groups
 
 
-def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None,
                   stride=1, padding=0, dilation=1, mask: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """Deformable convolution v1, or modulated deformable convolution v2 when `mask` is given:
@@ -130,8 +135,10 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         sample(v, y, x) is 0 if y <= -1, y >= H, x <= -1 or x >= W; otherwise bilinear
         interpolation of the four neighbours floor(y)+{0,1}, floor(x)+{0,1}, a neighbour outside
         the image reading 0 (torchvision's rule). A NaN offset gives a NaN output.
-    Differentiable in input, offset, mask, weight and bias (at an integer sample coordinate the
-    offset gradient is the one-sided derivative towards +1, as torchvision's).
+    Differentiable in input, offset, mask, weight and bias. Where the sample is not
+    differentiable in its coordinates (integer coordinates, and y == -1 or x == -1, where it is 0
+    but grows towards the image) the offset gradient is the one-sided derivative towards +1, as
+    torchvision's backward computes it.
     dtypes: float16, bfloat16, float32, float64, all tensors alike; computed in float32
     (float64 for float64) and returned in input's dtype. Under torch.autocast the floating inputs
     other than float64 run in the region's dtype on GPU and in float32 on CPU.
@@ -148,4 +155,9 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         mask = next(cast) if mask is not None else None
     stride, padding, dilation, _, _ = check(input, offset, weight, bias, stride, padding, dilation, mask)
     _check_backend(backend)
+    device_type = input.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        # The inputs are cast above; the reference's einsum must not be cast again by autocast.
+        with torch.autocast(device_type, enabled=False):
+            return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
     return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
