@@ -71,7 +71,8 @@ def main() -> int:
                     worst[name] = (err, rel, case_id(case))
                 if rel > rel_tol:
                     worst_failures += 1
-                    print(f"  FAIL {dtype} {case_id(case)} {name}: max abs error {err:.3e} (scale {scale:.3e})")
+                    print(f"  FAIL {dtype} {case_id(case)} {name}: max abs error {err:.3e} "
+                          f"(scale {scale:.3e})")
         print(f"{dtype}: max abs error over the sweep (tolerance {rel_tol:g} relative to max(1, |max|)):")
         for name, (err, rel, where) in worst.items():
             print(f"  {name:8s} {err:.3e}  (relative {rel:.3e}, worst case {where})")
