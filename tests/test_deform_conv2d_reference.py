@@ -278,3 +278,28 @@ def test_backends():
             vsr_kernels.deform_conv2d(**kwargs, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         vsr_kernels.deform_conv2d(**kwargs, backend="fast")
+
+
+def test_infinite_offsets_sample_zero_with_finite_gradients():
+    args = list(make_case(SWEEP[0], seed=9))
+    offset = args[1].clone()
+    offset[0, 0, 0, 0] = float("inf")
+    offset[0, 3, 1, 1] = -float("inf")
+    args[1] = offset.requires_grad_()
+    out = reference(*args)
+    torch.testing.assert_close(out.detach(), oracle(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                                      for a in args]), rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(offset.grad).all()
+
+
+def test_dynamo_traces_the_public_function_without_graph_breaks():
+    args = make_case(SWEEP[2], seed=12, dtype=torch.float32)
+
+    def fn(*tensors):
+        input, offset, weight, bias, mask = tensors
+        return vsr_kernels.deform_conv2d(input, offset, weight, bias, 1, 1, 1, mask)
+
+    tensors = (args[0], args[1], args[2], args[3], args[7])
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*tensors), fn(*tensors))

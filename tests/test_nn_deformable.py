@@ -236,3 +236,11 @@ def test_zooming_slowmo_single_frame_autocast_and_bad_inputs():
         model(torch.rand(1, 2, 3, 6, 8))
     with pytest.raises(ValueError, match="in_channels"):
         model(torch.rand(1, 2, 1, 4, 4))
+
+
+def test_dcnv2pack_traces_without_graph_breaks():
+    pack = vnn.DCNv2Pack(4, 4, 3, padding=1, deformable_groups=2)
+    torch.nn.init.normal_(pack.conv_offset.weight, std=0.1)
+    x, feat = torch.rand(1, 4, 5, 5), torch.rand(1, 4, 5, 5)
+    compiled = torch.compile(pack, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, feat), pack(x, feat))
