@@ -46,7 +46,7 @@ def sample_bilinear(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> to
     Returns:
         (B, C, *S) in input's dtype (computed in float32 for float16/bfloat16).
 
-    Rule, per point (y, x): if y <= -1 or y >= H or x <= -1 or x >= W (or not finite), the
+    Rule, per point (y, x): if y <= -1 or y >= H or x <= -1 or x >= W (+-inf included), the
     sample is 0. Otherwise, with y0 = floor(y), x0 = floor(x), ly = y - y0, lx = x - x0:
         (1-ly)(1-lx) v[y0, x0] + (1-ly) lx v[y0, x0+1] + ly (1-lx) v[y0+1, x0] + ly lx v[y0+1, x0+1]
     where a neighbour outside [0, H-1] x [0, W-1] reads 0 and a neighbour inside is always read,
