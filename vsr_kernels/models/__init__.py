@@ -2,5 +2,6 @@
 from .iart import ImplicitAlignmentVSR
 from .mana import MANA
 from .ttvsr import TTVSR, zero_flow
+from .zooming_slowmo import ZoomingSlowMo
 
-__all__ = ["MANA", "TTVSR", "ImplicitAlignmentVSR", "zero_flow"]
+__all__ = ["MANA", "TTVSR", "ImplicitAlignmentVSR", "zero_flow", "ZoomingSlowMo"]
