@@ -14,6 +14,7 @@ all_launch_configs(), `launch = _launch.launcher(KERNELS)`, and
 compile_all(archs, dtype_names) through this module's compile_all.
 """
 import contextlib
+import os
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -71,15 +72,24 @@ def check_inputs(op: str, tensors: dict, dtype_of: str) -> None:
                                  f"got shape {tuple(t.shape)}")
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def launcher(kernels: dict) -> Callable:
     """launch(config, grid, *args, dtype): runs kernels[config.kernel] on `grid` with the
-    config's constexprs and the accumulation type of `dtype`; an empty grid launches nothing."""
+    config's constexprs and the accumulation type of `dtype`; an empty grid launches nothing.
+    A kernel with an INTERPRETED constexpr gets INTERPRETED=True under the interpreter (see
+    `dot_operand`)."""
 
     def launch(config: LaunchConfig, grid: tuple, *args, dtype: torch.dtype) -> None:
         if 0 in grid:  # no frames or no channels: nothing to compute
             return
-        kernels[config.kernel][grid](*args, ACC=TL_DTYPES[accumulation_dtype(dtype)],
-                                     num_warps=config.num_warps, **dict(config.constexprs))
+        kernel = kernels[config.kernel]
+        extra = {"INTERPRETED": True} if interpreting() and "INTERPRETED" in kernel.arg_names else {}
+        kernel[grid](*args, ACC=TL_DTYPES[accumulation_dtype(dtype)], num_warps=config.num_warps,
+                     **dict(config.constexprs), **extra)
 
     return launch
 
@@ -166,3 +176,14 @@ def channel_block(ptr, c0, sc):
 def map_offset(frame, y, x, H, W):
     """int64 offset of pixel (y, x) of frame `frame` in a contiguous (frames, H, W) map."""
     return (frame.to(tl.int64) * H + y) * W + x
+
+
+@triton.jit
+def dot_operand(x, INTERPRETED: tl.constexpr):
+    """`x` ready for tl.dot. The interpreter stores bfloat16 as uint16 and its tl.dot multiplies
+    those integers: there bfloat16 operands are widened to float32 first, which gives the exact
+    products the tensor cores accumulate in float32. Compiled kernels take `x` as it is."""
+    if INTERPRETED:
+        if x.dtype == tl.bfloat16:
+            return x.to(tl.float32)
+    return x
