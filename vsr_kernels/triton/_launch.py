@@ -113,19 +113,21 @@ def row_blocks(H: int, W: int, block_p: int) -> int:
 
 
 def compile_all(kernels: dict, configs: Iterable[LaunchConfig], pointer_types: Callable, scalar_types: dict,
-                archs: Iterable[int], dtype_names: Iterable[str]) -> list:
+                archs: Iterable[int], dtype_names: Iterable[str], config_dtype_names: Callable = None) -> list:
     """Compiles every config in `configs` for every dtype in `dtype_names` ("float16", ...)
     and CUDA compute capability in `archs` (80, 90, ...): one report per compiled kernel (see
     _compile.compile_kernel) with its "dtype", "constexprs" and "pointers" types.
     pointer_types(kernel name, torch dtype) lists the pointer element types ({argument:
     "fp32", ...}) of each way the ops launch that kernel; scalar_types types the non-int32
-    scalar arguments. Needs a process without TRITON_INTERPRET=1, such as
+    scalar arguments; config_dtype_names(config), if given, the dtype names a config is ever
+    launched with (others are skipped). Needs a process without TRITON_INTERPRET=1, such as
     _compile.call_without_interpreter gives."""
     from . import _compile
 
     reports = []
     for config in configs:
-        for dtype in (getattr(torch, name) for name in dtype_names):
+        launched = dtype_names if config_dtype_names is None else config_dtype_names(config)
+        for dtype in (getattr(torch, name) for name in dtype_names if name in launched):
             constexprs = dict(config.constexprs, ACC=TL_DTYPES[accumulation_dtype(dtype)])
             for pointers in pointer_types(config.kernel, dtype):
                 for arch in archs:
@@ -179,11 +181,10 @@ def map_offset(frame, y, x, H, W):
 
 
 @triton.jit
-def dot_operand(x, INTERPRETED: tl.constexpr):
+def dot_operand(x, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
     """`x` ready for tl.dot. The interpreter stores bfloat16 as uint16 and its tl.dot multiplies
-    those integers: there bfloat16 operands are widened to float32 first, which gives the exact
-    products the tensor cores accumulate in float32. Compiled kernels take `x` as it is."""
+    those integers: there every operand is widened to the accumulation type ACC first, which
+    gives the exact products the tensor cores accumulate. Compiled kernels take `x` as it is."""
     if INTERPRETED:
-        if x.dtype == tl.bfloat16:
-            return x.to(tl.float32)
+        x = x.to(ACC)
     return x

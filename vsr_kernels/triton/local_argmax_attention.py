@@ -154,7 +154,7 @@ def local_argmax_attention_forward_kernel(
 # The tile forward: tensor-core scores of a query tile against its key halo.
 
 # Sentinel halo column of "no candidate yet": above every column a halo can have.
-NO_COLUMN = 2**30
+NO_COLUMN = tl.constexpr(2**30)
 
 
 @triton.jit
@@ -188,8 +188,8 @@ def local_argmax_attention_tile_forward_kernel(
     their windows, BLOCK_N halo columns at a time: S = Q (M x C) @ K_halo (C x BLOCK_N) with
     tl.dot over BLOCK_C-channel blocks, then each query row masked to its own K x K band."""
     M: tl.constexpr = TILE_H * TILE_W
-    rows_y = tl.cdiv(H, dilation)
-    rows_x = tl.cdiv(W, dilation)
+    rows_y = (H - 1) // dilation + 1  # cdiv(H, dilation) without overflowing H + dilation - 1
+    rows_x = (W - 1) // dilation + 1
     n_res_y = tl.minimum(dilation, H)
     n_res_x = tl.minimum(dilation, W)
     tiles_x = n_res_x * tl.cdiv(rows_x, TILE_W)
@@ -241,7 +241,7 @@ def local_argmax_attention_tile_forward_kernel(
             # Outside the frame the key reads as 0 and is multiplied for real (zero padding): a
             # NaN or inf query then scores NaN there too, as in the direct kernel.
             k = tl.load(_channel_block(key_ptr, c0, k_sc) + k_off, mask=c_in[:, None] & k_in[None, :], other=0)
-            dots = tl.dot(_dot_operand(q, INTERPRETED), _dot_operand(k, INTERPRETED), dots)
+            dots = tl.dot(_dot_operand(q, ACC, INTERPRETED), _dot_operand(k, ACC, INTERPRETED), dots)
         s = dots * scale_acc
         # Query m's band: halo rows a .. a + K - 1 and columns e .. e + K - 1; candidates outside
         # the frame only with the zero border.
@@ -392,19 +392,25 @@ KERNELS = {
 # query in registers across the K*K candidates, but at 32 or 64 channels some dtypes spill
 # (Triton 3.9: float16 at 32, float64 at 64; the GPU image's 3.6: float32 and float64 at 64),
 # so it streams the query from L1 in 16-channel tiles. The backward kernels split channels
-# over the grid (query_grad, gather_grad) or loop over them (score_grad). The tile forward's
-# channel block is the depth of its tl.dot (16 at least, the tensor cores' k).
-MAX_CHANNEL_BLOCK = {"forward": 16, "tile_forward": 64, "score_grad": 32, "query_grad": 16, "gather_grad": 16}
+# over the grid (query_grad, gather_grad) or loop over them (score_grad).
+MAX_CHANNEL_BLOCK = {"forward": 16, "score_grad": 32, "query_grad": 16, "gather_grad": 16}
 MIN_CHANNEL_BLOCK = 16
 # Types of the non-int scalar arguments: scale is float64 so that float64 inputs see it exactly.
 SCALAR_TYPES = {"scale": "fp64", "zero_border": "u1"}
 
 # The tile forward. (TILE_H, TILE_W) query tiles it may use; each program holds a
-# [TILE_H * TILE_W, BLOCK_N] float32 block of scores, TILE_ELEMENTS values: 64 registers a
-# thread on 4 warps.
+# [TILE_H * TILE_W, BLOCK_N] float32 block of scores, TILE_ELEMENTS values: 32 registers a
+# thread on 4 warps (8192 spill with 16 channels a step).
 FORMULATIONS = ("direct", "tile")
-TILE_SHAPES = ((8, 8), (8, 16), (16, 16))
-TILE_ELEMENTS = 8192
+TILE_SHAPES = ((8, 8), (8, 16))
+TILE_ELEMENTS = 4096
+# The dtypes the dispatcher may run tiles in (float32 only with allow_tf32); a forced tile
+# also runs float64 (on the float64 MMA path: a test hook, not for speed, never compile-checked).
+TILE_DTYPE_NAMES = ("float16", "bfloat16", "float32")
+# The tile forward's channel block, the depth of each tl.dot step, per dtype: the tensor cores'
+# k (16 for 16-bit operands, 8 for tf32). Deeper steps spill the [64, 64] score block with
+# Triton 3.9 on 4 warps: 32 channels of bfloat16, 16 of float32 (with 2 or 3 pipeline stages).
+TILE_CHANNEL_BLOCK = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
 # Halo columns are numbered in int32 below NO_COLUMN: (TILE_H + K - 1) * (TILE_W + K - 1) must
 # stay under it. Beyond this kernel size the direct kernel runs (and would win anyway).
 TILE_MAX_KERNEL_SIZE = 255
@@ -455,7 +461,7 @@ def predicted_work(formulation: str, dtype_name: str, B: int, T: int, C: int, Cv
     block_n = TILE_ELEMENTS // M
     halo = (tile_h + kernel_size - 1) * (tile_w + kernel_size - 1)
     chunks = -(-halo // block_n)
-    block_c = launch_config("tile_forward", C, tile=tile).block_c
+    block_c = TILE_CHANNEL_BLOCK[dtype_name]
     depth = -(-C // block_c) * block_c
     programs = frames * -(-H // tile_h) * -(-W // tile_w)
     halo_factor = halo / M
@@ -505,16 +511,16 @@ def formulation(dtype: torch.dtype, C: int, kernel_size: int) -> str:
     return _preferred_formulation(str(dtype).removeprefix("torch."), C, kernel_size, allow_tf32)
 
 
-def launch_config(kernel: str, channels: int, tile=None) -> _launch.LaunchConfig:
+def launch_config(kernel: str, channels: int, tile=None, dtype_name=None) -> _launch.LaunchConfig:
     """What `kernel` is launched with for `channels` channels (C for the forward, query_grad
-    and the key gather; Cv for score_grad and the value gather); `tile` (TILE_H, TILE_W) for
-    the tile forward."""
-    block_c = min(max(triton.next_power_of_2(max(channels, 1)), MIN_CHANNEL_BLOCK), MAX_CHANNEL_BLOCK[kernel])
-    constexprs = {"BLOCK_C": block_c}
+    and the key gather; Cv for score_grad and the value gather); for the tile forward, its
+    `tile` (TILE_H, TILE_W) and the data's `dtype_name`, which set its blocks."""
     if kernel == "tile_forward":
-        constexprs.update(TILE_H=tile[0], TILE_W=tile[1], BLOCK_N=TILE_ELEMENTS // (tile[0] * tile[1]))
-    else:
-        constexprs["BLOCK_P"] = BLOCK_P
+        constexprs = dict(TILE_H=tile[0], TILE_W=tile[1], BLOCK_N=TILE_ELEMENTS // (tile[0] * tile[1]),
+                          BLOCK_C=TILE_CHANNEL_BLOCK[dtype_name])
+        return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS)
+    block_c = min(max(triton.next_power_of_2(max(channels, 1)), MIN_CHANNEL_BLOCK), MAX_CHANNEL_BLOCK[kernel])
+    constexprs = {"BLOCK_C": block_c, "BLOCK_P": BLOCK_P}
     if kernel == "forward":
         constexprs["QUERY_IN_REGISTERS"] = channels <= block_c
     return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS)
@@ -524,7 +530,8 @@ def forward_config(dtype: torch.dtype, C: int, kernel_size: int) -> _launch.Laun
     """The forward's launch: the formulation's kernel and its config."""
     if formulation(dtype, C, kernel_size) == "direct":
         return launch_config("forward", C)
-    return launch_config("tile_forward", C, tile=best_tile(str(dtype).removeprefix("torch."), C, kernel_size))
+    dtype_name = str(dtype).removeprefix("torch.")
+    return launch_config("tile_forward", C, tile=best_tile(dtype_name, C, kernel_size), dtype_name=dtype_name)
 
 
 def all_launch_configs() -> list:
@@ -534,8 +541,9 @@ def all_launch_configs() -> list:
     channel_counts = [2**i for i in range(largest.bit_length())] + [largest + 1]
     configs = {launch_config(kernel, channels) for kernel in KERNELS if kernel != "tile_forward"
                for channels in channel_counts}
-    configs |= {launch_config("tile_forward", channels, tile=best_tile(dtype_name, channels, kernel_size))
-                for dtype_name in _launch.FLOAT_DTYPE_NAMES for channels in channel_counts
+    configs |= {launch_config("tile_forward", channels, tile=best_tile(dtype_name, channels, kernel_size),
+                              dtype_name=dtype_name)
+                for dtype_name in TILE_DTYPE_NAMES for channels in channel_counts
                 for kernel_size in range(1, TILE_MAX_KERNEL_SIZE + 1, 2)}
     return sorted(configs)
 
@@ -564,7 +572,15 @@ def compile_all(archs=(80, 90), dtype_names=_launch.FLOAT_DTYPE_NAMES) -> list:
     one report per compiled kernel (see _launch.compile_all). Needs a process without
     TRITON_INTERPRET=1, such as _compile.call_without_interpreter gives."""
     return _launch.compile_all(KERNELS, all_launch_configs(), _pointer_types, SCALAR_TYPES, archs,
-                               dtype_names)
+                               dtype_names, config_dtype_names)
+
+
+def config_dtype_names(config: _launch.LaunchConfig) -> tuple:
+    """The dtypes the dispatcher launches `config` with: the tile forward only in the
+    TILE_DTYPE_NAMES of its channel block, every other kernel in all."""
+    if config.kernel == "tile_forward":
+        return tuple(n for n in TILE_DTYPE_NAMES if TILE_CHANNEL_BLOCK[n] == config.block_c)
+    return _launch.FLOAT_DTYPE_NAMES
 
 
 def _pixel_blocks(H: int, W: int) -> int:
