@@ -17,10 +17,28 @@ one frame are int32, and so are candidate numbers j < K*K (K <= 32767), but the 
 steps (j // K - r) * dilation and the coordinates they move to are int64 (dilation may be
 up to 2**31 - 1).
 
-Forward, per pixel: the K*K candidates in increasing j, each a dot product over C; the
-query's channels stay in registers across the candidates when C <= 16 (else they are
-re-read per channel block from L1). Running argmax with the C++ ranking: NaN beats every
-number, a tie keeps the earlier (lower) j. Then out = score * value[selected].
+Forward, two formulations; `formulation()` picks one per dtype, C and K (see Dispatch).
+
+Direct (local_argmax_attention_forward_kernel), per pixel: the K*K candidates in increasing j,
+each a dot product over C on the FMA units; the query's channels stay in registers across the
+candidates when C <= 16 (else they are re-read per channel block from L1). Running argmax with
+the C++ ranking: NaN beats every number, a tie keeps the earlier (lower) j. Then
+out = score * value[selected].
+
+Tile (local_argmax_attention_tile_forward_kernel), per program: an 8 x 8 tile of query pixels
+of one frame against the (8 + K - 1) x (8 + K - 1) halo of key pixels holding all their
+windows, BLOCK_N halo columns at a time: S = Q (64 x C) @ K_halo (C x BLOCK_N) with tl.dot
+(mma.sync on sm_80, wgmma on sm_90) over 16-channel steps, float32 accumulation. Each query
+row of S is masked to its own K x K band (and, with border="exclude", to in-frame columns;
+with "zeros" an out-of-frame column is a zero key, multiplied for real, so a NaN or inf query
+scores NaN there as in the direct kernel), then reduced: the band's maximum (NaN ranks highest)
+and the lowest band column holding it. Halo columns are numbered row-major, so for every query
+j grows with the column and "lowest j among equal maxima" is "lowest column"; chunks come in
+increasing column order and a later chunk replaces the best only if it beats it. With
+dilation d the tile lives on one lattice y = residue + d * i (x likewise): its halo is the
+same tile strided by d, and tiles cover each of the min(d, size) residues. float16/bfloat16
+multiply exactly on the tensor cores; float32 would run in tf32 (allow_tf32, off by default);
+the scale is applied to the accumulated dot in the accumulation type.
 
 Backward, three gather kernels, deterministic and atomic-free:
   1. score grad: g[t, p] = scale * (grad_score + <grad_out[t, :, p], value[t, :, sel_t(p)]>),
@@ -30,28 +48,31 @@ Backward, three gather kernels, deterministic and atomic-free:
      weight[p] * source[:, p] over the <= K*K pixels p whose candidate j is k and whose
      index is j (key: weight g, source query; value: weight score, source grad_out).
 Accumulation is float32 (float64 for float64 inputs).
+Why the backward stays gathers (no tile form): it touches only the selected candidate of each
+pixel, 2*(2C + 2Cv) FLOPs a pixel against the forward's 2*C*K*K, so it has no dot products
+to put on tensor cores; its bytes are grad_out, the selected key/value rows and the three
+gradients, about 2.5x the forward's minimal traffic. A tile form would have to scatter into
+a key halo (a sparse one-hot S^T @ G product, 1/81 dense at K = 9): 81x the FLOPs of the
+gathers for the same bytes, and overlapping halos need atomics or a second pass. The gathers
+are memory-bound already; the part worth tiling later is their index re-reads (kernel 3
+reads the index map K*K times per channel tile, from cache).
 
 Launch shape: BLOCK_P = 128 pixels per program on 4 warps, one pixel per lane, so a warp's
 load of one channel is 32 consecutive pixels (128 bytes in fp32); channel tiles of 16 or 32
-(see MAX_CHANNEL_BLOCK). Registers and spills per config are printed by
-tests/test_triton_compile.py and tools/check_gpu_build.py: none spills, with this machine's
-Triton 3.9 or with the GPU image's 3.6 (checked once by hand; 3.6 allocates about twice the
-registers, 144-178 in the forward).
+(see MAX_CHANNEL_BLOCK). The tile forward: 8 x 8 queries by 64 halo columns, 4 warps,
+16-channel steps (8 for tf32). Registers and spills per config are printed by
+tests/test_gpu_build.py and tools/check_gpu_build.py: none spills with this machine's Triton
+3.9 (the direct kernels were checked once by hand with the GPU image's 3.6, which allocates
+about twice the registers, 144-178 in the forward).
 
-Expected cost at the benchmark shape (H100 SXM, B=4, T=7, C=Cv=64, H=180, W=320, K=9):
-  bytes that must move: query 59 MB + key 413 MB + value 413 MB + out 413 MB + score 6 MB
-  + index 13 MB = 1.32 GB in fp32, 0.39 ms at 3.35 TB/s (bf16: 0.66 GB, 0.20 ms).
-  FLOPs: 2*C*K*K per pixel and frame = 16.7 GFLOP, 0.25 ms at 67 TFLOP/s fp32 FMA (bf16
-  is multiplied in fp32 too). At 12.7 FLOP/B (ridge ~20) DRAM is the roofline, but the
-  direct formulation re-reads every key element K*K = 81 times from L1/L2: 33 GB in fp32
-  (17 GB in bf16), about 1.0 ms (0.5 ms) at H100's ~33 TB/s aggregate L1 bandwidth, with
-  an address computation per FMA; and with the 16-channel tile (C > 16) every query element
-  too, about twice that. So expect well under 0.3 of the DRAM roofline, not 0.5; more needs
-  key rows reused in registers across neighbouring pixels (sliding windows over registers,
-  which Triton does not expose directly). Unmeasured: see benchmarks/NOTES.md.
-Backward: the score grad reads grad_out and the selected values once; the query grad the
-T selected keys per pixel; the gathers read each query/grad_out element about once (masked
-lanes move nothing) but the index map K*K times per channel tile, from cache.
+Expected cost: predicted by the cost model (_cost.py, predicted_work below; printed by
+tools/triton_cost_model.py) until a GPU run replaces it. At the benchmark shape (B=4, T=7,
+C=Cv=64, 180 x 320, K=9) in bfloat16 on H100 the minimal traffic is 0.67 GB (0.22 ms at the
+measured 3.0 TB/s copy rate). The direct kernel issues a scalar load per channel and candidate
+(K*K*C*2 loads a pixel): about 2.0 ms, load/store-issue bound, 11% of the DRAM roofline. The
+tile forward does 256 score elements a pixel (the 16 x 16 halo) on tensor cores (0.13 ms at
+half the measured bf16 rate) plus ~13 ALU operations per element for the band mask and the
+argmax (~0.3 ms): about 0.44 ms, math (epilogue) bound, 51% of the DRAM roofline.
 """
 import functools
 
@@ -212,7 +233,7 @@ def local_argmax_attention_tile_forward_kernel(
     qy = tl.where(q_in, qy, 0).to(tl.int32)  # in-frame pixels fit int32; the rest are masked
     qx = tl.where(q_in, qx, 0).to(tl.int32)
 
-    r = kernel_size // 2
+    radius = kernel_size // 2
     halo_w = TILE_W + kernel_size - 1
     halo_size = (TILE_H + kernel_size - 1) * halo_w
     query_ptr += b * q_sb
@@ -229,8 +250,8 @@ def local_argmax_attention_tile_forward_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         hy = n // halo_w
         hx = n % halo_w
-        ky = res_y + step * (first_y + hy - r)
-        kx = res_x + step * (first_x + hx - r)
+        ky = res_y + step * (first_y + hy - radius)
+        kx = res_x + step * (first_x + hx - radius)
         k_in = (n < halo_size) & _in_frame(ky, kx, H, W)
         k_off = ky[None, :] * k_sy + kx[None, :] * k_sx + c.to(tl.int64)[:, None] * k_sc
         dots = tl.zeros([M, BLOCK_N], ACC)
