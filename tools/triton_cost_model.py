@@ -45,14 +45,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     Cv = args.value_channels or args.channels
     shape = (args.batch, args.frames, args.channels, Cv, args.height, args.width, args.kernel_size)
-    print(f"local_argmax_attention forward, predicted (not measured): B={shape[0]}, T={shape[1]}, C={shape[2]}, "
-          f"Cv={shape[3]}, {shape[4]}x{shape[5]}, K={shape[6]}, dilation 1")
+    print(f"local_argmax_attention forward, predicted (not measured): B={shape[0]}, T={shape[1]}, "
+          f"C={shape[2]}, Cv={shape[3]}, {shape[4]}x{shape[5]}, K={shape[6]}, dilation 1")
     header = ("target", "dtype", "formulation", "ms", "DRAM ms", "L2 ms", "LSU ms", "math ms", "bound",
               "DRAM roofline")
     table = [header]
     for target, dtype, name, p in rows(*shape, args.dtypes.split(",")):
         table.append((target, dtype, name, f"{p.seconds * 1e3:.3f}", f"{p.dram_seconds * 1e3:.3f}",
-                      f"{p.l2_seconds * 1e3:.3f}", f"{p.lsu_seconds * 1e3:.3f}", f"{p.math_seconds * 1e3:.3f}",
+                      f"{p.l2_seconds * 1e3:.3f}", f"{p.lsu_seconds * 1e3:.3f}",
+                      f"{p.math_seconds * 1e3:.3f}",
                       p.bound, f"{p.dram_fraction:.0%}"))
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for i, r in enumerate(table):
@@ -62,8 +63,10 @@ def main(argv=None):
     for name, hw in _cost.TARGETS.items():
         print(f"{name}: DRAM {hw.dram_bytes_per_s / 1e12:.1f} TB/s, L2 {hw.l2_bytes_per_s / 1e12:.1f} TB/s, "
               f"bf16 tensor {hw.tensor_flops['bfloat16'] / 1e12:.0f} TFLOP/s "
-              f"(x{_cost.SMALL_TILE_TENSOR_EFFICIENCY} for small tiles), FMA {hw.fma_flops / 1e12:.0f} TFLOP/s, "
-              f"ALU {hw.alu_ops_per_s / 1e12:.1f} Tops/s, LSU {hw.lsu_per_s / 1e9:.0f} G warp-instructions/s")
+              f"(x{_cost.SMALL_TILE_TENSOR_EFFICIENCY} for small tiles), "
+              f"FMA {hw.fma_flops / 1e12:.0f} TFLOP/s, "
+              f"ALU {hw.alu_ops_per_s / 1e12:.1f} Tops/s, "
+              f"LSU {hw.lsu_per_s / 1e9:.0f} G warp-instructions/s")
 
 
 if __name__ == "__main__":

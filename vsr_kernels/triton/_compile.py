@@ -55,7 +55,8 @@ def compile_kernel(kernel, pointer_types: dict, scalar_types: dict, constexprs: 
     # Constexprs with a default (such as INTERPRETED) take it unless `constexprs` names them.
     defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    constants = {name: 1 for name in kernel.arg_names if name.endswith(UNIT_STRIDE_SUFFIX)} | defaults | constexprs
+    unit_strides = {name: 1 for name in kernel.arg_names if name.endswith(UNIT_STRIDE_SUFFIX)}
+    constants = unit_strides | defaults | constexprs
     source = ASTSource(fn=kernel, signature=signature(kernel, pointer_types, scalar_types, constants),
                        constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})

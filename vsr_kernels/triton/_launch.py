@@ -113,7 +113,8 @@ def row_blocks(H: int, W: int, block_p: int) -> int:
 
 
 def compile_all(kernels: dict, configs: Iterable[LaunchConfig], pointer_types: Callable, scalar_types: dict,
-                archs: Iterable[int], dtype_names: Iterable[str], config_dtype_names: Callable = None) -> list:
+                archs: Iterable[int], dtype_names: Iterable[str],
+                config_dtype_names: Callable | None = None) -> list:
     """Compiles every config in `configs` for every dtype in `dtype_names` ("float16", ...)
     and CUDA compute capability in `archs` (80, 90, ...): one report per compiled kernel (see
     _compile.compile_kernel) with its "dtype", "constexprs" and "pointers" types.

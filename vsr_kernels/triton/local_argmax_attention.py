@@ -261,7 +261,8 @@ def local_argmax_attention_tile_forward_kernel(
                         other=0)
             # Outside the frame the key reads as 0 and is multiplied for real (zero padding): a
             # NaN or inf query then scores NaN there too, as in the direct kernel.
-            k = tl.load(_channel_block(key_ptr, c0, k_sc) + k_off, mask=c_in[:, None] & k_in[None, :], other=0)
+            k = tl.load(_channel_block(key_ptr, c0, k_sc) + k_off, mask=c_in[:, None] & k_in[None, :],
+                        other=0)
             dots = tl.dot(_dot_operand(q, ACC, INTERPRETED), _dot_operand(k, ACC, INTERPRETED), dots)
         s = dots * scale_acc
         # Query m's band: halo rows a .. a + K - 1 and columns e .. e + K - 1; candidates outside
@@ -514,7 +515,9 @@ def best_tile(dtype_name: str, C: int, kernel_size: int) -> tuple:
 
 @functools.lru_cache(maxsize=None)
 def _preferred_formulation(dtype_name: str, C: int, kernel_size: int, tf32: bool) -> str:
-    if dtype_name == "float64" or (dtype_name == "float32" and not tf32) or kernel_size > TILE_MAX_KERNEL_SIZE:
+    if dtype_name == "float64" or (dtype_name == "float32" and not tf32):
+        return "direct"
+    if kernel_size > TILE_MAX_KERNEL_SIZE:
         return "direct"
     times = {f: predict(f, dtype_name, *_NOMINAL_FRAME[:2], C, C, *_NOMINAL_FRAME[2:], kernel_size,
                         best_tile(dtype_name, C, kernel_size)).seconds for f in FORMULATIONS}
@@ -527,7 +530,8 @@ def formulation(dtype: torch.dtype, C: int, kernel_size: int) -> str:
     float64 the direct kernel; `forced_formulation` overrides all but the kernel size bound."""
     if forced_formulation is not None:
         if forced_formulation not in FORMULATIONS:
-            raise ValueError(f"forced_formulation must be one of {FORMULATIONS} or None, got {forced_formulation!r}")
+            raise ValueError(f"forced_formulation must be one of {FORMULATIONS} or None, "
+                             f"got {forced_formulation!r}")
         return "direct" if kernel_size > TILE_MAX_KERNEL_SIZE else forced_formulation
     return _preferred_formulation(str(dtype).removeprefix("torch."), C, kernel_size, allow_tf32)
 
@@ -619,7 +623,8 @@ def _forward_programs(config: _launch.LaunchConfig, H: int, W: int, dilation: in
     if config.kernel == "forward":
         return _pixel_blocks(H, W)
     constexprs = dict(config.constexprs)
-    return _lattice_tiles(H, dilation, constexprs["TILE_H"]) * _lattice_tiles(W, dilation, constexprs["TILE_W"])
+    return (_lattice_tiles(H, dilation, constexprs["TILE_H"])
+            * _lattice_tiles(W, dilation, constexprs["TILE_W"]))
 
 
 # ---------------------------------------------------------------------------------------
