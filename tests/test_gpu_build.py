@@ -13,6 +13,7 @@ GPU"), for every op:
 """
 import importlib
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -175,15 +176,20 @@ def test_spills_are_seen_in_stack_and_local_memory():
 
 @needs_triton
 def test_local_argmax_attention_launches_only_listed_configs(monkeypatch):
-    """Records what the ops would launch (without launching) over many channel counts."""
+    """Records what the ops would launch (without launching) over many channel counts, kernel
+    sizes and dtypes, with and without tf32 tiles and forced formulations."""
     triton_module = importlib.import_module("vsr_kernels.triton.local_argmax_attention")
     launched = set()
     monkeypatch.setattr(triton_module, "launch", lambda config, grid, *args, dtype: launched.add(config))
-    for C, Cv in [(1, 1), (3, 17), (16, 33), (31, 64), (64, 65), (65, 200), (129, 2)]:
-        q = torch.zeros(1, C, 2, 2)
-        k, v = torch.zeros(1, 2, C, 2, 2), torch.zeros(1, 2, Cv, 2, 2)
-        out, score, index = triton_module.local_argmax_attention(q, k, v, 3, 1, 1.0, False)
-        backward = torch.ops.vsr_kernels.local_argmax_attention_triton_backward
-        backward(out, score, q, k, v, score, index, 3, 1, 1.0, False)
+    for allow_tf32, forced, dtype, kernel_size in itertools.product(
+            (False, True), (None, "direct", "tile"), (torch.float32, torch.bfloat16, torch.float16), (3, 9)):
+        monkeypatch.setattr(triton_module, "allow_tf32", allow_tf32)
+        monkeypatch.setattr(triton_module, "forced_formulation", forced)
+        for C, Cv in [(1, 1), (3, 17), (16, 33), (31, 64), (64, 65), (65, 200), (129, 2)]:
+            q = torch.zeros(1, C, 2, 2, dtype=dtype)
+            k, v = torch.zeros(1, 2, C, 2, 2, dtype=dtype), torch.zeros(1, 2, Cv, 2, 2, dtype=dtype)
+            out, score, index = triton_module.local_argmax_attention(q, k, v, kernel_size, 1, 1.0, False)
+            backward = torch.ops.vsr_kernels.local_argmax_attention_triton_backward
+            backward(out, score, q, k, v, score, index, kernel_size, 1, 1.0, False)
     assert launched <= set(triton_module.all_launch_configs())
     assert {c.kernel for c in launched} == set(triton_module.KERNELS)
