@@ -289,7 +289,9 @@ def _sweep_params(cases_for):
             for canary in ("plain", "canary"):
                 params.append(pytest.param(backend, case, canary, marks=param.marks,
                                            id=f"{backend}-{_case_id(case)}-{canary}"))
-    return with_formulations(params)
+    # The tile forward reads canary inputs only (a superset of the plain check: every value
+    # still compared, plus out-of-bounds reads and three layouts), halving its interpreter time.
+    return [p for p in with_formulations(params) if p.values[3] != "tile" or p.values[2] == "canary"]
 
 
 @pytest.mark.parametrize("backend,case,canary,formulation",
@@ -312,11 +314,13 @@ def _random_case(seed):
 # The interpreter is slow: the Triton random sweep takes six of the cheaper seeds (kernel 1, 5
 # and 9, both borders, odd ones with canaries); 25 seeds elsewhere.
 RANDOM_SEEDS = {"triton": (2, 6, 7, 9, 15, 20)}
+TILE_RANDOM_SEEDS = (6, 7, 9, 15)  # the tile forward's: kernels 9 and 1, dilations 2 and 3, both borders
 
 
-@pytest.mark.parametrize("backend,seed,formulation", with_formulations([
+@pytest.mark.parametrize("backend,seed,formulation", [p for p in with_formulations([
     pytest.param(p.values[0], seed, marks=p.marks, id=f"{p.values[0]}-{seed}")
-    for p in BACKENDS for seed in RANDOM_SEEDS.get(p.values[0].name, range(25))]), indirect=["formulation"])
+    for p in BACKENDS for seed in RANDOM_SEEDS.get(p.values[0].name, range(25))])
+    if p.values[2] != "tile" or p.values[1] in TILE_RANDOM_SEEDS], indirect=["formulation"])
 def test_random_sweep_matches_reference(backend, seed, formulation):
     """Odd seeds read canary inputs."""
     shape, window, border = _random_case(seed)
@@ -666,7 +670,6 @@ def test_triton_low_precision_exact_on_integer_inputs(dtype, formulation):
 TILE_TIE_CASES = [  # B, T, C, Cv, H, W, kernel_size, dilation
     (1, 2, 3, 2, 12, 13, 9, 1),  # halo 16 x 16 of an 8 x 8 tile: 4 chunks of 64 columns
     (1, 1, 17, 2, 9, 20, 5, 2),  # two channel steps, a dilated halo
-    (1, 1, 2, 2, 10, 9, 3, 1),
 ]
 
 
