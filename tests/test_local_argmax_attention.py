@@ -1240,6 +1240,8 @@ def test_the_largest_dilation_is_exact(backend, border, formulation):
     window = (5, 2**31 - 1)
     got = vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border, backend=backend)
     assert_same_outputs(got, loop_oracle(q.detach(), k.detach(), v.detach(), *window, 0.5, border))
+    if formulation == "tile":  # the backward is the direct formulation's, checked there
+        return
     call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
         q, k, v, *window, 0.5, border, backend=backend)
     for a, b in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):
