@@ -992,15 +992,16 @@ def _assert_frame_matches(r: Result, query, key, value, b, t, kernel_size, dilat
     return grad_q
 
 
-def test_gpu_benchmark_shape(gpu_backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_benchmark_shape(gpu_backend, dtype):
     """The CUDA benchmark shape, checked frame by frame at both ends of the batch: wrong grid
-    sizing or offsets show up there first."""
+    sizing or offsets show up there first. bfloat16 is where the dispatcher tiles."""
     B, T, C, H_, W = 4, 7, 64, 180, 320
-    query, key, value = _gpu_inputs(B, T, C, C, H_, W, torch.float32)
+    query, key, value = _gpu_inputs(B, T, C, C, H_, W, dtype)
     r = _run(gpu_backend, query, key, value, 9, 1, "exclude")
     for b in (0, B - 1):
         grad_query = sum(_assert_frame_matches(r, query, key, value, b, t, 9, 1, "exclude") for t in range(T))
-        _assert_close_in_dtype("query", r.grad_query[b:b + 1], grad_query, torch.float32)
+        _assert_close_in_dtype("query", r.grad_query[b:b + 1], grad_query, dtype)
 
 
 @pytest.mark.slow
