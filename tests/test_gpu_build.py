@@ -13,6 +13,7 @@ GPU"), for every op:
 """
 import importlib
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -100,22 +101,63 @@ def test_ptxas_report_is_parsed():
 # ---------------------------------------------------------------------------------------
 # Triton kernels: every op module exposes KERNELS, all_launch_configs() and compile_all().
 
+_TRITON_REPORTS = {}
+
+
+def triton_reports(module):
+    """compile_all's reports of `module`, compiled once per session."""
+    if module not in _TRITON_REPORTS:
+        _TRITON_REPORTS[module] = check_gpu_build.compile_triton_module(module)
+    return _TRITON_REPORTS[module]
+
+
 @needs_triton
 @pytest.mark.parametrize("module", TRITON_MODULES)
 def test_every_triton_launch_config_compiles_without_spills(module):
-    reports = check_gpu_build.compile_triton_module(module)
+    reports = triton_reports(module)
     triton_module = importlib.import_module(module)
-    print(f"\n{module}\n{'kernel':<20} {'constexprs':<58} {'dtype':<9} arch regs spills shared pointers")
+    print(f"\n{module}\n{'kernel':<44} {'constexprs':<58} {'dtype':<9} arch regs spills shared mma pointers")
     for r in reports:
         pointers = " ".join(f"{name}={kind}" for name, kind in sorted(r.get("pointers", {}).items()))
-        print(f"{r['kernel']:<20} {str(r['constexprs']):<58} {r['dtype']:<9} {r['arch']:>4} {r['n_regs']:>4} "
-              f"{r['n_spills']:>6} {r['shared']:>6} {pointers}")
+        mma = ",".join(i.split(".")[0] for i in r.get("mma", [])) or "-"
+        print(f"{r['kernel']:<44} {str(r['constexprs']):<58} {r['dtype']:<9} {r['arch']:>4} {r['n_regs']:>4} "
+              f"{r['n_spills']:>6} {r['shared']:>6} {mma} {pointers}")
     compiled = {(r["kernel"], tuple(sorted(r["constexprs"].items())), r["dtype"], r["arch"]) for r in reports}
+    # A module may launch some configs in fewer dtypes (config_dtype_names(config)).
+    dtypes_of = getattr(triton_module, "config_dtype_names", lambda config: check_gpu_build.TRITON_DTYPES)
     expected = {(triton_module.KERNELS[c.kernel].__name__, c.constexprs, dtype, arch)
                 for c in triton_module.all_launch_configs()
-                for dtype in check_gpu_build.TRITON_DTYPES for arch in check_gpu_build.TRITON_ARCHS}
+                for dtype in check_gpu_build.TRITON_DTYPES if dtype in dtypes_of(c)
+                for arch in check_gpu_build.TRITON_ARCHS}
     assert compiled == expected
     assert [r for r in reports if r["n_spills"] > 0 or r["shared"] > MAX_SHARED_SM80] == []
+
+
+@needs_triton
+def test_local_argmax_attention_tiles_run_on_tensor_cores():
+    """The tile forward's scores are tensor-core products: mma.sync on sm_80, wgmma on sm_90, in
+    every dtype the dispatcher tiles (float32 as tf32); the direct forward uses none."""
+    reports = triton_reports("vsr_kernels.triton.local_argmax_attention")
+    tiles = [r for r in reports if r["kernel"] == "local_argmax_attention_tile_forward_kernel"]
+    assert {r["dtype"] for r in tiles} == {"float16", "bfloat16", "float32"}
+    for r in tiles:
+        expected = {"float16": "f16", "bfloat16": "bf16", "float32": "tf32"}[r["dtype"]]
+        instruction = "wgmma.mma_async" if r["arch"] == 90 else "mma.sync"
+        assert any(i.startswith(instruction) and f".{expected}." in i + "." for i in r["mma"]), r
+    direct = [r for r in reports if r["kernel"] == "local_argmax_attention_forward_kernel"]
+    assert direct and not any(r["mma"] for r in direct)
+
+
+def test_tensor_core_instructions_are_found_in_ptx():
+    pytest.importorskip("triton")
+    from vsr_kernels.triton import _compile
+
+    ptx = ("    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%r1, %r2}, {%r3}, {%r4};\n"
+           "    wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r5}, %rd1, %rd2;\n"
+           "    fma.rn.f32 %f1, %f2, %f3, %f4;\n")
+    assert _compile.tensor_core_instructions(ptx) == ["mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                                                      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"]
+    assert _compile.tensor_core_instructions("fma.rn.f32 %f1, %f2, %f3, %f4;") == []
 
 
 def test_spills_are_seen_in_stack_and_local_memory():
@@ -134,15 +176,20 @@ def test_spills_are_seen_in_stack_and_local_memory():
 
 @needs_triton
 def test_local_argmax_attention_launches_only_listed_configs(monkeypatch):
-    """Records what the ops would launch (without launching) over many channel counts."""
+    """Records what the ops would launch (without launching) over many channel counts, kernel
+    sizes and dtypes, with and without tf32 tiles and forced formulations."""
     triton_module = importlib.import_module("vsr_kernels.triton.local_argmax_attention")
     launched = set()
     monkeypatch.setattr(triton_module, "launch", lambda config, grid, *args, dtype: launched.add(config))
-    for C, Cv in [(1, 1), (3, 17), (16, 33), (31, 64), (64, 65), (65, 200), (129, 2)]:
-        q = torch.zeros(1, C, 2, 2)
-        k, v = torch.zeros(1, 2, C, 2, 2), torch.zeros(1, 2, Cv, 2, 2)
-        out, score, index = triton_module.local_argmax_attention(q, k, v, 3, 1, 1.0, False)
-        backward = torch.ops.vsr_kernels.local_argmax_attention_triton_backward
-        backward(out, score, q, k, v, score, index, 3, 1, 1.0, False)
+    for allow_tf32, forced, dtype, kernel_size in itertools.product(
+            (False, True), (None, "direct", "tile"), (torch.float32, torch.bfloat16, torch.float16), (3, 9)):
+        monkeypatch.setattr(triton_module, "allow_tf32", allow_tf32)
+        monkeypatch.setattr(triton_module, "forced_formulation", forced)
+        for C, Cv in [(1, 1), (3, 17), (16, 33), (31, 64), (64, 65), (65, 200), (129, 2)]:
+            q = torch.zeros(1, C, 2, 2, dtype=dtype)
+            k, v = torch.zeros(1, 2, C, 2, 2, dtype=dtype), torch.zeros(1, 2, Cv, 2, 2, dtype=dtype)
+            out, score, index = triton_module.local_argmax_attention(q, k, v, kernel_size, 1, 1.0, False)
+            backward = torch.ops.vsr_kernels.local_argmax_attention_triton_backward
+            backward(out, score, q, k, v, score, index, kernel_size, 1, 1.0, False)
     assert launched <= set(triton_module.all_launch_configs())
     assert {c.kernel for c in launched} == set(triton_module.KERNELS)

@@ -49,6 +49,32 @@ if "triton" in AVAILABLE:
     from vsr_kernels.triton.local_argmax_attention import BLOCK_P, MAX_CHANNEL_BLOCK
 
 
+# The Triton backend has two forwards (vsr_kernels.triton.local_argmax_attention.formulation):
+# "direct" (one pixel per lane) and "tile" (tensor-core scores of a query tile against its key
+# halo). Tests of the Triton backend run each property with both, forcing the formulation.
+FORMULATIONS = ("direct", "tile")
+
+
+def with_formulations(params):
+    """`params` (pytest.params whose first value is a backend) with a formulation appended: both
+    for the Triton backend, None (nothing forced) for the others."""
+    out = []
+    for p in params:
+        for formulation in (FORMULATIONS if str(p.values[0]) == "triton" else (None,)):
+            suffix = "" if formulation is None else f"-{formulation}"
+            out.append(pytest.param(*p.values, formulation, marks=p.marks, id=f"{p.id}{suffix}"))
+    return out
+
+
+@pytest.fixture
+def formulation(request, monkeypatch):
+    """Forces the Triton forward's formulation for the test (the parameter of the same name)."""
+    name = getattr(request, "param", None)
+    if name is not None:
+        monkeypatch.setattr(triton_module, "forced_formulation", name)
+    return name
+
+
 def shapes(B, T, C, Cv, H_, W):
     return {"query": (B, C, H_, W), "key": (B, T, C, H_, W), "value": (B, T, Cv, H_, W)}
 
@@ -263,12 +289,15 @@ def _sweep_params(cases_for):
             for canary in ("plain", "canary"):
                 params.append(pytest.param(backend, case, canary, marks=param.marks,
                                            id=f"{backend}-{_case_id(case)}-{canary}"))
-    return params
+    # The tile forward reads canary inputs only (a superset of the plain check: every value
+    # still compared, plus out-of-bounds reads and three layouts), halving its interpreter time.
+    return [p for p in with_formulations(params) if p.values[3] != "tile" or p.values[2] == "canary"]
 
 
-@pytest.mark.parametrize("backend,case,canary",
-                         _sweep_params(lambda b: TRITON_CASES if b == "triton" else FIXED_CASES))
-def test_matches_reference_float64(backend, case, canary):
+@pytest.mark.parametrize("backend,case,canary,formulation",
+                         _sweep_params(lambda b: TRITON_CASES if b == "triton" else FIXED_CASES),
+                         indirect=["formulation"])
+def test_matches_reference_float64(backend, case, canary, formulation):
     shape, window, border = case
     seed = zlib.crc32(repr((shape, window, border)).encode())
     scale = random.Random(seed).uniform(-2, 2)
@@ -285,12 +314,14 @@ def _random_case(seed):
 # The interpreter is slow: the Triton random sweep takes six of the cheaper seeds (kernel 1, 5
 # and 9, both borders, odd ones with canaries); 25 seeds elsewhere.
 RANDOM_SEEDS = {"triton": (2, 6, 7, 9, 15, 20)}
+TILE_RANDOM_SEEDS = (6, 7, 9, 15)  # the tile forward's: kernels 9 and 1, dilations 2 and 3, both borders
 
 
-@pytest.mark.parametrize("backend,seed", [
+@pytest.mark.parametrize("backend,seed,formulation", [p for p in with_formulations([
     pytest.param(p.values[0], seed, marks=p.marks, id=f"{p.values[0]}-{seed}")
     for p in BACKENDS for seed in RANDOM_SEEDS.get(p.values[0].name, range(25))])
-def test_random_sweep_matches_reference(backend, seed):
+    if p.values[2] != "tile" or p.values[1] in TILE_RANDOM_SEEDS], indirect=["formulation"])
+def test_random_sweep_matches_reference(backend, seed, formulation):
     """Odd seeds read canary inputs."""
     shape, window, border = _random_case(seed)
     check_against_reference(backend, shape, window, 0.5, border, seed, canary=seed % 2 == 1)
@@ -312,9 +343,9 @@ def test_float32_close_to_float64_reference(backend, border):
 # Ties, NaN, gradients, registration, compile.
 
 @interpreter_warnings
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,formulation", with_formulations(BACKENDS), indirect=["formulation"])
 @pytest.mark.parametrize("border", BORDERS)
-def test_planted_ties_pick_the_lowest_candidate(backend, border):
+def test_planted_ties_pick_the_lowest_candidate(backend, border, formulation):
     # Integer-valued inputs make many candidates score exactly the same.
     g = torch.Generator().manual_seed(3)
     q = torch.randint(-1, 2, (2, 2, 6, 6), generator=g).double()
@@ -339,9 +370,9 @@ def test_planted_ties_pick_the_lowest_candidate(backend, border):
 
 
 @interpreter_warnings
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,formulation", with_formulations(BACKENDS), indirect=["formulation"])
 @pytest.mark.parametrize("border", BORDERS)
-def test_nan_propagates(backend, border):
+def test_nan_propagates(backend, border, formulation):
     """NaN ranks above every number and the first NaN wins; a NaN or inf query poisons even
     the zero-padded candidates. Gradients are compared with the C++ CPU backend's, which
     (unlike the reference's autograd) never multiply an unselected NaN key by zero."""
@@ -593,6 +624,12 @@ def test_triton_cases_cover_every_launch_config():
                 ("gather_grad", Cv))
     launched = {triton_module.launch_config(kernel, shape[dim]) for shape, _, _ in TRITON_CASES
                 for kernel, dim in channels}
+    # The sweep forces the tile forward too (float64: the cost model's tile for the sizes).
+    # The sweep forces the tile forward too (in float64, with float32's blocks; the half
+    # precision blocks run in the low-precision tests).
+    launched |= {triton_module.launch_config("tile_forward", shape[C], tile=triton_module.best_tile(
+        dtype, shape[C], window[0]), dtype_name=dtype) for shape, window, _ in TRITON_CASES
+        for dtype in ("float64", "bfloat16")}
     assert launched == set(triton_module.all_launch_configs())
     assert any(H_ * W > BLOCK_P for (_, _, _, _, H_, W), _, _ in TRITON_CASES)
 
@@ -614,8 +651,9 @@ def _as_double(result):
 
 
 @needs_triton
+@pytest.mark.parametrize("formulation", FORMULATIONS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_triton_low_precision_exact_on_integer_inputs(dtype):
+def test_triton_low_precision_exact_on_integer_inputs(dtype, formulation):
     """Integer-valued inputs make every product and sum exact in float32 accumulation, and
     every output representable: the result must equal the float64 reference, ties included."""
     q, k, v = make_inputs(1, 2, 4, 3, 6, 5, seed=12, integers=True, device=H.DEVICE)
@@ -625,6 +663,58 @@ def test_triton_low_precision_exact_on_integer_inputs(dtype):
     assert all(t.dtype == dtype for t in (got[0][0], got[0][1], *got[1]))
     H.assert_same(_as_double(got), want, **EXACT)
 
+# The tile forward's argmax scans halo columns in row-major order, BLOCK_N at a time. Integer
+# inputs (exact in every dtype) with planted equal maxima: key -1 everywhere but +1 at a few
+# pixels, query 1, so a window's best score is reached at each planted pixel it holds, often
+# several, in different halo rows and different column chunks. The lowest candidate must win.
+TILE_TIE_CASES = [  # B, T, C, Cv, H, W, kernel_size, dilation
+    (1, 2, 3, 2, 12, 13, 9, 1),  # halo 16 x 16 of an 8 x 8 tile: 4 chunks of 64 columns
+    (1, 1, 17, 2, 9, 20, 5, 2),  # two channel steps, a dilated halo
+]
+
+
+@needs_triton
+@interpreter_warnings
+@pytest.mark.parametrize("formulation", ["tile"], indirect=True)  # the direct kernel: the ties test above
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("border", BORDERS)
+@pytest.mark.parametrize("case", TILE_TIE_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_triton_planted_ties_across_halo_rows_and_chunks(case, border, dtype, formulation):
+    B, T, C, Cv, H_, W, kernel_size, dilation = case
+    g = torch.Generator().manual_seed(sum(case))
+    q = torch.ones(B, C, H_, W, dtype=torch.float64)
+    k = -torch.ones(B, T, C, H_, W, dtype=torch.float64)
+    k[:, :, :, torch.rand(H_, W, generator=g) < 0.15] = 1.0
+    v = torch.randint(-8, 9, (B, T, Cv, H_, W), generator=g).double()
+    got = op("triton", kernel_size, dilation, 1.0, border)(q.to(dtype), k.to(dtype), v.to(dtype))
+    want = reference.local_argmax_attention(q, k, v, kernel_size, dilation, 1.0, border)
+    assert (want[1] == C).float().mean() > 0.5  # most windows hold a planted maximum
+    H.assert_same(_as_double((got,))[0], tuple(want), **EXACT)
+
+
+@needs_triton
+def test_triton_formulation_of_the_dispatcher(monkeypatch):
+    """float16/bfloat16 take the tile forward where the cost model predicts it faster (kernel 9
+    at 64 channels); float32 only with allow_tf32; float64 never; a forced one wins."""
+    pick = triton_module.formulation
+    assert pick(torch.bfloat16, 64, 9) == pick(torch.float16, 64, 9) == "tile"
+    assert pick(torch.bfloat16, 64, 1) == "direct"  # a 1 x 1 window: nothing to share
+    assert pick(torch.float32, 64, 9) == pick(torch.float64, 64, 9) == "direct"
+    monkeypatch.setattr(triton_module, "allow_tf32", True)
+    assert pick(torch.float32, 64, 9) == "tile" and pick(torch.float64, 64, 9) == "direct"
+    monkeypatch.setattr(triton_module, "forced_formulation", "direct")
+    assert pick(torch.bfloat16, 64, 9) == "direct"
+    monkeypatch.setattr(triton_module, "forced_formulation", "tile")
+    assert pick(torch.float64, 64, 1) == "tile"
+    monkeypatch.setattr(triton_module, "forced_formulation", "tiles")
+    with pytest.raises(ValueError, match="forced_formulation"):
+        pick(torch.float64, 64, 1)
+    # The cost model: the tile forward is predicted faster and DRAM-bound at the benchmark shape.
+    shape = (4, 7, 64, 64, 180, 320, 9)
+    tile, direct = (triton_module.predict(f, "bfloat16", *shape, tile=(8, 8)) for f in ("tile", "direct"))
+    assert tile.dram_seconds == direct.dram_seconds and tile.seconds < direct.seconds
+    assert tile.dram_fraction >= 0.5
+
 
 # Relative error of one rounding to the dtype (the interpreter's float32 -> bfloat16 cast
 # truncates, a whole unit in the last place) plus float32 accumulation.
@@ -632,8 +722,9 @@ LOW_PRECISION_RTOL = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16:
 
 
 @needs_triton
+@pytest.mark.parametrize("formulation", FORMULATIONS, indirect=True)
 @pytest.mark.parametrize("dtype", list(LOW_PRECISION_RTOL))
-def test_triton_low_precision_close_to_float64_reference(dtype):
+def test_triton_low_precision_close_to_float64_reference(dtype, formulation):
     q, k, v = make_inputs(1, 2, 24, 6, 6, 7, seed=13, device=H.DEVICE)
     q, k, v = (t.to(dtype).double() for t in (q, k, v))  # the reference sees the rounded inputs
     fn = (5, 1, 0.3, "exclude")
@@ -672,16 +763,22 @@ GPU_SHAPES = [  # (B, T, C, Cv, H, W, kernel_size, dilation)
     pytest.param((2, 3, 16, 8, 4, 3, 9, 1), id="frame_smaller_than_window"),
     pytest.param((3, 1, 8, 5, 9, 17, 9, 2), id="one_frame"),
 ]
-GPU_BACKENDS = [pytest.param(name, marks=[pytest.mark.gpu, needs_cuda]) for name in ("cuda", "triton")]
+# Triton runs each GPU test twice, with its direct and its tile forward side by side (in
+# float32 the tile forward is tf32: see test_gpu_tf32_tiles_are_opt_in).
+GPU_BACKENDS = [pytest.param(("cuda", None), marks=[pytest.mark.gpu, needs_cuda], id="cuda")] + [
+    pytest.param(("triton", f), marks=[pytest.mark.gpu, needs_cuda], id=f"triton-{f}") for f in FORMULATIONS]
 
 
 @pytest.fixture(params=GPU_BACKENDS)
-def gpu_backend(request):
+def gpu_backend(request, monkeypatch):
     torch.manual_seed(0)
-    reason = H.unavailable(OP, request.param)
+    name, formulation = request.param
+    reason = H.unavailable(OP, name)
     if reason is not None:
-        pytest.skip(f"backend={request.param!r} cannot run: {reason}")
-    return request.param
+        pytest.skip(f"backend={name!r} cannot run: {reason}")
+    if formulation is not None:
+        monkeypatch.setattr(triton_module, "forced_formulation", formulation)
+    return name
 
 
 def _gpu_inputs(B, T, C, Cv, H_, W, dtype, device="cuda"):
@@ -733,8 +830,18 @@ def _gradients_of_selection(query, key, value, index, stored_score, grad_out, gr
     return torch.autograd.grad((out, score), (q, k, v), (grad_out.double(), grad_score.double()))
 
 
+# float32 through the tile forward multiplies in tf32 (10-bit mantissas): about float16's
+# rounding per product, more near-ties ordered differently.
+TF32_TOLERANCES = (5e-3, 5e-3, 0.98)
+
+
+def _gpu_tolerances(dtype):
+    tf32 = dtype == torch.float32 and "triton" in AVAILABLE and triton_module.forced_formulation == "tile"
+    return TF32_TOLERANCES if tf32 else GPU_TOLERANCES[dtype]
+
+
 def _assert_forward_matches(out, score, index, query, key, value, kernel_size, dilation, border):
-    rtol, atol, agreement = GPU_TOLERANCES[query.dtype]
+    rtol, atol, agreement = _gpu_tolerances(query.dtype)
     q, k, v = (x.detach().double() for x in (query, key, value))
     ref_out, ref_score, ref_index = reference.local_argmax_attention(q, k, v, kernel_size, dilation, GPU_SCALE,
                                                                      border)
@@ -775,6 +882,20 @@ def test_gpu_matches_reference_in_every_dtype(gpu_backend, dtype, border, shape)
                                        dilation)
     for name, got, want in zip(("query", "key", "value"), (r.grad_query, r.grad_key, r.grad_value), expected):
         _assert_close_in_dtype(name, got, want, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_triton
+def test_gpu_tf32_tiles_are_opt_in(monkeypatch):
+    """float32 runs the direct forward unless allow_tf32; then the tile forward, in tf32."""
+    query, key, value = _gpu_inputs(2, 3, 16, 8, 11, 13, torch.float32)
+    assert triton_module.formulation(torch.float32, 16, 9) == "direct"
+    monkeypatch.setattr(triton_module, "allow_tf32", True)
+    assert triton_module.formulation(torch.float32, 16, 9) == "tile"
+    monkeypatch.setattr(triton_module, "forced_formulation", "tile")  # for _gpu_tolerances
+    r = _run("triton", query, key, value, 9, 1, "zeros")
+    _assert_forward_matches(r.out, r.score, r.index, query, key, value, 9, 1, "zeros")
 
 
 def _every_other(x, dim):
@@ -871,15 +992,16 @@ def _assert_frame_matches(r: Result, query, key, value, b, t, kernel_size, dilat
     return grad_q
 
 
-def test_gpu_benchmark_shape(gpu_backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_benchmark_shape(gpu_backend, dtype):
     """The CUDA benchmark shape, checked frame by frame at both ends of the batch: wrong grid
-    sizing or offsets show up there first."""
+    sizing or offsets show up there first. bfloat16 is where the dispatcher tiles."""
     B, T, C, H_, W = 4, 7, 64, 180, 320
-    query, key, value = _gpu_inputs(B, T, C, C, H_, W, torch.float32)
+    query, key, value = _gpu_inputs(B, T, C, C, H_, W, dtype)
     r = _run(gpu_backend, query, key, value, 9, 1, "exclude")
     for b in (0, B - 1):
         grad_query = sum(_assert_frame_matches(r, query, key, value, b, t, 9, 1, "exclude") for t in range(T))
-        _assert_close_in_dtype("query", r.grad_query[b:b + 1], grad_query, torch.float32)
+        _assert_close_in_dtype("query", r.grad_query[b:b + 1], grad_query, dtype)
 
 
 @pytest.mark.slow
@@ -920,6 +1042,7 @@ def grads(fn, q, k, v, seed=1):
     return H.forward_and_grads(fn, [q, k, v], seed=seed)[1]
 
 ALL_BACKENDS = ["reference", "cpu", "triton"]
+ALL_BACKEND_FORMULATIONS = with_formulations([pytest.param(b, id=b) for b in ALL_BACKENDS])
 
 
 def _skip_unless_available(backend):
@@ -960,9 +1083,9 @@ def test_meta_tensors_give_shapes_on_every_path():
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend,formulation", ALL_BACKEND_FORMULATIONS, indirect=["formulation"])
 @pytest.mark.parametrize("border", ["exclude", "zeros"])
-def test_every_in_frame_score_minus_inf_picks_the_first_in_frame_candidate(backend, border):
+def test_every_in_frame_score_minus_inf_picks_the_first_in_frame_candidate(backend, border, formulation):
     _skip_unless_available(backend)
     q, k, v = make_inputs(1, 2, 1, 2, 5, 6, seed=4)
     q = torch.full_like(q, float("-inf"))
@@ -1109,15 +1232,17 @@ def test_window_parameters_take_pairs_and_are_bounded():
             call(**kwargs)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend,formulation", ALL_BACKEND_FORMULATIONS, indirect=["formulation"])
 @pytest.mark.parametrize("border", ["exclude", "zeros"])
-def test_the_largest_dilation_is_exact(backend, border):
+def test_the_largest_dilation_is_exact(backend, border, formulation):
     # (j // K - r) * dilation passes 2**31 for K = 5: in int32 the step -2 * (2**31 - 1) wraps to 2.
     _skip_unless_available(backend)
     q, k, v = make_inputs(1, 2, 3, 2, 4, 5, seed=6, requires_grad=True)
     window = (5, 2**31 - 1)
     got = vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border, backend=backend)
     assert_same_outputs(got, loop_oracle(q.detach(), k.detach(), v.detach(), *window, 0.5, border))
+    if formulation == "tile":  # the backward is the direct formulation's, checked there
+        return
     call = lambda backend: lambda q, k, v: vsr_kernels.local_argmax_attention(  # noqa: E731
         q, k, v, *window, 0.5, border, backend=backend)
     for a, b in zip(grads(call(backend), q, k, v), grads(call("reference"), q, k, v)):

@@ -233,9 +233,11 @@ def triton_section() -> bool:
             continue
         rows += [(module.rsplit(".", 1)[1], r["kernel"],
                   " ".join(f"{k}={v}" for k, v in r["constexprs"].items()), r["dtype"], f"sm_{r['arch']}",
-                  r["n_regs"], r["n_spills"], r["shared"]) for r in reports]
+                  r["n_regs"], r["n_spills"], r["shared"],
+                  ",".join(i.split(".")[0] for i in r.get("mma", [])) or "-") for r in reports]
         passed &= all(r["n_spills"] == 0 for r in reports)
-    _print_table(("module", "kernel", "constexprs", "dtype", "arch", "registers", "spills", "shared B"), rows)
+    _print_table(("module", "kernel", "constexprs", "dtype", "arch", "registers", "spills", "shared B",
+                  "tensor cores"), rows)
     return passed
 
 

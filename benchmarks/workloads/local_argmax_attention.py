@@ -31,6 +31,11 @@ DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16")}
 # The op's own backends meant for each device type. Triton on CPU tensors is its
 # interpreter, a test tool, not something to time.
 BACKENDS = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# The Triton backend's forward formulations (vsr_kernels.triton.local_argmax_attention), timed
+# side by side on a GPU: "direct" (one pixel per lane) and "tile" (tensor-core scores of a
+# query tile against its key halo; float32 in tf32). Rows "triton-direct" and "triton-tile";
+# plain "triton" is what its dispatcher picks.
+FORMULATIONS = {"cpu": (), "cuda": ("direct", "tile")}
 BASELINES = ("reference", "careful")
 PASSES = ("fwd", "fwd+bwd")
 RESULTS = ("out", "score", "index", "grad_query", "grad_key", "grad_value")
@@ -97,6 +102,7 @@ class Attention(Case):
     H: int
     W: int
     kernel_size: int
+    formulation: str = ""  # a forced Triton forward (FORMULATIONS), "" for the dispatcher's choice
 
     workload = NAME
     op = NAME
@@ -125,9 +131,31 @@ class Attention(Case):
             tensors[name].requires_grad_()
         return tensors
 
+    @property
+    def id(self):
+        return super().id + (f"-{self.formulation}" if self.formulation else "")
+
+    def shape(self):
+        return {name: value for name, value in super().shape().items() if name != "formulation"}
+
+    def describe(self):
+        # The report keys its rows by backend: a forced formulation is a row of its own.
+        record = super().describe()
+        if self.formulation:
+            record["backend"] = f"{self.backend}-{self.formulation}"
+        return record
+
     def run(self, inputs):
         """(out, score, index), followed by (grad_query, grad_key, grad_value) for the backward pass."""
-        return attention_pass(inputs, self.backend, self.kernel_size, self.scale, self.backward)
+        if not self.formulation:
+            return attention_pass(inputs, self.backend, self.kernel_size, self.scale, self.backward)
+        from vsr_kernels.triton import local_argmax_attention as triton_module
+
+        forced, triton_module.forced_formulation = triton_module.forced_formulation, self.formulation
+        try:
+            return attention_pass(inputs, self.backend, self.kernel_size, self.scale, self.backward)
+        finally:
+            triton_module.forced_formulation = forced
 
     def flops(self):
         """Forward: 2·B·T·H·W·K²·C, a C-long dot product for each of the K² candidates of every
@@ -210,7 +238,9 @@ def cases(device, quick):
     shape = (QUICK_SHAPES if quick else SHAPES)[device]
     backends = (*BASELINES, *BACKENDS[device])
     return [Attention(device, dtype, backend, pass_name, *shape)
-            for pass_name in PASSES for dtype in DTYPES[device] for backend in backends]
+            for pass_name in PASSES for dtype in DTYPES[device] for backend in backends] + [
+        Attention(device, dtype, "triton", pass_name, *shape, formulation=formulation)
+        for pass_name in PASSES for dtype in DTYPES[device] for formulation in FORMULATIONS[device]]
 
 
 def shape_line(record):
@@ -254,5 +284,8 @@ WORKLOAD = Workload(
         "measured in the same run. Max error: the largest absolute difference from the reference run in "
         "float32 on batch element 0, over out, score and the gradients of query, key and value; index ≠ "
         "counts the positions where a different candidate was chosen.",
+        "triton-direct / triton-tile: the Triton backend with its forward forced to one formulation "
+        "(the backward is the same gathers); plain triton is what its dispatcher picks. The cost model's "
+        "predictions for both (python tools/triton_cost_model.py) stand until these rows replace them.",
     ),
 )

@@ -10,6 +10,7 @@ Registers and spills come from the cubin (cuobjdump -res-usage), since `Compiled
 and `n_spills` are only filled in when the kernel is loaded onto a GPU; n_spills follows
 Triton's definition there (local memory bytes / 4).
 """
+import inspect
 import json
 import os
 import re
@@ -46,17 +47,29 @@ def signature(kernel, pointer_types: dict, scalar_types: dict, constexprs: dict)
 def compile_kernel(kernel, pointer_types: dict, scalar_types: dict, constexprs: dict, arch: int,
                    num_warps: int) -> dict:
     """Compiles `kernel` for CUDA compute capability `arch` (80, 90, ...) and reports its
-    resources: {"kernel", "arch", "num_warps", "n_regs", "n_spills", "shared"}."""
+    resources: {"kernel", "arch", "num_warps", "n_regs", "n_spills", "shared", "mma"}, "mma" the
+    tensor-core instructions in its PTX (see tensor_core_instructions)."""
     if not isinstance(kernel, JITFunction):
         raise RuntimeError(f"{kernel!r} is not a JITFunction: compile in a process without "
                            "TRITON_INTERPRET=1 (see vsr_kernels.triton._compile.call_without_interpreter)")
-    constants = {name: 1 for name in kernel.arg_names if name.endswith(UNIT_STRIDE_SUFFIX)} | constexprs
+    # Constexprs with a default (such as INTERPRETED) take it unless `constexprs` names them.
+    defaults = {name: p.default for name, p in inspect.signature(kernel.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    unit_strides = {name: 1 for name in kernel.arg_names if name.endswith(UNIT_STRIDE_SUFFIX)}
+    constants = unit_strides | defaults | constexprs
     source = ASTSource(fn=kernel, signature=signature(kernel, pointer_types, scalar_types, constants),
                        constexprs=constants)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     regs, local_bytes = _resource_usage(compiled.kernel)
     return {"kernel": kernel.__name__, "arch": arch, "num_warps": num_warps, "n_regs": regs,
-            "n_spills": local_bytes // 4, "shared": compiled.metadata.shared}
+            "n_spills": local_bytes // 4, "shared": compiled.metadata.shared,
+            "mma": tensor_core_instructions(compiled.asm["ptx"])}
+
+
+def tensor_core_instructions(ptx: str) -> list:
+    """The distinct tensor-core instructions in `ptx` ("mma.sync.aligned.m16n8k16...",
+    "wgmma.mma_async..."), without their operands: empty for a kernel on the FMA units."""
+    return sorted(set(re.findall(r"\b((?:wgmma\.mma_async|mma\.sync)[\w.]*)", ptx)))
 
 
 def _resource_usage(cubin: bytes) -> tuple:

@@ -14,6 +14,7 @@ all_launch_configs(), `launch = _launch.launcher(KERNELS)`, and
 compile_all(archs, dtype_names) through this module's compile_all.
 """
 import contextlib
+import os
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
@@ -71,15 +72,24 @@ def check_inputs(op: str, tensors: dict, dtype_of: str) -> None:
                                  f"got shape {tuple(t.shape)}")
 
 
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def launcher(kernels: dict) -> Callable:
     """launch(config, grid, *args, dtype): runs kernels[config.kernel] on `grid` with the
-    config's constexprs and the accumulation type of `dtype`; an empty grid launches nothing."""
+    config's constexprs and the accumulation type of `dtype`; an empty grid launches nothing.
+    A kernel with an INTERPRETED constexpr gets INTERPRETED=True under the interpreter (see
+    `dot_operand`)."""
 
     def launch(config: LaunchConfig, grid: tuple, *args, dtype: torch.dtype) -> None:
         if 0 in grid:  # no frames or no channels: nothing to compute
             return
-        kernels[config.kernel][grid](*args, ACC=TL_DTYPES[accumulation_dtype(dtype)],
-                                     num_warps=config.num_warps, **dict(config.constexprs))
+        kernel = kernels[config.kernel]
+        extra = {"INTERPRETED": True} if interpreting() and "INTERPRETED" in kernel.arg_names else {}
+        kernel[grid](*args, ACC=TL_DTYPES[accumulation_dtype(dtype)], num_warps=config.num_warps,
+                     **dict(config.constexprs), **extra)
 
     return launch
 
@@ -103,19 +113,22 @@ def row_blocks(H: int, W: int, block_p: int) -> int:
 
 
 def compile_all(kernels: dict, configs: Iterable[LaunchConfig], pointer_types: Callable, scalar_types: dict,
-                archs: Iterable[int], dtype_names: Iterable[str]) -> list:
+                archs: Iterable[int], dtype_names: Iterable[str],
+                config_dtype_names: Callable | None = None) -> list:
     """Compiles every config in `configs` for every dtype in `dtype_names` ("float16", ...)
     and CUDA compute capability in `archs` (80, 90, ...): one report per compiled kernel (see
     _compile.compile_kernel) with its "dtype", "constexprs" and "pointers" types.
     pointer_types(kernel name, torch dtype) lists the pointer element types ({argument:
     "fp32", ...}) of each way the ops launch that kernel; scalar_types types the non-int32
-    scalar arguments. Needs a process without TRITON_INTERPRET=1, such as
+    scalar arguments; config_dtype_names(config), if given, the dtype names a config is ever
+    launched with (others are skipped). Needs a process without TRITON_INTERPRET=1, such as
     _compile.call_without_interpreter gives."""
     from . import _compile
 
     reports = []
     for config in configs:
-        for dtype in (getattr(torch, name) for name in dtype_names):
+        launched = dtype_names if config_dtype_names is None else config_dtype_names(config)
+        for dtype in (getattr(torch, name) for name in dtype_names if name in launched):
             constexprs = dict(config.constexprs, ACC=TL_DTYPES[accumulation_dtype(dtype)])
             for pointers in pointer_types(config.kernel, dtype):
                 for arch in archs:
@@ -166,3 +179,13 @@ def channel_block(ptr, c0, sc):
 def map_offset(frame, y, x, H, W):
     """int64 offset of pixel (y, x) of frame `frame` in a contiguous (frames, H, W) map."""
     return (frame.to(tl.int64) * H + y) * W + x
+
+
+@triton.jit
+def dot_operand(x, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
+    """`x` ready for tl.dot. The interpreter stores bfloat16 as uint16 and its tl.dot multiplies
+    those integers: there every operand is widened to the accumulation type ACC first, which
+    gives the exact products the tensor cores accumulate. Compiled kernels take `x` as it is."""
+    if INTERPRETED:
+        x = x.to(ACC)
+    return x
