@@ -288,6 +288,7 @@ BIAS_BLOCK = {"BLOCK_P": 64, "BLOCK_C": 32}
 # Window sizes compiled by compile_all (WINDOW is a constexpr; others compile on first use).
 COMPILED_WINDOWS = (1, 2, 3)
 SCALAR_TYPES = {"scale": "fp64"}
+MAX_WINDOW_SIZE = 1024  # as the C++ kernels (kMaxWindowSize)
 
 
 def head_block(head_dim: int) -> int:
@@ -353,6 +354,42 @@ def _coordinates(flow: torch.Tensor) -> torch.Tensor:
     return flow.to(torch.float64 if flow.dtype == torch.float64 else torch.float32).contiguous()
 
 
+def _check(op, query, key, value, flow, window_size, num_heads, key_bias, value_bias, grad_out=None, lse=None):
+    """What the C++ entry points check (csrc/glue/flow_guided_window_attention.h): the kernels
+    index every tensor by query's sizes, so any disagreement is refused before a launch."""
+    def fail(message):
+        raise ValueError(f"vsr_kernels.{op}: {message}")
+
+    if query.dim() != 4:
+        fail(f"query must be 4-D (B, C, H, W), got shape {tuple(query.shape)}")
+    B, C, H, W = query.shape
+    for name, t in (("key", key), ("value", value), ("grad_out", grad_out)):
+        if t is not None and t.shape != query.shape:
+            fail(f"{name} must have the shape of query {tuple(query.shape)}, got {tuple(t.shape)}")
+    if flow.shape != (B, 2, H, W):
+        fail(f"flow must have shape (B, 2, H, W) = {(B, 2, H, W)}, got {tuple(flow.shape)}")
+    if not flow.is_floating_point():
+        fail(f"flow must have a floating dtype, got {flow.dtype}")
+    if not 1 <= window_size <= MAX_WINDOW_SIZE:
+        fail(f"window_size must be in [1, {MAX_WINDOW_SIZE}], got {window_size}")
+    if num_heads < 1 or C < 1 or C % num_heads:
+        fail(f"the channels C = {C} of query must be a positive multiple of num_heads = {num_heads}")
+    tensors = {"query": query, "key": key, "value": value, "grad_out": grad_out, "key_bias": key_bias,
+               "value_bias": value_bias}
+    for name, t in tensors.items():
+        if t is not None and (t.dtype != query.dtype or t.device != query.device):
+            fail(f"{name} must have dtype {query.dtype} on {query.device} like query, got {t.dtype} on {t.device}")
+    if flow.device != query.device:
+        fail(f"flow must be on {query.device} like query, got {flow.device}")
+    for name, bias in (("key_bias", key_bias), ("value_bias", value_bias)):
+        if bias is not None and bias.shape != (window_size * window_size, C):
+            fail(f"{name} must have shape (window_size**2, C) = {(window_size * window_size, C)}, "
+                 f"got {tuple(bias.shape)}")
+    if lse is not None and (lse.shape != (B, num_heads, H, W) or lse.dtype != _launch.accumulation_dtype(query.dtype)):
+        fail(f"lse must be a {_launch.accumulation_dtype(query.dtype)} tensor of shape (B, num_heads, H, W) = "
+             f"{(B, num_heads, H, W)}, got {lse.dtype} {tuple(lse.shape)}")
+
+
 def _bias(bias, query, cells):
     return query.new_zeros((cells, query.shape[1])) if bias is None else bias.contiguous()
 
@@ -365,6 +402,8 @@ def flow_guided_window_attention(query: torch.Tensor, key: torch.Tensor, value: 
                                  window_size: int, num_heads: int, key_bias: torch.Tensor | None,
                                  value_bias: torch.Tensor | None, scale: float
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check("flow_guided_window_attention_triton", query, key, value, flow, window_size, num_heads, key_bias,
+           value_bias)
     B, C, H, W = query.shape
     D = C // num_heads
     cells = window_size * window_size
@@ -388,6 +427,8 @@ def flow_guided_window_attention_backward(
         lse: torch.Tensor, window_size: int, num_heads: int, key_bias: torch.Tensor | None,
         value_bias: torch.Tensor | None, scale: float
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check("flow_guided_window_attention_triton_backward", query, key, value, flow, window_size, num_heads,
+           key_bias, value_bias, grad_out, lse)
     B, C, H, W = query.shape
     D = C // num_heads
     HW = H * W
