@@ -53,7 +53,10 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
   auto out = at::empty(query.sizes(), query.options());
   auto lse = at::empty({B, g.heads, g.height, g.width}, query.options().dtype(lse_dtype(query)));
   if (out.numel() == 0) return {out, lse};
-  const auto q = channels_last(query), k = channels_last(key), v = channels_last(value);
+  // Key and value are read at arbitrary cells: channels-last copies make each cell's C channels
+  // one contiguous row. The query and out are read and written row by row through a small
+  // transposed buffer (channels-last per row of pixels), so they need no copy.
+  const auto k = channels_last(key), v = channels_last(value);
   const auto coords = coordinates(flow);
   const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "flow_guided_window_attention_cpu",
@@ -65,26 +68,33 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
       const scalar_t* vbp = data_or_null<scalar_t>(vb);
       acc_t* lp = lse.mutable_data_ptr<acc_t>();
       at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> scratch(C + 2 * g.heads);
+        std::vector<scalar_t> q_row(g.width * C), out_row(g.width * C);
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t b = row / g.height;
-          const auto qb = channels_last_at<const scalar_t>(q, b), kk = channels_last_at<const scalar_t>(k, b),
-                     vv = channels_last_at<const scalar_t>(v, b);
+          const int64_t b = row / g.height, y = row % g.height;
+          const auto kk = channels_last_at<const scalar_t>(k, b), vv = channels_last_at<const scalar_t>(v, b);
+          const Frames<const scalar_t> qb = frames_at<const scalar_t>(query, b);
           const Frames<scalar_t> ob = frames_at<scalar_t>(out, b);
-          for (int64_t p = (row % g.height) * g.width, pe = p + g.width; p < pe; ++p) {
+          const int64_t p0 = y * g.width;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t x = 0; x < g.width; ++x) q_row[x * C + c] = qb.at(0, c, p0 + x);
+          for (int64_t x = 0; x < g.width; ++x) {
+            const int64_t p = p0 + x;
             int64_t by, bx;
-            const bool finite = window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx);
-            for (int64_t h = 0; h < g.heads; ++h) {
-              acc_t l = std::numeric_limits<acc_t>::quiet_NaN();
-              if (!finite) {
-                nan_pixel<scalar_t>(ob, p, h * g.head_dim, g.head_dim);
-              } else {
-                for (int64_t c0 = 0; c0 < g.head_dim; c0 += kCpuChunk)
-                  l = forward_head<kCpuChunk, scalar_t, acc_t>(qb, kk, vv, kbp, vbp, ob, g, static_cast<acc_t>(scale),
-                                                               p, by, bx, h, c0);
-              }
-              lp[(b * g.heads + h) * HW + p] = l;
+            if (window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) {
+              forward_pixel_rows<scalar_t, acc_t>(q_row.data() + x * C, kk.data, vv.data, kk.stride.pixel, kbp, vbp, g,
+                                                  static_cast<acc_t>(scale), by, bx, scratch.data(),
+                                                  scratch.data() + C, scratch.data() + C + g.heads,
+                                                  out_row.data() + x * C, 1, lp + b * g.heads * HW + p, HW);
+            } else {
+              for (int64_t c = 0; c < C; ++c)
+                out_row[x * C + c] = vsr_kernels::convert<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+              for (int64_t h = 0; h < g.heads; ++h)
+                lp[(b * g.heads + h) * HW + p] = std::numeric_limits<acc_t>::quiet_NaN();
             }
           }
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t x = 0; x < g.width; ++x) ob.at(0, c, p0 + x) = out_row[x * C + c];
         }
       });
     });

@@ -188,6 +188,84 @@ VSR_HOST_DEVICE acc_t forward_head(Q query, KV key, KV value, const scalar_t* ke
   return m + log_of(l);
 }
 
+// All heads of pixel p at once, for the CPU launcher: query, key and value are
+// channels-last rows of C contiguous elements (q: this pixel's row; key, value: the frame,
+// pixel stride `pixel`), so every loop over channels is a unit-stride loop the compiler
+// vectorises; per-head quantities are spread over their channels (scratch arrays of C).
+// The same arithmetic as forward_head per head: s_n = scale * sum over the head's channels of
+// q (k + kb), the online softmax of online_step, acc = acc * alpha + weight (v + vb).
+// scratch: 4 * C accumulators; m, l: heads. Writes out (channels-first, channel stride
+// `out_channel`) and lse (stride `lse_head` between heads).
+// q (k + kb) summed over n channels in kLanes interleaved partial sums (kb may be null): a
+// fixed-width array of partials the compiler turns into vector registers.
+constexpr int kLanes = 8;
+
+template <typename acc_t, typename scalar_t>
+inline acc_t row_dot(const scalar_t* q, const scalar_t* k, const scalar_t* kb, int64_t n) {
+  acc_t part[kLanes] = {};
+  int64_t c = 0;
+  if (kb != nullptr) {
+    for (; c + kLanes <= n; c += kLanes)
+      for (int j = 0; j < kLanes; ++j)
+        part[j] += vsr_kernels::convert<acc_t>(q[c + j]) *
+                   (vsr_kernels::convert<acc_t>(k[c + j]) + vsr_kernels::convert<acc_t>(kb[c + j]));
+    for (; c < n; ++c)
+      part[0] += vsr_kernels::convert<acc_t>(q[c]) * (vsr_kernels::convert<acc_t>(k[c]) + vsr_kernels::convert<acc_t>(kb[c]));
+  } else {
+    for (; c + kLanes <= n; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) part[j] += vsr_kernels::convert<acc_t>(q[c + j]) * vsr_kernels::convert<acc_t>(k[c + j]);
+    for (; c < n; ++c) part[0] += vsr_kernels::convert<acc_t>(q[c]) * vsr_kernels::convert<acc_t>(k[c]);
+  }
+  acc_t total = 0;
+  for (int j = 0; j < kLanes; ++j) total += part[j];
+  return total;
+}
+
+// All heads of pixel p at once, for the CPU launcher: q is this pixel's channels-last row of C
+// elements, key and value channels-last frames (pixel stride `pixel`), so every loop over
+// channels is a unit-stride loop the compiler vectorises. Per cell and head: s = scale *
+// row_dot, online_step, acc = acc * alpha + weight (v + vb) over the head's channels.
+// acc: C accumulators; m, l: heads. Writes out (channel stride `out_channel`) and lse (stride
+// `lse_head` between heads).
+template <typename scalar_t, typename acc_t>
+inline void forward_pixel_rows(const scalar_t* q, const scalar_t* key, const scalar_t* value, int64_t pixel,
+                               const scalar_t* key_bias, const scalar_t* value_bias, const Geometry& g, acc_t scale,
+                               int64_t by, int64_t bx, acc_t* acc, acc_t* m, acc_t* l, scalar_t* out,
+                               int64_t out_channel, acc_t* lse, int64_t lse_head) {
+  const int64_t C = g.channels(), D = g.head_dim;
+  for (int64_t c = 0; c < C; ++c) acc[c] = 0;
+  for (int64_t h = 0; h < g.heads; ++h) {
+    m[h] = -infinity<acc_t>();
+    l[h] = 0;
+  }
+  for (int n = 0; n < g.cells(); ++n) {
+    const int64_t cell = cell_pixel(g, by, bx, n);
+    const scalar_t* k = key + cell * pixel;
+    const scalar_t* v = value + cell * pixel;
+    const scalar_t* kb = key_bias == nullptr ? nullptr : key_bias + n * C;
+    const scalar_t* vb = value_bias == nullptr ? nullptr : value_bias + n * C;
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const int64_t hc = h * D;
+      const acc_t s = scale * row_dot<acc_t>(q + hc, k + hc, kb == nullptr ? kb : kb + hc, D);
+      acc_t alpha, weight;
+      online_step(s, m[h], l[h], alpha, weight);
+      acc_t* a = acc + hc;
+      if (vb != nullptr) {
+        for (int64_t d = 0; d < D; ++d)
+          a[d] = a[d] * alpha +
+                 weight * (vsr_kernels::convert<acc_t>(v[hc + d]) + vsr_kernels::convert<acc_t>(vb[hc + d]));
+      } else {
+        for (int64_t d = 0; d < D; ++d) a[d] = a[d] * alpha + weight * vsr_kernels::convert<acc_t>(v[hc + d]);
+      }
+    }
+  }
+  for (int64_t h = 0; h < g.heads; ++h) {
+    const acc_t inv = acc_t(1) / l[h];
+    for (int64_t d = 0; d < D; ++d) out[(h * D + d) * out_channel] = vsr_kernels::convert<scalar_t>(acc[h * D + d] * inv);
+    lse[h * lse_head] = m[h] + log_of(l[h]);
+  }
+}
+
 // The forward's output at a pixel with non-finite flow: NaN in channels [c0, c0 + n).
 template <typename scalar_t, typename Output>
 VSR_HOST_DEVICE void nan_pixel(Output out, int64_t p, int64_t c0, int64_t n) {
