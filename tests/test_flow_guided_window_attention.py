@@ -165,7 +165,7 @@ def test_opcheck(backend):
     forward, backward = registered_ops(str(backend))
     vsr_kernels.flow_guided_window_attention(*(t.to(backend.device) for t in inputs_of(SHAPES[3])[:4]), 2, 2,
                                              backend=str(backend))  # loads and registers the ops
-    for biases in (True, False):
+    for biases in ((True,) if backend.name == "triton" and backend.device.type == "cpu" else (True, False)):
         q, k, v, f, kb, vb = (None if t is None else t.to(backend.device)
                               for t in reference_inputs(1, 4, 3, 4, 2, biases, "random", 1))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
@@ -278,11 +278,11 @@ def test_autocast_cpu_runs_float32():
     assert out.dtype == torch.float32
 
 
-def _crowded_inputs(seed=0):
+def _crowded_inputs(seed=0, small=False):
     """Every pixel's window lands on a few key positions (flow to one corner, plus noise), so
     each key position receives from many pixels."""
     g = torch.Generator().manual_seed(seed)
-    B, C, H_, W = 2, 12, 17, 19
+    B, C, H_, W = (1, 6, 5, 6) if small else (2, 12, 17, 19)
     q, k, v = (torch.randn(B, C, H_, W, generator=g) for _ in range(3))
     ys, xs = torch.meshgrid(torch.arange(H_), torch.arange(W), indexing="ij")
     f = torch.stack([3.5 - xs, 2.5 - ys]).float().expand(B, 2, H_, W) + 0.3 * torch.rand(B, 2, H_, W, generator=g)
@@ -292,13 +292,14 @@ def _crowded_inputs(seed=0):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backward_deterministic(backend):
-    tensors = [t.to(backend.device) for t in _crowded_inputs()]
+    interpreter = backend.name == "triton" and backend.device.type == "cpu"
+    tensors = [t.to(backend.device) for t in _crowded_inputs(small=interpreter)]
     threads = torch.get_num_threads()
     results = []
     try:
-        for n in ([1, 2, 3] if backend.device.type == "cpu" else [threads, threads]):
+        for n in ([1, 2] if interpreter else [1, 2, 3] if backend.device.type == "cpu" else [threads, threads]):
             torch.set_num_threads(n)
-            results.append(run(op(backend, 2, 3), *tensors, grad=torch.ones_like(tensors[0])))
+            results.append(run(op(backend, 2, 3 if tensors[0].shape[1] % 3 == 0 else 2), *tensors, grad=torch.ones_like(tensors[0])))
     finally:
         torch.set_num_threads(threads)
     for out, grads in results[1:]:

@@ -29,7 +29,6 @@ namespace flow_guided_window_attention {
 namespace {
 
 constexpr int64_t kRowsPerTask = 2;
-constexpr int64_t kTargetsPerTask = 256;
 constexpr int64_t kBiasChunk = 1024;  // pixels per partial sum of the bias gradients (fixed: determinism)
 
 #define VSR_DISPATCH_COORD(flow, ...)                          \
@@ -56,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
   // Key and value are read at arbitrary cells: channels-last copies make each cell's C channels
   // one contiguous row. The query and out are read and written row by row through a small
   // transposed buffer (channels-last per row of pixels), so they need no copy.
-  const auto k = channels_last(key), v = channels_last(value);
+  const auto qf = channels_first(query), k = channels_last(key), v = channels_last(value);
   const auto coords = coordinates(flow);
   const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "flow_guided_window_attention_cpu",
@@ -73,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
         for (int64_t row = begin; row < end; ++row) {
           const int64_t b = row / g.height, y = row % g.height;
           const auto kk = channels_last_at<const scalar_t>(k, b), vv = channels_last_at<const scalar_t>(v, b);
-          const Frames<const scalar_t> qb = frames_at<const scalar_t>(query, b);
+          const Frames<const scalar_t> qb = frames_at<const scalar_t>(qf, b);
           const Frames<scalar_t> ob = frames_at<scalar_t>(out, b);
           const int64_t p0 = y * g.width;
           for (int64_t c = 0; c < C; ++c)
@@ -123,8 +122,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto coords = coordinates(flow);
   const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
   const auto ls = lse.contiguous();
-  auto grad_query = empty_channels_last(query, acc_options), grad_key = empty_channels_last(key, acc_options),
-       grad_value = empty_channels_last(value, acc_options);
+  // Gradients are accumulated per row of pixels in channels-last row buffers and stored
+  // transposed into contiguous results of the input dtype: no layout copies on the way out.
+  auto grad_query = at::empty(query.sizes(), query.options()), grad_key = at::empty(query.sizes(), query.options()),
+       grad_value = at::empty(query.sizes(), query.options());
   auto prob = at::empty({B, HW, g.heads, cells}, acc_options), dscore = at::empty({B, HW, g.heads, cells}, acc_options);
   auto grad_key_bias = at::zeros({cells, C}, acc_options), grad_value_bias = at::zeros({cells, C}, acc_options);
   std::vector<int64_t> entries(B * HW * cells), offsets(B * (HW + 1) + 1, 0);
@@ -139,26 +140,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       acc_t* dp = dscore.mutable_data_ptr<acc_t>();
       const acc_t s = static_cast<acc_t>(scale);
       auto in = [&](const at::Tensor& t, int64_t b) { return channels_last_at<const scalar_t>(t, b); };
+      // Row y of batch element b of a (B, C, H, W) result from a channels-last row buffer.
+      auto store_row = [&](at::Tensor& t, int64_t b, int64_t y, const acc_t* row) {
+        const Frames<scalar_t> o = frames_at<scalar_t>(t, b);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t x = 0; x < g.width; ++x)
+            o.at(0, c, y * g.width + x) = vsr_kernels::convert<scalar_t>(row[x * C + c]);
+      };
       // 1. Per pixel.
       at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> gq_row(g.width * C), delta(g.heads);
         for (int64_t row = begin; row < end; ++row) {
-          const int64_t b = row / g.height;
-          const auto gq = channels_last_at<acc_t>(grad_query, b);
-          for (int64_t p = (row % g.height) * g.width, pe = p + g.width; p < pe; ++p) {
+          const int64_t b = row / g.height, y = row % g.height;
+          const auto gob = in(go, b), qb = in(q, b), kk = in(k, b), vv = in(v, b);
+          for (int64_t x = 0; x < g.width; ++x) {
+            const int64_t p = y * g.width + x;
             int64_t by, bx;
             const bool finite = window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx);
             acc_t* pslot = pp + (b * HW + p) * g.heads * cells;
             acc_t* dslot = dp + (b * HW + p) * g.heads * cells;
             if (!finite) {
-              for (int64_t c = 0; c < C; ++c) gq.at(0, c, p) = 0;
+              for (int64_t c = 0; c < C; ++c) gq_row[x * C + c] = 0;
               for (int64_t i = 0; i < g.heads * cells; ++i) pslot[i] = dslot[i] = 0;
               continue;
             }
-            for (int64_t h = 0; h < g.heads; ++h)
-              backward_head<scalar_t, acc_t>(in(go, b), in(q, b), in(k, b), in(v, b), kbp, vbp, gq,
-                                             pslot + h * cells, dslot + h * cells, g, s,
-                                             lp[(b * g.heads + h) * HW + p], p, by, bx, h);
+            backward_pixel_rows<scalar_t, acc_t>(&gob.at(0, 0, p), &qb.at(0, 0, p), kk.data, vv.data, kk.stride.pixel,
+                                                 kbp, vbp, g, s, lp + b * g.heads * HW + p, HW, by, bx, pslot, dslot,
+                                                 delta.data(), gq_row.data() + x * C);
           }
+          store_row(grad_query, b, y, gq_row.data());
         }
       });
       // 2. Counting sort of the entries by target, per batch element; non-finite pixels
@@ -187,15 +197,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           }
         }
       });
-      // 3. Per key position.
-      at::parallel_for(0, B * HW, kTargetsPerTask, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / HW, t = i % HW;
+      // 3. Per key position, a row of positions at a time.
+      at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> gk_row(g.width * C), gv_row(g.width * C);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t b = row / g.height, y = row % g.height;
           const int64_t* off = offsets.data() + b * (HW + 1);
-          const auto gk = channels_last_at<acc_t>(grad_key, b), gv = channels_last_at<acc_t>(grad_value, b);
-          key_value_grad_target<scalar_t, acc_t>(in(go, b), in(q, b), pp + b * HW * g.heads * cells,
-                                                 dp + b * HW * g.heads * cells, entries.data() + b * HW * cells,
-                                                 off[t], off[t + 1], g, &gk.at(0, 0, t), &gv.at(0, 0, t), 1, 0, C);
+          for (int64_t x = 0; x < g.width; ++x) {
+            const int64_t t = y * g.width + x;
+            key_value_grad_target<scalar_t, acc_t>(in(go, b), in(q, b), pp + b * HW * g.heads * cells,
+                                                   dp + b * HW * g.heads * cells, entries.data() + b * HW * cells,
+                                                   off[t], off[t + 1], g, gk_row.data() + x * C,
+                                                   gv_row.data() + x * C, 1, 0, C);
+          }
+          store_row(grad_key, b, y, gk_row.data());
+          store_row(grad_value, b, y, gv_row.data());
         }
       });
       // 4. Bias gradients.
@@ -233,8 +249,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         }
     });
   });
-  return {to_contiguous(grad_query, dtype), to_contiguous(grad_key, dtype), to_contiguous(grad_value, dtype),
-          to_contiguous(grad_key_bias, dtype), to_contiguous(grad_value_bias, dtype)};
+  return {grad_query, grad_key, grad_value, to_contiguous(grad_key_bias, dtype), to_contiguous(grad_value_bias, dtype)};
 }
 
 }  // namespace

@@ -266,6 +266,54 @@ inline void forward_pixel_rows(const scalar_t* q, const scalar_t* key, const sca
   }
 }
 
+// Backward of all heads of pixel p at once, for the CPU launcher (rows as in
+// forward_pixel_rows; g and q are this pixel's channels-last rows of grad_out and query): the
+// arithmetic of backward_head per head. prob and dscore: this pixel's (heads, cells) slots;
+// lse: stride lse_head between heads; grad_query: this pixel's C accumulators.
+template <typename scalar_t, typename acc_t>
+inline void backward_pixel_rows(const scalar_t* g, const scalar_t* q, const scalar_t* key, const scalar_t* value,
+                                int64_t pixel, const scalar_t* key_bias, const scalar_t* value_bias, const Geometry& geo,
+                                acc_t scale, const acc_t* lse, int64_t lse_head, int64_t by, int64_t bx, acc_t* prob,
+                                acc_t* dscore, acc_t* delta, acc_t* grad_query) {
+  const int64_t C = geo.channels(), D = geo.head_dim;
+  const int cells = geo.cells();
+  for (int64_t h = 0; h < geo.heads; ++h) delta[h] = 0;
+  for (int n = 0; n < cells; ++n) {
+    const int64_t cell = cell_pixel(geo, by, bx, n);
+    const scalar_t* k = key + cell * pixel;
+    const scalar_t* v = value + cell * pixel;
+    const scalar_t* kb = key_bias == nullptr ? nullptr : key_bias + n * C;
+    const scalar_t* vb = value_bias == nullptr ? nullptr : value_bias + n * C;
+    for (int64_t h = 0; h < geo.heads; ++h) {
+      const int64_t hc = h * D;
+      const acc_t s = scale * row_dot<acc_t>(q + hc, k + hc, kb == nullptr ? kb : kb + hc, D);
+      const acc_t P = exp_of(s - lse[h * lse_head]);
+      const acc_t dP = row_dot<acc_t>(g + hc, v + hc, vb == nullptr ? vb : vb + hc, D);
+      prob[h * cells + n] = P;
+      dscore[h * cells + n] = dP;
+      delta[h] += P * dP;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) grad_query[c] = 0;
+  for (int n = 0; n < cells; ++n) {
+    const int64_t cell = cell_pixel(geo, by, bx, n);
+    const scalar_t* k = key + cell * pixel;
+    const scalar_t* kb = key_bias == nullptr ? nullptr : key_bias + n * C;
+    for (int64_t h = 0; h < geo.heads; ++h) {
+      const int64_t hc = h * D;
+      const acc_t ds = scale * prob[h * cells + n] * (dscore[h * cells + n] - delta[h]);
+      dscore[h * cells + n] = ds;
+      acc_t* gq = grad_query + hc;
+      if (kb != nullptr) {
+        for (int64_t d = 0; d < D; ++d)
+          gq[d] += ds * (vsr_kernels::convert<acc_t>(k[hc + d]) + vsr_kernels::convert<acc_t>(kb[hc + d]));
+      } else {
+        for (int64_t d = 0; d < D; ++d) gq[d] += ds * vsr_kernels::convert<acc_t>(k[hc + d]);
+      }
+    }
+  }
+}
+
 // The forward's output at a pixel with non-finite flow: NaN in channels [c0, c0 + n).
 template <typename scalar_t, typename Output>
 VSR_HOST_DEVICE void nan_pixel(Output out, int64_t p, int64_t c0, int64_t n) {

@@ -279,28 +279,25 @@ KERNELS = {
     "key_value_grad": _key_value_grad_kernel,
     "bias_grad": _bias_grad_kernel,
 }
-# Channel tiles: per-pixel kernels hold [BLOCK_P, BLOCK_D] tiles with BLOCK_P * BLOCK_D = 2048
-# (16 values per lane per tile on 4 warps); wider heads loop over chunks.
-HEAD_BLOCKS = (16, 32, 64)
-TILE = 2048
+# Channel tiles: per-pixel kernels hold [BLOCK_P, 16] tiles (the logits loop over the head's
+# 16-channel chunks, the accumulators split the head over the grid); larger tiles spill
+# (Triton 3.9, sm_80/sm_90: float64 at 16 x 128, every dtype at 32 x 64 and 64 x 32 in the
+# forward; the backward's per-pixel kernel holds twice as many tiles).
+HEAD_BLOCK = 16
+PIXEL_BLOCKS = {"forward": 64, "pixel_grad": 32}
 GATHER_BLOCK_C = (16, 32, 64, 128)
-BIAS_BLOCK = {"BLOCK_P": 64, "BLOCK_C": 32}
+BIAS_BLOCK = {"BLOCK_P": 32, "BLOCK_C": 32}
 # Window sizes compiled by compile_all (WINDOW is a constexpr; others compile on first use).
 COMPILED_WINDOWS = (1, 2, 3)
 SCALAR_TYPES = {"scale": "fp64"}
 MAX_WINDOW_SIZE = 1024  # as the C++ kernels (kMaxWindowSize)
 
 
-def head_block(head_dim: int) -> int:
-    return min(max(triton.next_power_of_2(max(head_dim, 1)), HEAD_BLOCKS[0]), HEAD_BLOCKS[-1])
-
-
 def launch_config(kernel: str, window: int, channels: int) -> _launch.LaunchConfig:
     """What `kernel` is launched with: channels = head_dim for the per-pixel kernels, C for the
     gathers."""
     if kernel in ("forward", "pixel_grad"):
-        block_d = head_block(channels)
-        constexprs = {"WINDOW": window, "BLOCK_D": block_d, "BLOCK_P": TILE // block_d}
+        constexprs = {"WINDOW": window, "BLOCK_D": HEAD_BLOCK, "BLOCK_P": PIXEL_BLOCKS[kernel]}
     elif kernel == "key_value_grad":
         block_c = min(max(triton.next_power_of_2(max(channels, 1)), GATHER_BLOCK_C[0]), GATHER_BLOCK_C[-1])
         constexprs = {"WINDOW": window, "BLOCK_C": block_c}
@@ -312,10 +309,9 @@ def launch_config(kernel: str, window: int, channels: int) -> _launch.LaunchConf
 def all_launch_configs() -> list:
     configs = set()
     for window in COMPILED_WINDOWS:
-        for blocks in (HEAD_BLOCKS, GATHER_BLOCK_C):
-            for channels in blocks:
-                for kernel in KERNELS:
-                    configs.add(launch_config(kernel, window, channels))
+        for channels in GATHER_BLOCK_C:
+            for kernel in KERNELS:
+                configs.add(launch_config(kernel, window, channels))
     return sorted(configs)
 
 
