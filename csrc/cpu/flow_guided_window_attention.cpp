@@ -118,14 +118,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             at::zeros_like(value, at::MemoryFormat::Contiguous), at::zeros({cells, C}, query.options()),
             at::zeros({cells, C}, query.options())};
   }
-  const auto go = channels_last(grad_out), q = channels_last(query), k = channels_last(key), v = channels_last(value);
+  // Channels-last copies: key and value for the cells (released after step 1, before the key
+  // and value gradients are allocated, to keep the peak low), grad_out and query for steps 1
+  // and 3 (step 3 reads them at arbitrary source pixels).
+  const auto go = channels_last(grad_out), q = channels_last(query);
+  auto k = channels_last(key), v = channels_last(value);
   const auto coords = coordinates(flow);
   const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
   const auto ls = lse.contiguous();
   // Gradients are accumulated per row of pixels in channels-last row buffers and stored
   // transposed into contiguous results of the input dtype: no layout copies on the way out.
-  auto grad_query = at::empty(query.sizes(), query.options()), grad_key = at::empty(query.sizes(), query.options()),
-       grad_value = at::empty(query.sizes(), query.options());
+  auto grad_query = at::empty(query.sizes(), query.options());
+  at::Tensor grad_key, grad_value;
   auto prob = at::empty({B, HW, g.heads, cells}, acc_options), dscore = at::empty({B, HW, g.heads, cells}, acc_options);
   auto grad_key_bias = at::zeros({cells, C}, acc_options), grad_value_bias = at::zeros({cells, C}, acc_options);
   std::vector<int64_t> entries(B * HW * cells), offsets(B * (HW + 1) + 1, 0);
@@ -171,6 +175,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
           store_row(grad_query, b, y, gq_row.data());
         }
       });
+      k.reset();
+      v.reset();
+      grad_key = at::empty(query.sizes(), query.options());
+      grad_value = at::empty(query.sizes(), query.options());
       // 2. Counting sort of the entries by target, per batch element; non-finite pixels
       // have no entries.
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
