@@ -1,5 +1,12 @@
-// Flow-guided window attention (IART): the per-pixel arithmetic, shared by the CPU launcher
-// and the CUDA kernels, so both run the same arithmetic in the same order.
+// Flow-guided window attention (IART): the per-pixel arithmetic of the CPU launcher and the
+// CUDA kernels. Both share the geometry (window_base, cell_pixel), the online-softmax step and
+// the key/value gather (key_value_grad_target). The per-pixel forward and backward come in two
+// forms with the same arithmetic per head: forward_head / backward_head (one head, any strides:
+// the CUDA kernels, one thread per pixel and head) and forward_pixel_rows /
+// backward_pixel_rows (all heads over channels-last rows, vectorisable: the CPU launcher).
+// The CPU tests therefore exercise the geometry and the gather the GPU runs, but not
+// forward_head / backward_head themselves (tests/test_flow_guided_window_attention.py runs
+// them on CUDA tensors where a GPU is present).
 //
 // Semantics (see README and vsr_kernels/reference/flow_guided_window_attention.py): pixel
 // p = (y, x) of batch element b has the coordinate (y + dy, x + dx), computed in coord_t
