@@ -19,4 +19,12 @@ TORCH_LIBRARY(vsr_kernels, m) {
       "local_argmax_attention_backward(Tensor grad_out, Tensor grad_score, Tensor query, "
       "Tensor key, Tensor value, Tensor score, Tensor index, int kernel_size, int dilation, "
       "float scale, bool zero_border) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  m.def(
+      "flow_guided_window_attention(Tensor query, Tensor key, Tensor value, Tensor flow, int window_size, "
+      "int num_heads, Tensor? key_bias, Tensor? value_bias, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "flow_guided_window_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+      "Tensor flow, Tensor lse, int window_size, int num_heads, Tensor? key_bias, Tensor? value_bias, "
+      "float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_key_bias, "
+      "Tensor grad_value_bias)");
 }

@@ -56,3 +56,34 @@ def test_careful_baseline_tie_and_nan_rules(border):
     _, score, index = careful_local_argmax_attention(query, key, value, K, 1, 1.0, border)
     assert index[0, 0, 3, 3] == 0 and index[0, 0, 1, 1] == 8 and index[0, 0, 2, 2] == 4
     assert score[0, 0, 2, 2].isnan()
+
+
+# flow_guided_window_attention: (B, C, H, W, window_size, num_heads, biases, flow kind)
+FGWA_SHAPES = [
+    (2, 4, 3, 5, 2, 2, True, "random"),
+    (1, 6, 4, 4, 3, 3, True, "outside"),
+    (1, 4, 4, 4, 2, 1, False, "integer"),
+    (2, 6, 3, 4, 2, 3, True, "nonfinite"),
+    (1, 3, 6, 1, 3, 3, False, "huge"),
+]
+
+
+@pytest.mark.parametrize("shape", FGWA_SHAPES, ids=lambda shape: "x".join(map(str, shape)))
+def test_careful_flow_guided_window_attention_matches_reference(shape):
+    from benchmarks.workloads.flow_guided_window_attention import careful_flow_guided_window_attention
+    from test_flow_guided_window_attention_reference import make_inputs
+
+    B, C, H, W, w, heads, biases, kind = shape
+    q, k, v, f, kb, vb = make_inputs(B, C, H, W, w, biases, kind, 3)
+    leaves = [t for t in (q, k, v, kb, vb) if t is not None]
+    for t in leaves:
+        t.requires_grad_()
+    got = careful_flow_guided_window_attention(q, k, v, f, w, heads, kb, vb)
+    want = reference.flow_guided_window_attention(q, k, v, f, w, heads, kb, vb)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grad = torch.where(want.isnan(), 0, grad)
+    got_grads = torch.autograd.grad(got.nan_to_num(), leaves, grad)
+    want_grads = torch.autograd.grad(want.nan_to_num(), leaves, grad)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad)

@@ -238,8 +238,8 @@ def test_bad_forward_arguments():
         layer(reference, current, flow[0])
     with pytest.raises(TypeError, match="reference must be a torch.Tensor"):
         layer(None, current, flow)
-    with pytest.raises(ValueError, match="fused kernels are not built yet"):
-        _layer(8, 2, 2, backend="cpu")(reference, current, flow)
+    with pytest.raises(ValueError, match="backend='cuda' cannot run"):
+        _layer(8, 2, 2, backend="cuda")(reference, current, flow)
 
 
 # --- the example network -----------------------------------------------------------------------------

@@ -1,20 +1,81 @@
-"""Flow-guided window attention (IART's implicit alignment): argument checks, backend choice.
+"""Flow-guided window attention (IART's implicit alignment): argument checks, backend choice,
+autograd and fake tensors.
 
 Every pixel of the current frame attends, with softmax attention, to a w x w window of the
 reference frame placed where the optical flow points; the positional encodings of the window
 cells enter as per-cell biases of the keys and values.
 
-For now every call runs the reference (`vsr_kernels.reference.flow_guided_window_attention`,
-autograd for the backward); the fused CPU, CUDA and Triton backends are not built yet.
+Every fused backend is one registered torch.library op with a registered backward op: the C++
+ops (schemas in csrc/registration.cpp) serve CPU and CUDA tensors, the Triton ops are
+registered by vsr_kernels.triton.flow_guided_window_attention with the same schemas. The
+forward returns (out, lse): lse (B, num_heads, H, W), float32 (float64 for float64 inputs), is
+the log-sum-exp of each pixel's logits per head, saved for the backward (which recomputes the
+probabilities from it) and not differentiable.
 """
 import torch
 
 from .. import reference
-from . import _autocast, _backend, _checks
+from . import _autocast, _backend, _checks, _spec
 
-# Backends that exist for this op in this version; the other names of _backend.BACKENDS
-# are refused with a message saying so.
-AVAILABLE_BACKENDS = ("auto", "reference")
+NAME = "flow_guided_window_attention"
+MAX_WINDOW_SIZE = 1024  # the C++ and Triton kernels' bound (w * w cells and their offsets fit an int)
+
+
+def _lse_dtype(query):
+    return torch.float64 if query.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(query, key, value, flow, window_size, num_heads, key_bias, value_bias, scale):
+    B, C, H, W = query.shape
+    return query.new_empty(query.shape), query.new_empty((B, num_heads, H, W), dtype=_lse_dtype(query))
+
+
+def _fake_backward(grad_out, query, key, value, flow, lse, window_size, num_heads, key_bias, value_bias, scale):
+    # Every backend returns contiguous gradients; the bias gradients are (w * w, C) whether or
+    # not the biases are given (zeros when not).
+    cells = window_size * window_size
+    C = query.shape[1]
+    return (query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape),
+            query.new_empty((cells, C)), query.new_empty((cells, C)))
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, flow, window_size, num_heads, key_bias, value_bias, scale = inputs
+    _, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(query, key, value, flow, lse, key_bias, value_bias)
+    ctx.window = (window_size, num_heads)
+    ctx.scale = scale
+
+
+def _backward(backward_op, ctx, grad_out, _grad_lse):
+    query, key, value, flow, lse, key_bias, value_bias = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = query.new_zeros(query.shape)
+    gq, gk, gv, gkb, gvb = backward_op(grad_out, query, key, value, flow, lse, *ctx.window, key_bias, value_bias,
+                                       ctx.scale)
+    return (gq, gk, gv, None, None, None, gkb if key_bias is not None else None,
+            gvb if value_bias is not None else None, None)
+
+
+def _reference(query, key, value, flow, window_size, num_heads, key_bias, value_bias, scale):
+    """The reference as an implementation of the op schema: (out, lse), lse computed apart."""
+    out = reference.flow_guided_window_attention(query, key, value, flow, window_size, num_heads, key_bias,
+                                                 value_bias, scale)
+    return out, None
+
+
+SPEC = _spec.register(_spec.OpSpec(
+    name=NAME,
+    dtypes=dict.fromkeys(_spec.BACKENDS, _checks.FLOAT_DTYPES),  # every backend: float32 accumulation
+    gpu_default="triton",
+    reference=_reference,
+    triton_module="vsr_kernels.triton.flow_guided_window_attention",
+    fake=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+))
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -53,7 +114,7 @@ def _check(query, key, value, flow, window_size, num_heads, key_bias, value_bias
     _checks.same_dtype_and_device(tensors)
     if flow.device != query.device:
         raise ValueError(f"flow must be on the device of query ({query.device}), got {flow.device}")
-    window_size = _checks.integer("window_size", window_size, 1)
+    window_size = _checks.integer("window_size", window_size, 1, maximum=MAX_WINDOW_SIZE)
     num_heads = _checks.integer("num_heads", num_heads, 1)
     if C < 1 or C % num_heads:
         raise ValueError(f"the channels C = {C} of query (shape {tuple(query.shape)}) must be a positive "
@@ -66,15 +127,6 @@ def _check(query, key, value, flow, window_size, num_heads, key_bias, value_bias
     if scale is not None:
         scale = _checks.real("scale", scale)
     return window_size, num_heads, scale
-
-
-def _choose(backend: str) -> str:
-    if backend in AVAILABLE_BACKENDS:
-        return "reference"
-    if backend in _backend.BACKENDS:
-        raise ValueError(f"backend={backend!r} cannot run flow_guided_window_attention: its fused kernels "
-                         f"are not built yet; use one of {', '.join(map(repr, AVAILABLE_BACKENDS))}")
-    raise ValueError(f"backend must be one of {', '.join(map(repr, _backend.BACKENDS))}, got {backend!r}")
 
 
 def flow_guided_window_attention(query, key, value, flow, window_size=2, num_heads=1, key_bias=None,
@@ -109,8 +161,13 @@ def flow_guided_window_attention(query, key, value, flow, window_size=2, num_hea
             carry the projected positional encodings of the window cells: a projection of
             x + PE_n is W x + (W PE_n + b).
         scale: multiplies the dot products; None means head_dim ** -0.5.
-        backend: "auto" or "reference" (the fused "cpu", "cuda" and "triton" backends are not
-            built yet).
+        backend: "auto", "reference", "cpu", "cuda" or "triton". "auto" is "cpu" on CPU
+            tensors, the faster GPU backend on CUDA tensors, and the reference (with a warning
+            saying why) where those are missing from the installation, or on meta tensors.
+
+    Every backend takes float16, bfloat16, float32 and float64 and accumulates in float32
+    (float64 for float64). Fused backends store only the log-sum-exp per pixel and head for
+    the backward, which is deterministic. Gradients are first-order on the fused backends.
 
     Inside torch.autocast, query, key, value and the biases run in the region's dtype on GPU
     and in float32 on CPU (float64 is left alone); outside it their dtypes must match.
@@ -128,7 +185,12 @@ def flow_guided_window_attention(query, key, value, flow, window_size=2, num_hea
             (value_bias,) = _autocast.cast_inputs(value_bias)
     window_size, num_heads, scale = _check(query, key, value, flow, window_size, num_heads, key_bias,
                                            value_bias, scale)
-    _choose(backend)
+    backend = _backend.choose(NAME, backend, query)
+    if backend != "reference":
+        if scale is None:
+            scale = (query.shape[1] // num_heads) ** -0.5
+        return _backend.op_for(NAME, backend)(query, key, value, flow, window_size, num_heads, key_bias,
+                                              value_bias, scale)[0]
     args = (query, key, value, flow, window_size, num_heads, key_bias, value_bias, scale)
     if not autocast:
         return reference.flow_guided_window_attention(*args)

@@ -1,0 +1,271 @@
+// CPU launchers of flow-guided window attention: at::parallel_for over rows of pixels, each
+// pixel computed by the shared per-pixel functions in kernels/flow_guided_window_attention.h.
+// Query, key and value are read channels-last, so the per-cell dot products over head_dim and
+// the value accumulation read contiguous memory and vectorise. float16 and bfloat16 are
+// computed in float32 and rounded once to the input dtype.
+//
+// Backward, deterministic whatever the thread count:
+//   1. per pixel (parallel over rows): probabilities recomputed from lse, dS, grad_query;
+//      P and dS stored per (pixel, head, cell);
+//   2. per batch element, a counting sort of the (pixel, cell) entries by the key position
+//      they read (sequential, in increasing (pixel, cell) order);
+//   3. per key position (parallel): grad_key and grad_value gathered from its entries in order;
+//   4. bias gradients: per fixed chunk of kBiasChunk pixels (parallel) a partial sum in pixel
+//      order, then the partials summed in chunk order.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "../glue/flow_guided_window_attention.h"
+
+namespace vsr_kernels {
+namespace flow_guided_window_attention {
+namespace {
+
+constexpr int64_t kRowsPerTask = 2;
+constexpr int64_t kBiasChunk = 1024;  // pixels per partial sum of the bias gradients (fixed: determinism)
+
+#define VSR_DISPATCH_COORD(flow, ...)                          \
+  [&] {                                                        \
+    if ((flow).scalar_type() == at::kDouble) {                 \
+      using coord_t = double;                                  \
+      return __VA_ARGS__();                                    \
+    } else {                                                   \
+      using coord_t = float;                                   \
+      return __VA_ARGS__();                                    \
+    }                                                          \
+  }()
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at::Tensor& key,
+                                               const at::Tensor& value, const at::Tensor& flow, int64_t window_size,
+                                               int64_t num_heads, const std::optional<at::Tensor>& key_bias,
+                                               const std::optional<at::Tensor>& value_bias, double scale) {
+  const Geometry g = check_inputs(kForwardOp, at::kCPU, query, key, value, flow, window_size, num_heads, key_bias,
+                                  value_bias);
+  const int64_t B = query.size(0), HW = g.pixels(), C = g.channels();
+  auto out = at::empty(query.sizes(), query.options());
+  auto lse = at::empty({B, g.heads, g.height, g.width}, query.options().dtype(lse_dtype(query)));
+  if (out.numel() == 0) return {out, lse};
+  // Key and value are read at arbitrary cells: channels-last copies make each cell's C channels
+  // one contiguous row. The query and out are read and written row by row through a small
+  // transposed buffer (channels-last per row of pixels), so they need no copy.
+  const auto qf = channels_first(query), k = channels_last(key), v = channels_last(value);
+  const auto coords = coordinates(flow);
+  const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "flow_guided_window_attention_cpu",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    VSR_DISPATCH_COORD(coords, [&] {
+      const coord_t* f = coords.const_data_ptr<coord_t>();
+      const scalar_t* kbp = data_or_null<scalar_t>(kb);
+      const scalar_t* vbp = data_or_null<scalar_t>(vb);
+      acc_t* lp = lse.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> scratch(C + 2 * g.heads);
+        std::vector<scalar_t> q_row(g.width * C), out_row(g.width * C);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t b = row / g.height, y = row % g.height;
+          const auto kk = channels_last_at<const scalar_t>(k, b), vv = channels_last_at<const scalar_t>(v, b);
+          const Frames<const scalar_t> qb = frames_at<const scalar_t>(qf, b);
+          const Frames<scalar_t> ob = frames_at<scalar_t>(out, b);
+          const int64_t p0 = y * g.width;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t x = 0; x < g.width; ++x) q_row[x * C + c] = qb.at(0, c, p0 + x);
+          for (int64_t x = 0; x < g.width; ++x) {
+            const int64_t p = p0 + x;
+            int64_t by, bx;
+            if (window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) {
+              forward_pixel_rows<scalar_t, acc_t>(q_row.data() + x * C, kk.data, vv.data, kk.stride.pixel, kbp, vbp, g,
+                                                  static_cast<acc_t>(scale), by, bx, scratch.data(),
+                                                  scratch.data() + C, scratch.data() + C + g.heads,
+                                                  out_row.data() + x * C, 1, lp + b * g.heads * HW + p, HW);
+            } else {
+              for (int64_t c = 0; c < C; ++c)
+                out_row[x * C + c] = vsr_kernels::convert<scalar_t>(std::numeric_limits<float>::quiet_NaN());
+              for (int64_t h = 0; h < g.heads; ++h)
+                lp[(b * g.heads + h) * HW + p] = std::numeric_limits<acc_t>::quiet_NaN();
+            }
+          }
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t x = 0; x < g.width; ++x) ob.at(0, c, p0 + x) = out_row[x * C + c];
+        }
+      });
+    });
+  });
+  (void)C;
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+    const at::Tensor& flow, const at::Tensor& lse, int64_t window_size, int64_t num_heads,
+    const std::optional<at::Tensor>& key_bias, const std::optional<at::Tensor>& value_bias, double scale) {
+  const Geometry g = check_inputs(kBackwardOp, at::kCPU, query, key, value, flow, window_size, num_heads, key_bias,
+                                  value_bias);
+  check_backward(at::kCPU, grad_out, query, lse, g);
+  const auto dtype = query.scalar_type();
+  const int64_t B = query.size(0), HW = g.pixels(), C = g.channels(), cells = g.cells();
+  const auto acc_options = query.options().dtype(accumulation_dtype(dtype));
+  const bool biased = key_bias.has_value() || value_bias.has_value();
+  if (query.numel() == 0) {
+    return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
+            at::zeros_like(value, at::MemoryFormat::Contiguous), at::zeros({cells, C}, query.options()),
+            at::zeros({cells, C}, query.options())};
+  }
+  // Channels-last copies: key and value for the cells (released after step 1, before the key
+  // and value gradients are allocated, to keep the peak low), grad_out and query for steps 1
+  // and 3 (step 3 reads them at arbitrary source pixels).
+  const auto go = channels_last(grad_out), q = channels_last(query);
+  auto k = channels_last(key), v = channels_last(value);
+  const auto coords = coordinates(flow);
+  const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
+  const auto ls = lse.contiguous();
+  // Gradients are accumulated per row of pixels in channels-last row buffers and stored
+  // transposed into contiguous results of the input dtype: no layout copies on the way out.
+  auto grad_query = at::empty(query.sizes(), query.options());
+  at::Tensor grad_key, grad_value;
+  auto prob = at::empty({B, HW, g.heads, cells}, acc_options), dscore = at::empty({B, HW, g.heads, cells}, acc_options);
+  auto grad_key_bias = at::zeros({cells, C}, acc_options), grad_value_bias = at::zeros({cells, C}, acc_options);
+  std::vector<int64_t> entries(B * HW * cells), offsets(B * (HW + 1) + 1, 0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "flow_guided_window_attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    VSR_DISPATCH_COORD(coords, [&] {
+      const coord_t* f = coords.const_data_ptr<coord_t>();
+      const scalar_t* kbp = data_or_null<scalar_t>(kb);
+      const scalar_t* vbp = data_or_null<scalar_t>(vb);
+      const acc_t* lp = ls.const_data_ptr<acc_t>();
+      acc_t* pp = prob.mutable_data_ptr<acc_t>();
+      acc_t* dp = dscore.mutable_data_ptr<acc_t>();
+      const acc_t s = static_cast<acc_t>(scale);
+      auto in = [&](const at::Tensor& t, int64_t b) { return channels_last_at<const scalar_t>(t, b); };
+      // Row y of batch element b of a (B, C, H, W) result from a channels-last row buffer.
+      auto store_row = [&](at::Tensor& t, int64_t b, int64_t y, const acc_t* row) {
+        const Frames<scalar_t> o = frames_at<scalar_t>(t, b);
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t x = 0; x < g.width; ++x)
+            o.at(0, c, y * g.width + x) = vsr_kernels::convert<scalar_t>(row[x * C + c]);
+      };
+      // 1. Per pixel.
+      at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> gq_row(g.width * C), delta(g.heads);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t b = row / g.height, y = row % g.height;
+          const auto gob = in(go, b), qb = in(q, b), kk = in(k, b), vv = in(v, b);
+          for (int64_t x = 0; x < g.width; ++x) {
+            const int64_t p = y * g.width + x;
+            int64_t by, bx;
+            const bool finite = window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx);
+            acc_t* pslot = pp + (b * HW + p) * g.heads * cells;
+            acc_t* dslot = dp + (b * HW + p) * g.heads * cells;
+            if (!finite) {
+              for (int64_t c = 0; c < C; ++c) gq_row[x * C + c] = 0;
+              for (int64_t i = 0; i < g.heads * cells; ++i) pslot[i] = dslot[i] = 0;
+              continue;
+            }
+            backward_pixel_rows<scalar_t, acc_t>(&gob.at(0, 0, p), &qb.at(0, 0, p), kk.data, vv.data, kk.stride.pixel,
+                                                 kbp, vbp, g, s, lp + b * g.heads * HW + p, HW, by, bx, pslot, dslot,
+                                                 delta.data(), gq_row.data() + x * C);
+          }
+          store_row(grad_query, b, y, gq_row.data());
+        }
+      });
+      k.reset();
+      v.reset();
+      grad_key = at::empty(query.sizes(), query.options());
+      grad_value = at::empty(query.sizes(), query.options());
+      // 2. Counting sort of the entries by target, per batch element; non-finite pixels
+      // have no entries.
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          int64_t* off = offsets.data() + b * (HW + 1);
+          std::vector<int64_t> fill(HW, 0);
+          for (int pass = 0; pass < 2; ++pass) {
+            for (int64_t p = 0; p < HW; ++p) {
+              int64_t by, bx;
+              if (!window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) continue;
+              for (int n = 0; n < cells; ++n) {
+                const int64_t t = cell_pixel(g, by, bx, n);
+                if (pass == 0)
+                  ++fill[t];
+                else
+                  entries[b * HW * cells + off[t] + fill[t]++] = p * cells + n;
+              }
+            }
+            if (pass == 0) {
+              off[0] = 0;
+              for (int64_t t = 0; t < HW; ++t) off[t + 1] = off[t] + fill[t];
+              std::fill(fill.begin(), fill.end(), 0);
+            }
+          }
+        }
+      });
+      // 3. Per key position, a row of positions at a time.
+      at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> gk_row(g.width * C), gv_row(g.width * C);
+        for (int64_t row = begin; row < end; ++row) {
+          const int64_t b = row / g.height, y = row % g.height;
+          const int64_t* off = offsets.data() + b * (HW + 1);
+          for (int64_t x = 0; x < g.width; ++x) {
+            const int64_t t = y * g.width + x;
+            key_value_grad_target<scalar_t, acc_t>(in(go, b), in(q, b), pp + b * HW * g.heads * cells,
+                                                   dp + b * HW * g.heads * cells, entries.data() + b * HW * cells,
+                                                   off[t], off[t + 1], g, gk_row.data() + x * C,
+                                                   gv_row.data() + x * C, 1, 0, C);
+          }
+          store_row(grad_key, b, y, gk_row.data());
+          store_row(grad_value, b, y, gv_row.data());
+        }
+      });
+      // 4. Bias gradients.
+      if (!biased) return;
+      const int64_t chunks = (B * HW + kBiasChunk - 1) / kBiasChunk;
+      std::vector<acc_t> partial(chunks * 2 * cells * C, acc_t(0));
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t chunk = begin; chunk < end; ++chunk) {
+          acc_t* dkb = partial.data() + chunk * 2 * cells * C;
+          acc_t* dvb = dkb + cells * C;
+          for (int64_t i = chunk * kBiasChunk; i < std::min((chunk + 1) * kBiasChunk, B * HW); ++i) {
+            const int64_t b = i / HW, p = i % HW;
+            const auto qb = in(q, b), gob = in(go, b);
+            for (int64_t h = 0; h < g.heads; ++h) {
+              const int64_t hc = h * g.head_dim;
+              for (int n = 0; n < cells; ++n) {
+                const int64_t slot = (i * g.heads + h) * cells + n;
+                const acc_t ds = dp[slot], P = pp[slot];
+                if (ds == 0 && P == 0) continue;  // a pixel with non-finite flow (or nothing to add)
+                for (int64_t c = 0; c < g.head_dim; ++c) {
+                  dkb[n * C + hc + c] += ds * vsr_kernels::convert<acc_t>(qb.at(0, hc + c, p));
+                  dvb[n * C + hc + c] += P * vsr_kernels::convert<acc_t>(gob.at(0, hc + c, p));
+                }
+              }
+            }
+          }
+        }
+      });
+      acc_t* dkb = grad_key_bias.mutable_data_ptr<acc_t>();
+      acc_t* dvb = grad_value_bias.mutable_data_ptr<acc_t>();
+      for (int64_t chunk = 0; chunk < chunks; ++chunk)
+        for (int64_t i = 0; i < cells * C; ++i) {
+          dkb[i] += partial[chunk * 2 * cells * C + i];
+          dvb[i] += partial[chunk * 2 * cells * C + cells * C + i];
+        }
+    });
+  });
+  return {grad_query, grad_key, grad_value, to_contiguous(grad_key_bias, dtype), to_contiguous(grad_value_bias, dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vsr_kernels, CPU, m) {
+  m.impl("flow_guided_window_attention", &forward_cpu);
+  m.impl("flow_guided_window_attention_backward", &backward_cpu);
+}
+
+}  // namespace flow_guided_window_attention
+}  // namespace vsr_kernels
