@@ -19,4 +19,11 @@ TORCH_LIBRARY(vsr_kernels, m) {
       "local_argmax_attention_backward(Tensor grad_out, Tensor grad_score, Tensor query, "
       "Tensor key, Tensor value, Tensor score, Tensor index, int kernel_size, int dilation, "
       "float scale, bool zero_border) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  m.def(
+      "trajectory_attention(Tensor query, Tensor key, Tensor[] values, Tensor location) "
+      "-> (Tensor[] outs, Tensor score, Tensor index)");
+  m.def(
+      "trajectory_attention_backward(Tensor[] grad_outs, Tensor grad_score, Tensor query, Tensor key, "
+      "Tensor[] values, Tensor location, Tensor index) -> (Tensor grad_query, Tensor grad_key, "
+      "Tensor[] grad_values)");
 }
