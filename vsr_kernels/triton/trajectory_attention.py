@@ -309,11 +309,81 @@ def _strides4(t: torch.Tensor) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------
-# The ops.
+# The ops. They check every size the kernels index by (a direct torch.ops call bypasses the
+# public function's checks): a mismatch is a ValueError naming the size, never a wild read.
+
+_OP = "vsr_kernels.trajectory_attention_triton"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_size(name, t, dim, letter, ref_name, ref, ref_dim):
+    if t.shape[dim] != ref.shape[ref_dim]:
+        raise ValueError(f"{_OP}: {name} must have {letter} = {ref.shape[ref_dim]} like {ref_name}, "
+                         f"got shape {tuple(t.shape)}")
+
+
+def _check_rank(name, t, rank):
+    if t.dim() != rank:
+        raise ValueError(f"{_OP}: {name} must be {rank}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same(name, t, query):
+    if t.dtype != query.dtype or t.device != query.device:
+        raise ValueError(f"{_OP}: {name} must have query's dtype {query.dtype} and device {query.device}, "
+                         f"got {t.dtype} on {t.device}")
+
+
+def _check(query, key, values, location):
+    _check_rank("query", query, 4)
+    _check_rank("key", key, 5)
+    _check_rank("location", location, 5)
+    if query.dtype not in _FLOATS:
+        raise ValueError(f"{_OP}: query must have a floating dtype, got {query.dtype}")
+    for dim, letter in ((0, "B"), (2, "D"), (3, "h"), (4, "w")):
+        _check_size("key", key, dim, letter, "query", query, dim - (dim > 0))
+    if key.shape[1] < 1:
+        raise ValueError(f"{_OP}: key must hold T >= 1 frames, got shape {tuple(key.shape)}")
+    for dim, letter in ((0, "B"), (1, "T"), (3, "h"), (4, "w")):
+        _check_size("location", location, dim, letter, "key", key, dim)
+    if location.shape[2] != 2:
+        raise ValueError(f"{_OP}: location must have 2 channels in dim 2, got shape {tuple(location.shape)}")
+    if location.dtype not in _FLOATS or location.device != query.device:
+        raise ValueError(f"{_OP}: location must be floating point on {query.device}, got {location.dtype} on "
+                         f"{location.device}")
+    if not values:
+        raise ValueError(f"{_OP}: values must hold at least one tensor")
+    _check_same("key", key, query)
+    for i, v in enumerate(values):
+        _check_rank(f"values[{i}]", v, 5)
+        for dim, letter in ((0, "B"), (1, "T"), (3, "h"), (4, "w")):
+            _check_size(f"values[{i}]", v, dim, letter, "key", key, dim)
+        _check_same(f"values[{i}]", v, query)
+
+
+def _check_backward(grad_outs, grad_score, query, key, values, location, index):
+    _check(query, key, values, location)
+    if len(grad_outs) != len(values):
+        raise ValueError(f"{_OP}_backward: grad_outs must hold one tensor per value ({len(values)}), "
+                         f"got {len(grad_outs)}")
+    B, _, _, h, w = key.shape
+    for i, (g, v) in enumerate(zip(grad_outs, values)):
+        if tuple(g.shape) != (B, v.shape[2], h, w):
+            raise ValueError(f"{_OP}_backward: grad_outs[{i}] must have shape (B, Dv, h, w) = "
+                             f"{(B, v.shape[2], h, w)}, got {tuple(g.shape)}")
+        _check_same(f"grad_outs[{i}]", g, query)
+    for name, t in (("grad_score", grad_score), ("index", index)):
+        if tuple(t.shape) != (B, h, w):
+            raise ValueError(f"{_OP}_backward: {name} must have shape (B, h, w) = {(B, h, w)}, got {tuple(t.shape)}")
+    _check_same("grad_score", grad_score, query)
+    if index.dtype != torch.int64 or index.device != query.device:
+        raise ValueError(f"{_OP}_backward: index must be int64 on {query.device}, got {index.dtype} on "
+                         f"{index.device}")
+
 
 @torch.library.custom_op("vsr_kernels::trajectory_attention_triton", mutates_args=())
 def trajectory_attention(query: torch.Tensor, key: torch.Tensor, values: list[torch.Tensor],
                          location: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    _check(query, key, values, location)
     B, T, D, h, w = key.shape
     N = h * w
     outs = [v.new_empty((B, v.shape[2], h, w)) for v in values]
@@ -336,6 +406,7 @@ def trajectory_attention(query: torch.Tensor, key: torch.Tensor, values: list[to
 def trajectory_attention_backward(grad_outs: list[torch.Tensor], grad_score: torch.Tensor, query: torch.Tensor,
                                   key: torch.Tensor, values: list[torch.Tensor], location: torch.Tensor,
                                   index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    _check_backward(grad_outs, grad_score, query, key, values, location, index)
     B, T, D, h, w = key.shape
     N = h * w
     acc = _launch.accumulation_dtype(query.dtype)
