@@ -17,8 +17,8 @@
 //     grad_query (each token owns its column);
 //  2. per batch element: the tokens with an inside choice, bucketed by chosen frame in
 //     increasing token order (a counting sort);
-//  3. per (batch element, frame, block of channels) (parallel): each gradient row zeroed,
-//     then the bucket's tokens added in token order: grad_key[t, c, pos] += gain * q[c, p]
+//  3. per (batch element, block of channels) (parallel), for each channel and frame: the
+//     gradient row zeroed, then the frame's bucket of tokens added in token order: grad_key[t, c, pos] += gain * q[c, p]
 //     + k_self * k[t, c, pos], grad_value[t, c, pos] += grad_out[c, p].
 // float16 and bfloat16 are computed in float32 and rounded once, as on GPU.
 #include <ATen/Dispatch.h>
@@ -36,8 +36,21 @@ namespace vsr_kernels {
 namespace trajectory_attention {
 namespace {
 
-// Tokens per forward/backward task: the per-(t, token) sums of a run stay in L1.
-constexpr int64_t kTokens = 64;
+// Tokens per forward/backward task (a band of rows): about one band per thread, within
+// [kMinTokens, kMaxTokens]. Within a task the loops run channel by channel, frame by frame, over
+// the whole band, so the key (and value) rows a band's trajectories read, which spread a few
+// rows above and below the band, are loaded from memory about once per band (a band of 64
+// tokens, one row, would load each row ~7 times at +-3 rows of motion). The results do not
+// depend on the band size: every token's sums run over the channels in the same order.
+constexpr int64_t kMinTokens = 64;
+constexpr int64_t kMaxTokens = 4096;
+
+int64_t band_size(int64_t tokens) {
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::clamp<int64_t>((tokens + threads - 1) / threads, kMinTokens, kMaxTokens);
+}
+// Channels the forward's gathers handle together.
+constexpr int64_t kBlock = 4;
 // Channels per gradient-scatter task.
 constexpr int64_t kChannels = 16;
 
@@ -90,6 +103,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
   const auto q = channels_first(query), k = channels_first(key);
   std::vector<at::Tensor> vs;
   for (const auto& v : values_list) vs.push_back(channels_first(v));
+  const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "trajectory_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -98,8 +112,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
     scalar_t* score_data = score.mutable_data_ptr<scalar_t>();
     int64_t* index_data = index.mutable_data_ptr<int64_t>();
     at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> qv(kTokens), qq(kTokens), poison(kTokens), qk(T * kTokens), kk(T * kTokens);
-      std::vector<int64_t> chosen(kTokens), frame(kTokens);
+      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), poison(kTokens), qk(T * kTokens), kk(T * kTokens);
+      std::vector<int64_t> chosen(kTokens), frame(kTokens), grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
         const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
@@ -107,24 +121,48 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
         std::fill(poison.begin(), poison.end(), acc_t(0));
         std::fill(qk.begin(), qk.end(), acc_t(0));
         std::fill(kk.begin(), kk.end(), acc_t(0));
-        for (int64_t c = 0; c < D; ++c) {
-          const scalar_t* qrow = qr.row(b, 0, c) + p0;
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
-            qv[i] = x;
-            qq[i] += x * x;
-            poison[i] += x * acc_t(0);
+        // Channels in blocks of kBlock: each token's position is loaded, tested and its two
+        // running sums read and written once per block instead of once per channel.
+        for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
+          const int64_t width = std::min(kBlock, D - c0);
+          for (int64_t j = 0; j < width; ++j) {
+            const scalar_t* qrow = qr.row(b, 0, c0 + j) + p0;
+            acc_t* qj = qv.data() + j * kTokens;
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
+              qj[i] = x;
+              qq[i] += x * x;
+              poison[i] += x * acc_t(0);
+            }
           }
           for (int64_t t = 0; t < T; ++t) {
-            const scalar_t* krow = kr.row(b, t, c);
             const int64_t* pt = pb + t * N;
             acc_t* a = qk.data() + t * kTokens;
             acc_t* s = kk.data() + t * kTokens;
-            for (int64_t i = 0; i < n; ++i) {
-              const int64_t ps = pt[i];
-              const acc_t x = ps >= 0 ? vsr_kernels::convert<acc_t>(krow[ps]) : acc_t(0);
-              a[i] += qv[i] * x;
-              s[i] += x * x;
+            if (width == kBlock) {
+              const scalar_t *k0 = kr.row(b, t, c0), *k1 = k0 + kr.channel, *k2 = k1 + kr.channel,
+                             *k3 = k2 + kr.channel;
+              const acc_t *q0 = qv.data(), *q1 = q0 + kTokens, *q2 = q1 + kTokens, *q3 = q2 + kTokens;
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t ps = pt[i];
+                if (ps < 0) continue;  // outside: similarity() uses the poison instead
+                const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
+                            x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
+                a[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
+                s[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+              }
+            } else {
+              for (int64_t j = 0; j < width; ++j) {
+                const scalar_t* krow = kr.row(b, t, c0 + j);
+                const acc_t* qj = qv.data() + j * kTokens;
+                for (int64_t i = 0; i < n; ++i) {
+                  const int64_t ps = pt[i];
+                  if (ps < 0) continue;
+                  const acc_t x = vsr_kernels::convert<acc_t>(krow[ps]);
+                  a[i] += qj[i] * x;
+                  s[i] += x * x;
+                }
+              }
             }
           }
         }
@@ -138,13 +176,30 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
           frame[i] = best.frame;
           chosen[i] = pb[best.frame * N + i];
         }
+        // The band's tokens with an inside choice, grouped by frame in token order
+        // (counting sort): per (channel, frame) the reads then move forward through one
+        // row range of one value map, which the hardware prefetcher follows.
+        std::fill(start.begin(), start.end(), int64_t(0));
+        for (int64_t i = 0; i < n; ++i)
+          if (chosen[i] >= 0) ++start[frame[i] + 1];
+        for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+        std::copy(start.begin(), start.end() - 1, next.begin());
+        for (int64_t i = 0; i < n; ++i)
+          if (chosen[i] >= 0) grouped[next[frame[i]]++] = i;
         for (size_t m = 0; m < vs.size(); ++m) {
           const Rows<const scalar_t> vr(vs[m], vs[m].const_data_ptr<scalar_t>());
           scalar_t* out = outs[m].mutable_data_ptr<scalar_t>() + b * outs[m].stride(0) + p0;
           for (int64_t c = 0; c < vs[m].size(2); ++c) {
             scalar_t* orow = out + c * N;
-            for (int64_t i = 0; i < n; ++i)
-              orow[i] = chosen[i] >= 0 ? vr.row(b, frame[i], c)[chosen[i]] : scalar_t(0);
+            if (start[T] != n)  // some token chose an outside location: zero first
+              for (int64_t i = 0; i < n; ++i) orow[i] = scalar_t(0);
+            for (int64_t t = 0; t < T; ++t) {
+              const scalar_t* vrow = vr.row(b, t, c);
+              for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+                const int64_t i = grouped[j];
+                orow[i] = vrow[chosen[i]];
+              }
+            }
           }
         }
       }
@@ -191,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
   // Tokens with an inside choice, bucketed by frame: order[b, bucket[b, t] : bucket[b, t + 1]].
   auto order = at::empty({B, N}, ix.options());
   auto bucket = at::empty({B, T + 1}, ix.options());
+  const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trajectory_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -267,19 +323,22 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
           if (frame_data[b * N + p] >= 0) order_data[b * N + fill[frame_data[b * N + p]]++] = p;
       }
     });
-    // 3. grad_key and grad_values, per (b, t, channel block); rows zeroed, then the bucket added in order.
+    // 3. grad_key and grad_values, per (b, channel block); for each channel the T frames'
+    // rows in turn, each zeroed, then its bucket added in token order. Frames inner: the
+    // channel's source row (query or grad_out) stays in L1 across the T frames.
     auto scatter = [&](at::Tensor& grad, int64_t channels, auto&& add_row) {
       acc_t* g = grad.mutable_data_ptr<acc_t>();
       const int64_t blocks = (channels + kChannels - 1) / kChannels;
-      at::parallel_for(0, B * T * blocks, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
-          const int64_t b = task / (T * blocks), t = task / blocks % T, c0 = task % blocks * kChannels;
+          const int64_t b = task / blocks, c0 = task % blocks * kChannels;
           const int64_t* bk = bucket_data + b * (T + 1);
-          for (int64_t c = c0; c < std::min(c0 + kChannels, channels); ++c) {
-            acc_t* row = g + ((b * T + t) * channels + c) * N;
-            std::fill(row, row + N, acc_t(0));
-            add_row(row, b, t, c, order_data + b * N + bk[t], bk[t + 1] - bk[t]);
-          }
+          for (int64_t c = c0; c < std::min(c0 + kChannels, channels); ++c)
+            for (int64_t t = 0; t < T; ++t) {
+              acc_t* row = g + ((b * T + t) * channels + c) * N;
+              std::fill(row, row + N, acc_t(0));
+              add_row(row, b, t, c, order_data + b * N + bk[t], bk[t + 1] - bk[t]);
+            }
         }
       });
     };
