@@ -259,50 +259,90 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     acc_t* gain_data = coef.mutable_data_ptr<acc_t>();
     acc_t* kself_data = gain_data + B * N;
     acc_t* gq_data = grad_query.mutable_data_ptr<acc_t>();
-    // 1. grad_query and the coefficients, per run of tokens.
+    // 1. grad_query and the coefficients, per band of tokens. The band's tokens with an
+    // inside choice are grouped by frame (token order within a frame), so that the chosen
+    // keys are read as in the forward: per (channel block, frame), forward through one map.
+    // The sums use the forward's channel blocks, so s is the forward's score bit for bit.
     at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens);
-      std::vector<int64_t> koff(kTokens);
+      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens);
+      std::vector<int64_t> grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+        const int64_t* ch = chosen_data + b * N + p0;
+        const int64_t* fr = frame_data + b * N + p0;
+        std::fill(start.begin(), start.end(), int64_t(0));
         for (int64_t i = 0; i < n; ++i) {
           const int64_t p = b * N + p0 + i, t = ix_data[p];
           const int64_t ps = t >= 0 && t < T ? pos_data[(b * T + t) * N + p0 + i] : -1;
           chosen_data[p] = ps;
           frame_data[p] = ps >= 0 ? t : -1;
-          koff[i] = ps >= 0 ? t * kr.frame + ps : -1;
+          if (ps >= 0) ++start[t + 1];
         }
+        for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+        std::copy(start.begin(), start.end() - 1, next.begin());
+        for (int64_t i = 0; i < n; ++i)
+          if (fr[i] >= 0) grouped[next[fr[i]]++] = i;
         std::fill(qq.begin(), qq.end(), acc_t(0));
         std::fill(qk.begin(), qk.end(), acc_t(0));
         std::fill(kk.begin(), kk.end(), acc_t(0));
-        for (int64_t c = 0; c < D; ++c) {
-          const scalar_t* qrow = qr.row(b, 0, c) + p0;
-          const scalar_t* kc = kr.row(b, 0, c);
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
-            const acc_t y = koff[i] >= 0 ? vsr_kernels::convert<acc_t>(kc[koff[i]]) : acc_t(0);
-            qq[i] += x * x;
-            qk[i] += x * y;
-            kk[i] += y * y;
+        for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
+          const int64_t width = std::min(kBlock, D - c0);
+          for (int64_t j = 0; j < width; ++j) {
+            const scalar_t* qrow = qr.row(b, 0, c0 + j) + p0;
+            acc_t* qj = qv.data() + j * kTokens;
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
+              qj[i] = x;
+              qq[i] += x * x;
+            }
+          }
+          for (int64_t t = 0; t < T; ++t) {
+            if (width == kBlock) {
+              const scalar_t *k0 = kr.row(b, t, c0), *k1 = k0 + kr.channel, *k2 = k1 + kr.channel,
+                             *k3 = k2 + kr.channel;
+              const acc_t *q0 = qv.data(), *q1 = q0 + kTokens, *q2 = q1 + kTokens, *q3 = q2 + kTokens;
+              for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+                const int64_t i = grouped[j], ps = ch[i];
+                const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
+                            x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
+                qk[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
+                kk[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+              }
+            } else {
+              for (int64_t w = 0; w < width; ++w) {
+                const scalar_t* krow = kr.row(b, t, c0 + w);
+                const acc_t* qj = qv.data() + w * kTokens;
+                for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+                  const int64_t i = grouped[j];
+                  const acc_t x = vsr_kernels::convert<acc_t>(krow[ch[i]]);
+                  qk[i] += qj[i] * x;
+                  kk[i] += x * x;
+                }
+              }
+            }
           }
         }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t p = b * N + p0 + i;
           Coefficients<acc_t> cf{acc_t(0), acc_t(0), acc_t(0)};
-          if (koff[i] >= 0) cf = coefficients<acc_t>(qk[i], qq[i], kk[i], vsr_kernels::convert<acc_t>(gs_data[p]));
+          if (ch[i] >= 0) cf = coefficients<acc_t>(qk[i], qq[i], kk[i], vsr_kernels::convert<acc_t>(gs_data[p]));
           gain_data[p] = cf.gain;
           kself_data[p] = cf.k_self;
           qself[i] = cf.q_self;
         }
+        const acc_t* gain = gain_data + b * N + p0;
         for (int64_t c = 0; c < D; ++c) {
           const scalar_t* qrow = qr.row(b, 0, c) + p0;
-          const scalar_t* kc = kr.row(b, 0, c);
           acc_t* grow = gq_data + (b * D + c) * N + p0;
-          for (int64_t i = 0; i < n; ++i) {
-            // A token whose choice is outside (or none) reads a zero key: no gradient.
-            grow[i] = koff[i] >= 0 ? gain_data[b * N + p0 + i] * vsr_kernels::convert<acc_t>(kc[koff[i]]) +
-                                         qself[i] * vsr_kernels::convert<acc_t>(qrow[i])
-                                   : acc_t(0);
+          // A token whose choice is outside (or none) reads a zero key: no gradient.
+          for (int64_t i = 0; i < n; ++i)
+            grow[i] = ch[i] >= 0 ? qself[i] * vsr_kernels::convert<acc_t>(qrow[i]) : acc_t(0);
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* krow = kr.row(b, t, c);
+            for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+              const int64_t i = grouped[j];
+              grow[i] += gain[i] * vsr_kernels::convert<acc_t>(krow[ch[i]]);
+            }
           }
         }
       }
