@@ -166,6 +166,17 @@ def test_gradcheck_query_key_values(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_norms_below_eps_follow_f_normalize(backend):
+    """Query and key tokens with norms below F.normalize's eps (1e-12), and zero ones: the
+    forward and the gradients follow its clamp (no gradient through the norm below eps)."""
+    q, k, vs, loc = _case(12, 1, 3, 4, 3, 3, spread=0.4)
+    q[..., 0, :] *= 1e-14
+    q[..., 1, 0] = 0
+    k[:, 0] *= 3e-13
+    check_against_reference(backend, (q, k, vs, loc))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_location_gets_no_gradient_and_index_is_not_differentiable(backend):
     q, k, vs, loc = inputs_of(_case(1, 1, 2, 3, 3, 3), backend.device)
     loc.requires_grad_()
