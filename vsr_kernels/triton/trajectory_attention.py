@@ -247,7 +247,7 @@ def _run_sum_kernel(
 # Launch configurations.
 
 BLOCK_P = 64  # tokens per program (4 warps: a [BLOCK_C, BLOCK_P] tile is 8 values per lane at BLOCK_C 16)
-BLOCK_R = 64  # runs per program of the gradient sums
+BLOCK_R = 32  # runs per program of the gradient sums
 NUM_WARPS = 4
 KERNELS = {
     "forward": _forward_kernel,
