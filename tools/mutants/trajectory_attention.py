@@ -30,11 +30,13 @@ MUTANTS = [
            "beats = (s >= best) | ((s != s) & (best == best))  # the C++", "triton", "tie rule"),
     Mutant("triton-round-up", TRI, "return tl.where(d > 0.5, f + 1, tl.where(d < 0.5, f, tl.where(even, f, f + 1)))",
            "return tl.where(d >= 0.5, f + 1, f)", "triton", "window radius", ".5 ties round up"),
-    Mutant("triton-key-mask", TRI,
-           "k = tl.load(k_base[None, :] + c64 * k_sc, mask=cm[:, None] & inside[None, :], other=0).to(ACC)\n"
-           "            qk += tl.sum(q * k, axis=0)\n            kk",
-           "k = tl.load(k_base[None, :] + c64 * k_sc, mask=cm[:, None] & valid[None, :], other=0).to(ACC)\n"
-           "            qk += tl.sum(q * k, axis=0)\n            kk", "triton", "dropped mask"),
+    # (Dropping the key load's `inside` mask is an equivalent mutant: an outside token's key
+    # pointer is clamped to token (0, 0) and its similarity replaced by the poison; found by a
+    # mutation run, so the mask below is the value gather's, whose result is not discarded.)
+    Mutant("triton-value-mask", TRI,
+           "v = tl.load(v_base[None, :] + c.to(tl.int64)[:, None] * v_sc, mask=cm & picked[None, :], other=0)",
+           "v = tl.load(v_base[None, :] + c.to(tl.int64)[:, None] * v_sc, mask=cm & valid[None, :], other=0)",
+           "triton", "dropped mask", "an outside choice reads token (0, 0) of its frame"),
     Mutant("triton-swap-value-stride", TRI, "v_base = value_ptr + b * v_sb + t * v_st + (pos // w) * v_sy + (pos % w) * v_sx",
            "v_base = value_ptr + b * v_sb + t * v_st + (pos // w) * v_sx + (pos % w) * v_sy", "triton",
            "swapped stride"),
