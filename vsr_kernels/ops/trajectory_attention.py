@@ -56,7 +56,10 @@ def _reference(query, key, values, location):
 SPEC = _spec.register(_spec.OpSpec(
     name=NAME,
     dtypes=dict.fromkeys(_spec.BACKENDS, _checks.FLOAT_DTYPES),  # every backend: float32 accumulation
-    gpu_default="cuda",
+    # Unmeasured (no GPU yet): at the GPU shape there are only B*h*w = 14400 tokens; the
+    # CUDA kernels run one thread per token over D channels one at a time, the Triton kernels
+    # one lane per token with 16-channel tiles (16 loads in flight per lane), so Triton first.
+    gpu_default="triton",
     reference=_reference,
     triton_module="vsr_kernels.triton.trajectory_attention",
     fake=_fake_forward,
@@ -125,7 +128,7 @@ def trajectory_attention(query: torch.Tensor, key: torch.Tensor, value: Values, 
             token-grid coordinates, where the trajectory ending at token (i, j) of the current
             frame was in frame t.
         backend: "auto", "reference", "cpu", "cuda" or "triton". "auto" is "cpu" on CPU
-            tensors, "cuda" on CUDA tensors (then "triton"), and the reference (with a warning
+            tensors, "triton" on CUDA tensors (then "cuda"), and the reference (with a warning
             saying why) where those are missing from the installation, or on meta tensors.
 
     Semantics, for every b, token (i, j) and frame t:
