@@ -23,7 +23,8 @@ NAMES = ("query", "key", "value", "location")
 BACKENDS = H.backend_params(OP)
 KERNEL_BACKENDS = H.backend_params(OP, ("cpu", "triton", "cuda"))
 AVAILABLE = {b.name for b in H.available_backends(OP)}
-needs_cpu_kernels = pytest.mark.skipif("cpu" not in AVAILABLE, reason=f"backend='cpu': {H.unavailable(OP, 'cpu')}")
+needs_cpu_kernels = pytest.mark.skipif("cpu" not in AVAILABLE,
+                                       reason=f"backend='cpu': {H.unavailable(OP, 'cpu')}")
 needs_triton = pytest.mark.skipif("triton" not in AVAILABLE,
                                   reason=f"backend='triton': {H.unavailable(OP, 'triton')}")
 interpreter_warnings = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -120,7 +121,8 @@ def _random_case(seed):
 
 @pytest.mark.parametrize("backend,seed", [
     pytest.param(b.values[0], seed, marks=b.marks, id=f"{b.values[0].name}-{seed}")
-    for b in BACKENDS for seed in (range(3) if b.values[0].name == "triton" and not H.HAS_CUDA else range(12))])
+    for b in BACKENDS
+    for seed in (range(3) if b.values[0].name == "triton" and not H.HAS_CUDA else range(12))])
 def test_random_sweep_matches_reference(backend, seed):
     check_against_reference(backend, _random_case(seed))
 
@@ -128,8 +130,9 @@ def test_random_sweep_matches_reference(backend, seed):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_loop_oracle(backend):
     q, k, vs, loc = _case(7, 2, 4, 6, 5, 6, halves=True, outside=True, dvs=(2, 3))
-    outs, score, index = vsr_kernels.trajectory_attention(*[t.to(backend.device) for t in (q, k)],
-                                                          [v.to(backend.device) for v in vs], loc.to(backend.device),
+    device = backend.device
+    outs, score, index = vsr_kernels.trajectory_attention(q.to(device), k.to(device),
+                                                          [v.to(device) for v in vs], loc.to(device),
                                                           backend=str(backend))
     want = oracle(q, k, vs, loc)
     H.assert_same((outs, score, index), want, rtol=1e-10, atol=1e-10)
@@ -142,8 +145,8 @@ def test_lower_precision_with_float32_accumulation(backend, dtype):
     values, scores and gradients within the dtype's tolerance."""
     q, k, vs, loc = _case(3, 1, 4, 32, 4, 5, dvs=(3,))
     q, k, vs = q.to(dtype), k.to(dtype), [v.to(dtype) for v in vs]
-    want = H.forward_and_grads(op("reference"), inputs_of((q.double(), k.double(), [v.double() for v in vs], loc),
-                                                          "cpu"))
+    rounded = (q.double(), k.double(), [v.double() for v in vs], loc)
+    want = H.forward_and_grads(op("reference"), inputs_of(rounded, "cpu"))
     got = H.forward_and_grads(op(backend), inputs_of((q, k, vs, loc.float()), backend.device))
     assert got[0][-1].dtype == torch.int64 and got[0][0].dtype == dtype and got[0][1].dtype == dtype
     assert torch.equal(got[0][-1].cpu(), want[0][-1])
@@ -213,10 +216,12 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         return outs[0].sin().sum() + outs[1].square().sum() + score.square().sum()
 
     inputs = inputs_of(_case(5, 1, 3, 4, 4, 5, outside=True, dvs=(2, 3)), backend.device)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend.name == "triton" else "inductor")
+    compiler = "aot_eager" if backend.name == "triton" else "inductor"
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     eager_loss, compiled_loss = step(*inputs), compiled(*inputs)
     torch.testing.assert_close(compiled_loss, eager_loss)
-    for got, want in zip(torch.autograd.grad(compiled_loss, inputs[:4]), torch.autograd.grad(eager_loss, inputs[:4])):
+    compiled_grads = torch.autograd.grad(compiled_loss, inputs[:4])
+    for got, want in zip(compiled_grads, torch.autograd.grad(eager_loss, inputs[:4])):
         torch.testing.assert_close(got, want)
 
 
@@ -372,15 +377,18 @@ BACKWARD_MISMATCHES = list(H.size_mismatches(_backward_inputs(), BACKWARD_AGREE)
 @pytest.mark.parametrize("mismatch", FORWARD_MISMATCHES, ids=[m.id for m in FORWARD_MISMATCHES])
 def test_size_mismatch_public_function(backend, mismatch):
     i = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    letter = next(label for label, members in FORWARD_AGREE.items() if (mismatch.name, mismatch.dim) in members)
+    letter = next(label for label, members in FORWARD_AGREE.items()
+                  if (mismatch.name, mismatch.dim) in members)
     with pytest.raises(ValueError, match=f"must have {letter} = "):
-        vsr_kernels.trajectory_attention(i["query"], i["key"], i["value"], i["location"], backend=backend.name)
+        vsr_kernels.trajectory_attention(i["query"], i["key"], i["value"], i["location"],
+                                         backend=backend.name)
 
 
 def _assert_rejected(outcome, mismatch):
     assert outcome.kind == "raised", f"{mismatch.id}: the op {outcome.kind} {outcome.error}".rstrip() + \
         " instead of rejecting mismatched sizes"
-    assert outcome.error in ("RuntimeError", "ValueError"), f"{mismatch.id}: {outcome.error}: {outcome.message}"
+    assert outcome.error in ("RuntimeError", "ValueError"), \
+        f"{mismatch.id}: {outcome.error}: {outcome.message}"
     names = [n.replace("value", "values").replace("grad_out", "grad_outs") for n in mismatch.group]
     assert any(n in outcome.message for n in names + list(mismatch.group)), \
         f"{mismatch.id}: the error names none of {mismatch.group}: {outcome.message}"
@@ -391,7 +399,8 @@ def _assert_rejected(outcome, mismatch):
 def test_size_mismatch_registered_forward_op(backend, mismatch):
     forward, _ = registered_ops(backend.name)
     i = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    _assert_rejected(H.call_isolated(lambda: forward(i["query"], i["key"], [i["value"]], i["location"])), mismatch)
+    outcome = H.call_isolated(lambda: forward(i["query"], i["key"], [i["value"]], i["location"]))
+    _assert_rejected(outcome, mismatch)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -399,8 +408,8 @@ def test_size_mismatch_registered_forward_op(backend, mismatch):
 def test_size_mismatch_registered_backward_op(backend, mismatch):
     _, backward = registered_ops(backend.name)
     i = {n: t.to(backend.device) for n, t in mismatch.inputs.items()}
-    outcome = H.call_isolated(lambda: backward([i["grad_out"]], i["grad_score"], i["query"], i["key"], [i["value"]],
-                                               i["location"], i["index"]))
+    outcome = H.call_isolated(lambda: backward([i["grad_out"]], i["grad_score"], i["query"], i["key"],
+                                               [i["value"]], i["location"], i["index"]))
     _assert_rejected(outcome, mismatch)
 
 
@@ -408,7 +417,8 @@ def test_size_mismatch_registered_backward_op(backend, mismatch):
 def test_registered_ops_reject_bad_dtypes_and_lists(backend):
     forward, backward = registered_ops(backend.name)
     q, k, v, loc = _good(backend.device)
-    for args in ((q, k, [v.float()], loc), (q, k, [v], loc.long()), (q, k, [], loc), (q.float(), k, [v], loc)):
+    bad = ((q, k, [v.float()], loc), (q, k, [v], loc.long()), (q, k, [], loc), (q.float(), k, [v], loc))
+    for args in bad:
         outcome = H.call_isolated(lambda: forward(*args))
         assert outcome.kind == "raised" and outcome.error in ("RuntimeError", "ValueError"), outcome
     outs, score, index = forward(q, k, [v], loc)

@@ -73,8 +73,8 @@ def careful_trajectory_attention(query, key, value, location):
     batch = torch.arange(B, device=key.device)[:, None]
     k = torch.where(chosen_inside, key.flatten(3)[batch, index, :, chosen], 0)  # (B, N, D)
     score = (q.transpose(1, 2) * F.normalize(k, dim=-1)).sum(-1).view(B, h, w)
-    outs = [torch.where(chosen_inside, v.flatten(3)[batch, index, :, chosen], 0).transpose(1, 2).reshape(B, -1, h, w)
-            for v in values]
+    outs = [torch.where(chosen_inside, v.flatten(3)[batch, index, :, chosen], 0).transpose(1, 2)
+            .reshape(B, -1, h, w) for v in values]
     return (outs if many else outs[0]), score, index.view(B, h, w)
 
 
@@ -132,7 +132,8 @@ class Attention(Case):
         forward = (query + key + 2 * N * self.Dv + N) * item + location + N * index_item
         if not self.backward:
             return forward
-        backward = (N * self.Dv + N + query + N * self.D + query + key + value) * item + N * index_item + N * 2 * 4
+        backward = ((N * self.Dv + N + query + N * self.D + query + key + value) * item + N * index_item
+                    + N * 2 * 4)
         return forward + backward
 
     def errors(self, inputs):

@@ -38,7 +38,8 @@ class TTVSRStep(Case):
         model = _ttvsr().small(backend=self.backend).to(self.device)
         generator = torch.Generator(self.device).manual_seed(SEED)
         frames = torch.rand(self.B, self.T, 3, self.H, self.W, device=self.device, generator=generator)
-        target = torch.rand(self.B, self.T, 3, 4 * self.H, 4 * self.W, device=self.device, generator=generator)
+        target = torch.rand(self.B, self.T, 3, 4 * self.H, 4 * self.W, device=self.device,
+                            generator=generator)
         coarse = torch.randn(self.B * (self.T - 1), 2, self.H // 8, self.W // 8, device=self.device,
                              generator=generator)
         motion = F.interpolate(coarse, size=(self.H, self.W), mode="bilinear", align_corners=False)
@@ -60,7 +61,8 @@ def cases(device, quick):
 
 def shape_line(record):
     shape = record["shape"]
-    return (f"`TTVSR.small(backend=...)`, frames B={shape['B']}, T={shape['T']}, 3×{shape['H']}×{shape['W']}, "
+    return (f"`TTVSR.small(backend=...)`, frames B={shape['B']}, T={shape['T']}, "
+            f"3×{shape['H']}×{shape['W']}, "
             "float32, given flows: forward, L1(sr, target), backward.")
 
 

@@ -44,7 +44,8 @@ def _backward(backward_op, ctx, grad_outs, grad_score, _grad_index):
                  for g, v in zip(grad_outs, values)]
     if grad_score is None:
         grad_score = query.new_zeros((B, h, w))
-    grad_query, grad_key, grad_values = backward_op(grad_outs, grad_score, query, key, values, location, index)
+    grad_query, grad_key, grad_values = backward_op(grad_outs, grad_score, query, key, values, location,
+                                                    index)
     return grad_query, grad_key, list(grad_values), None
 
 

@@ -85,8 +85,8 @@ def _forward_kernel(
     poison = tl.zeros([BLOCK_P], ACC)
     for c0 in range(0, D, BLOCK_C):
         cm = (c0 + c) < D
-        q = tl.load(q_base[None, :] + (c0 + c).to(tl.int64)[:, None] * q_sc, mask=cm[:, None] & valid[None, :],
-                    other=0).to(ACC)
+        q = tl.load(q_base[None, :] + (c0 + c).to(tl.int64)[:, None] * q_sc,
+                    mask=cm[:, None] & valid[None, :], other=0).to(ACC)
         qq += tl.sum(q * q, axis=0)
         poison += tl.sum(q * 0, axis=0)
     l_off = b * l_sb + py * l_sy + px * l_sx
@@ -284,13 +284,14 @@ launch = _launch.launcher(KERNELS)
 def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
     data, acc = str(_launch.TL_DTYPES[dtype]), str(_launch.TL_DTYPES[_launch.accumulation_dtype(dtype)])
     if kernel == "forward":
-        return [dict(query_ptr=data, key_ptr=data, loc_ptr=loc, score_ptr=data, index_ptr="i64", chosen_ptr="i64")
-                for loc in ("fp32", "fp64")]
+        return [dict(query_ptr=data, key_ptr=data, loc_ptr=loc, score_ptr=data, index_ptr="i64",
+                     chosen_ptr="i64") for loc in ("fp32", "fp64")]
     if kernel == "gather_value":
         return [dict(value_ptr=data, index_ptr="i64", chosen_ptr="i64", out_ptr=data)]
     if kernel == "query_grad":
         return [dict(query_ptr=data, key_ptr=data, loc_ptr=loc, index_ptr="i64", grad_score_ptr=data,
-                     grad_query_ptr=acc, target_ptr="i64", gain_ptr=acc, kself_ptr=acc) for loc in ("fp32", "fp64")]
+                     grad_query_ptr=acc, target_ptr="i64", gain_ptr=acc, kself_ptr=acc)
+                for loc in ("fp32", "fp64")]
     return [dict(starts_ptr="i64", lengths_ptr="i64", keys_ptr="i64", tokens_ptr="i64", gain_ptr=acc,
                  kself_ptr=acc, source_ptr=data, self_ptr=data, grad_ptr=acc)]
 
@@ -373,7 +374,8 @@ def _check_backward(grad_outs, grad_score, query, key, values, location, index):
         _check_same(f"grad_outs[{i}]", g, query)
     for name, t in (("grad_score", grad_score), ("index", index)):
         if tuple(t.shape) != (B, h, w):
-            raise ValueError(f"{_OP}_backward: {name} must have shape (B, h, w) = {(B, h, w)}, got {tuple(t.shape)}")
+            raise ValueError(f"{_OP}_backward: {name} must have shape (B, h, w) = {(B, h, w)}, "
+                             f"got {tuple(t.shape)}")
     _check_same("grad_score", grad_score, query)
     if index.dtype != torch.int64 or index.device != query.device:
         raise ValueError(f"{_OP}_backward: index must be int64 on {query.device}, got {index.dtype} on "
@@ -403,9 +405,10 @@ def trajectory_attention(query: torch.Tensor, key: torch.Tensor, values: list[to
 
 
 @torch.library.custom_op("vsr_kernels::trajectory_attention_triton_backward", mutates_args=())
-def trajectory_attention_backward(grad_outs: list[torch.Tensor], grad_score: torch.Tensor, query: torch.Tensor,
-                                  key: torch.Tensor, values: list[torch.Tensor], location: torch.Tensor,
-                                  index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def trajectory_attention_backward(grad_outs: list[torch.Tensor], grad_score: torch.Tensor,
+                                  query: torch.Tensor, key: torch.Tensor, values: list[torch.Tensor],
+                                  location: torch.Tensor, index: torch.Tensor
+                                  ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     _check_backward(grad_outs, grad_score, query, key, values, location, index)
     B, T, D, h, w = key.shape
     N = h * w
@@ -426,16 +429,17 @@ def trajectory_attention_backward(grad_outs: list[torch.Tensor], grad_score: tor
     target = torch.empty((B, N), dtype=torch.int64, device=query.device)
     coef = torch.empty((2, B, N), dtype=acc, device=query.device)
     with _launch.device_guard(query):
-        launch(launch_config("query_grad", D), (_grid(B, N),), query, key, location, index, grad_score, grad_query,
-               target, coef[0], coef[1], T, D, h, w, *_strides4(query), *key.stride(), *location.stride(),
-               dtype=query.dtype)
+        launch(launch_config("query_grad", D), (_grid(B, N),), query, key, location, index, grad_score,
+               grad_query, target, coef[0], coef[1], T, D, h, w, *_strides4(query), *key.stride(),
+               *location.stride(), dtype=query.dtype)
         # Runs of tokens adding into one key token, in increasing token order (a stable sort).
         keys, tokens = torch.sort(target.flatten(), stable=True)
         inside = int((keys < B * T * N).sum())
         if inside == 0:
             return finish()
         keys, tokens = keys[:inside], tokens[:inside]
-        starts = torch.nonzero(torch.cat([keys.new_ones(1, dtype=torch.bool), keys[1:] != keys[:-1]])).flatten()
+        heads = torch.cat([keys.new_ones(1, dtype=torch.bool), keys[1:] != keys[:-1]])
+        starts = torch.nonzero(heads).flatten()
         lengths = torch.diff(starts, append=starts.new_tensor([inside]))
         runs, max_length = starts.numel(), int(lengths.max())
         ones = torch.ones((B * N,), dtype=acc, device=query.device)
@@ -444,6 +448,6 @@ def trajectory_attention_backward(grad_outs: list[torch.Tensor], grad_score: tor
         for grad, channels, gain, source, own, has_self in jobs:
             config = launch_config("run_sum", channels, has_self)
             launch(config, (triton.cdiv(runs, BLOCK_R), triton.cdiv(channels, config.block_c)),
-                   starts, lengths, keys, tokens, gain, coef[1], source, own, grad, runs, max_length, channels,
-                   T, N, w, *_strides4(source), *own.stride(), dtype=query.dtype)
+                   starts, lengths, keys, tokens, gain, coef[1], source, own, grad, runs, max_length,
+                   channels, T, N, w, *_strides4(source), *own.stride(), dtype=query.dtype)
     return finish()
