@@ -27,4 +27,11 @@ TORCH_LIBRARY(vsr_kernels, m) {
       "Tensor flow, Tensor lse, int window_size, int num_heads, Tensor? key_bias, Tensor? value_bias, "
       "float scale) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value, Tensor grad_key_bias, "
       "Tensor grad_value_bias)");
+  m.def(
+      "trajectory_attention(Tensor query, Tensor key, Tensor[] values, Tensor location) "
+      "-> (Tensor[] outs, Tensor score, Tensor index)");
+  m.def(
+      "trajectory_attention_backward(Tensor[] grad_outs, Tensor grad_score, Tensor query, Tensor key, "
+      "Tensor[] values, Tensor location, Tensor index) -> (Tensor grad_query, Tensor grad_key, "
+      "Tensor[] grad_values)");
 }

@@ -87,3 +87,36 @@ def test_careful_flow_guided_window_attention_matches_reference(shape):
     want_grads = torch.autograd.grad(want.nan_to_num(), leaves, grad)
     for got_grad, want_grad in zip(got_grads, want_grads):
         torch.testing.assert_close(got_grad, want_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# trajectory_attention's careful baseline (benchmarks/workloads/trajectory_attention.py).
+
+from benchmarks.workloads.trajectory_attention import careful_trajectory_attention  # noqa: E402
+from test_trajectory_attention_reference import SWEEP as TRAJECTORY_SWEEP  # noqa: E402
+from test_trajectory_attention_reference import _case as trajectory_case  # noqa: E402
+
+
+@pytest.mark.parametrize("i", range(len(TRAJECTORY_SWEEP)))
+def test_careful_trajectory_baseline_matches_reference(i):
+    shape, options = TRAJECTORY_SWEEP[i]
+    q, k, vs, loc = trajectory_case(300 + i, *shape, **options)
+    leaves = [t.clone().requires_grad_() for t in (q, k, *vs)]
+    got = careful_trajectory_attention(leaves[0], leaves[1], leaves[2:], loc)
+    want = reference.trajectory_attention(q, k, vs, loc)
+    torch.testing.assert_close(got[2], want[2], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], equal_nan=True, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got[0], want[0]):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=0, atol=0)
+    if not options.get("nan"):
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, *vs)]
+        ref = reference.trajectory_attention(ref_leaves[0], ref_leaves[1], ref_leaves[2:], loc)
+        g = torch.Generator().manual_seed(i)
+        weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (*want[0], want[1])]
+
+        def loss(outs, score):
+            return sum((o * wt).sum() for o, wt in zip((*outs, score), weights))
+
+        got_grads = torch.autograd.grad(loss(*got[:2]), leaves)
+        for a, b in zip(got_grads, torch.autograd.grad(loss(*ref[:2]), ref_leaves)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -318,12 +318,6 @@ def test_location_dtype_is_free_and_meta_device_mismatch_is_caught():
         vsr_kernels.trajectory_attention(q, k.to("meta"), v, loc)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda", "triton"])
-def test_fused_backends_are_not_built_yet(backend):
-    with pytest.raises(ValueError, match="not built yet"):
-        vsr_kernels.trajectory_attention(*_good(), backend=backend)
-
-
 def test_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         vsr_kernels.trajectory_attention(*_good(), backend="fast")

@@ -1,0 +1,417 @@
+// CPU launchers of trajectory-aware attention (TTVSR), channels-first throughout: the token
+// maps are read where they lie ((B, T, D, h, w) with unit pixel stride, as unfold makes
+// them), never copied into another layout and never sampled into T full maps.
+//
+// Forward, one task per (batch element, run of kTokens consecutive tokens): the T read
+// positions of each token are computed once (positions()); then, channel by channel, the
+// query row of the run is read once and each frame's key row is gathered at the run's T
+// positions, accumulating <q, k_t>, |q|^2 and |k_t|^2 per (t, token) in a small buffer.
+// Every key element is read once, the query once, and a run's positions in one key row are
+// neighbours (trajectories are smooth), so the gathers hit the cache lines just loaded.
+// Then the per-token selection (kernels/trajectory_attention.h) and one gather per output
+// channel from the chosen frame only.
+//
+// Backward, deterministic for any thread count (no two tasks write one element, each
+// element's additions happen in a fixed order):
+//  1. per token run (parallel): the chosen key's sums again, the gradient coefficients, and
+//     grad_query (each token owns its column);
+//  2. per batch element: the tokens with an inside choice, bucketed by chosen frame in
+//     increasing token order (a counting sort);
+//  3. per (batch element, block of channels) (parallel), for each channel and frame: the
+//     gradient row zeroed, then the frame's bucket of tokens added in token order: grad_key[t, c, pos] += gain * q[c, p]
+//     + k_self * k[t, c, pos], grad_value[t, c, pos] += grad_out[c, p].
+// float16 and bfloat16 are computed in float32 and rounded once, as on GPU.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../glue/trajectory_attention.h"
+
+namespace vsr_kernels {
+namespace trajectory_attention {
+namespace {
+
+// Tokens per forward/backward task (a band of rows): about one band per thread, within
+// [kMinTokens, kMaxTokens]. Within a task the loops run channel by channel, frame by frame, over
+// the whole band, so the key (and value) rows a band's trajectories read, which spread a few
+// rows above and below the band, are loaded from memory about once per band (a band of 64
+// tokens, one row, would load each row ~7 times at +-3 rows of motion). The results do not
+// depend on the band size: every token's sums run over the channels in the same order.
+constexpr int64_t kMinTokens = 64;
+constexpr int64_t kMaxTokens = 4096;
+
+int64_t band_size(int64_t tokens) {
+  const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
+  return std::clamp<int64_t>((tokens + threads - 1) / threads, kMinTokens, kMaxTokens);
+}
+// Channels the forward's gathers handle together.
+constexpr int64_t kBlock = 4;
+// Channels per gradient-scatter task.
+constexpr int64_t kChannels = 16;
+
+// (B, T, h*w) int64: the token each trajectory location reads, or -1 outside.
+at::Tensor positions(const at::Tensor& location, const Extent& e) {
+  const int64_t B = location.size(0), T = e.frames, N = e.tokens();
+  auto pos = at::empty({B, T, N}, location.options().dtype(at::kLong));
+  if (pos.numel() == 0) return pos;
+  const auto loc = channels_first(location);
+  const Strides s = frame_strides(loc);
+  const int64_t sb = loc.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, loc.scalar_type(), "trajectory_positions_cpu", [&] {
+    using loc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* data = loc.const_data_ptr<scalar_t>();
+    int64_t* out = pos.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bt = begin; bt < end; ++bt) {
+        const scalar_t* x = data + (bt / T) * sb + (bt % T) * s.frame;
+        const scalar_t* y = x + s.channel;
+        for (int64_t p = 0; p < N; ++p)
+          out[bt * N + p] = token_at<loc_t>(static_cast<loc_t>(x[p]), static_cast<loc_t>(y[p]), e.height, e.width);
+      }
+    });
+  });
+  return pos;
+}
+
+// Base pointer and strides of a channels-first (unit pixel stride) tensor.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t batch, frame, channel;
+  Rows(const at::Tensor& t, T* ptr) : data(ptr), batch(t.stride(0)) {
+    const Strides s = frame_strides(t);
+    frame = s.frame;
+    channel = s.channel;
+  }
+  T* row(int64_t b, int64_t t, int64_t c) const { return data + b * batch + t * frame + c * channel; }
+};
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& query, const at::Tensor& key, at::TensorList values_in, const at::Tensor& location) {
+  const std::vector<at::Tensor> values_list(values_in.begin(), values_in.end());
+  check_forward(at::kCPU, query, key, values_list, location);
+  const Extent e = make_extent(key);
+  const int64_t B = key.size(0), T = e.frames, D = e.channels, N = e.tokens();
+  auto [outs, score, index] = empty_forward_outputs(query, key, values_list);
+  if (score.numel() == 0) return {outs, score, index};
+  const auto pos = positions(location, e);
+  const auto q = channels_first(query), k = channels_first(key);
+  std::vector<at::Tensor> vs;
+  for (const auto& v : values_list) vs.push_back(channels_first(v));
+  const int64_t kTokens = band_size(N);
+  const int64_t runs = (N + kTokens - 1) / kTokens;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "trajectory_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<const scalar_t> qr(q, q.const_data_ptr<scalar_t>()), kr(k, k.const_data_ptr<scalar_t>());
+    const int64_t* pos_data = pos.const_data_ptr<int64_t>();
+    scalar_t* score_data = score.mutable_data_ptr<scalar_t>();
+    int64_t* index_data = index.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), poison(kTokens), qk(T * kTokens), kk(T * kTokens);
+      std::vector<int64_t> chosen(kTokens), frame(kTokens), grouped(kTokens), start(T + 1), next(T);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+        const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
+        std::fill(qq.begin(), qq.end(), acc_t(0));
+        std::fill(poison.begin(), poison.end(), acc_t(0));
+        std::fill(qk.begin(), qk.end(), acc_t(0));
+        std::fill(kk.begin(), kk.end(), acc_t(0));
+        // Channels in blocks of kBlock: each token's position is loaded, tested and its two
+        // running sums read and written once per block instead of once per channel.
+        for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
+          const int64_t width = std::min(kBlock, D - c0);
+          for (int64_t j = 0; j < width; ++j) {
+            const scalar_t* qrow = qr.row(b, 0, c0 + j) + p0;
+            acc_t* qj = qv.data() + j * kTokens;
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
+              qj[i] = x;
+              qq[i] += x * x;
+              poison[i] += x * acc_t(0);
+            }
+          }
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t* pt = pb + t * N;
+            acc_t* a = qk.data() + t * kTokens;
+            acc_t* s = kk.data() + t * kTokens;
+            if (width == kBlock) {
+              const scalar_t *k0 = kr.row(b, t, c0), *k1 = k0 + kr.channel, *k2 = k1 + kr.channel,
+                             *k3 = k2 + kr.channel;
+              const acc_t *q0 = qv.data(), *q1 = q0 + kTokens, *q2 = q1 + kTokens, *q3 = q2 + kTokens;
+              for (int64_t i = 0; i < n; ++i) {
+                const int64_t ps = pt[i];
+                if (ps < 0) continue;  // outside: similarity() uses the poison instead
+                const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
+                            x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
+                a[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
+                s[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+              }
+            } else {
+              for (int64_t j = 0; j < width; ++j) {
+                const scalar_t* krow = kr.row(b, t, c0 + j);
+                const acc_t* qj = qv.data() + j * kTokens;
+                for (int64_t i = 0; i < n; ++i) {
+                  const int64_t ps = pt[i];
+                  if (ps < 0) continue;
+                  const acc_t x = vsr_kernels::convert<acc_t>(krow[ps]);
+                  a[i] += qj[i] * x;
+                  s[i] += x * x;
+                }
+              }
+            }
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          Best<acc_t> best{acc_t(0), -1};
+          for (int64_t t = 0; t < T; ++t)
+            best.offer(similarity<acc_t>(pb[t * N + i] >= 0, qk[t * kTokens + i], qq[i], kk[t * kTokens + i],
+                                         poison[i]), t);
+          score_data[b * N + p0 + i] = vsr_kernels::convert<scalar_t>(best.sim);
+          index_data[b * N + p0 + i] = best.frame;
+          frame[i] = best.frame;
+          chosen[i] = pb[best.frame * N + i];
+        }
+        // The band's tokens with an inside choice, grouped by frame in token order
+        // (counting sort): per (channel, frame) the reads then move forward through one
+        // row range of one value map, which the hardware prefetcher follows.
+        std::fill(start.begin(), start.end(), int64_t(0));
+        for (int64_t i = 0; i < n; ++i)
+          if (chosen[i] >= 0) ++start[frame[i] + 1];
+        for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+        std::copy(start.begin(), start.end() - 1, next.begin());
+        for (int64_t i = 0; i < n; ++i)
+          if (chosen[i] >= 0) grouped[next[frame[i]]++] = i;
+        for (size_t m = 0; m < vs.size(); ++m) {
+          const Rows<const scalar_t> vr(vs[m], vs[m].const_data_ptr<scalar_t>());
+          scalar_t* out = outs[m].mutable_data_ptr<scalar_t>() + b * outs[m].stride(0) + p0;
+          for (int64_t c = 0; c < vs[m].size(2); ++c) {
+            scalar_t* orow = out + c * N;
+            if (start[T] != n)  // some token chose an outside location: zero first
+              for (int64_t i = 0; i < n; ++i) orow[i] = scalar_t(0);
+            for (int64_t t = 0; t < T; ++t) {
+              const scalar_t* vrow = vr.row(b, t, c);
+              for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+                const int64_t i = grouped[j];
+                orow[i] = vrow[chosen[i]];
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+  return {outs, score, index};
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
+    at::TensorList grad_outs_in, const at::Tensor& grad_score, const at::Tensor& query, const at::Tensor& key,
+    at::TensorList values_in, const at::Tensor& location, const at::Tensor& index) {
+  const std::vector<at::Tensor> grad_outs(grad_outs_in.begin(), grad_outs_in.end());
+  const std::vector<at::Tensor> values_list(values_in.begin(), values_in.end());
+  check_backward(at::kCPU, grad_outs, grad_score, query, key, values_list, location, index);
+  const Extent e = make_extent(key);
+  const int64_t B = key.size(0), T = e.frames, D = e.channels, N = e.tokens();
+  const auto dtype = query.scalar_type();
+  const auto acc_options = query.options().dtype(accumulation_dtype(dtype));
+  auto grad_query = at::empty(query.sizes(), acc_options);
+  auto grad_key = at::empty(key.sizes(), acc_options);
+  std::vector<at::Tensor> grad_values;
+  for (const auto& v : values_list) grad_values.push_back(at::empty(v.sizes(), acc_options));
+  auto finish = [&] {
+    std::vector<at::Tensor> gv;
+    for (const auto& g : grad_values) gv.push_back(to_contiguous(g, dtype));
+    return std::make_tuple(to_contiguous(grad_query, dtype), to_contiguous(grad_key, dtype), gv);
+  };
+  if (B * N == 0) {
+    grad_query.zero_();
+    grad_key.zero_();
+    for (auto& g : grad_values) g.zero_();
+    return finish();
+  }
+  const auto pos = positions(location, e);
+  const auto q = channels_first(query), k = channels_first(key);
+  const auto ix = index.contiguous();
+  const auto gs = grad_score.contiguous();
+  std::vector<at::Tensor> gos;
+  for (const auto& g : grad_outs) gos.push_back(channels_first(g));
+  // Per token: the chosen token (-1: none), the frame, and two gradient coefficients.
+  auto chosen = at::empty({B, N}, ix.options());
+  auto frame = at::empty({B, N}, ix.options());
+  auto coef = at::empty({2, B, N}, acc_options);
+  // Tokens with an inside choice, bucketed by frame: order[b, bucket[b, t] : bucket[b, t + 1]].
+  auto order = at::empty({B, N}, ix.options());
+  auto bucket = at::empty({B, T + 1}, ix.options());
+  const int64_t kTokens = band_size(N);
+  const int64_t runs = (N + kTokens - 1) / kTokens;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trajectory_attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const Rows<const scalar_t> qr(q, q.const_data_ptr<scalar_t>()), kr(k, k.const_data_ptr<scalar_t>());
+    const int64_t* pos_data = pos.const_data_ptr<int64_t>();
+    const int64_t* ix_data = ix.const_data_ptr<int64_t>();
+    const scalar_t* gs_data = gs.const_data_ptr<scalar_t>();
+    int64_t* chosen_data = chosen.mutable_data_ptr<int64_t>();
+    int64_t* frame_data = frame.mutable_data_ptr<int64_t>();
+    acc_t* gain_data = coef.mutable_data_ptr<acc_t>();
+    acc_t* kself_data = gain_data + B * N;
+    acc_t* gq_data = grad_query.mutable_data_ptr<acc_t>();
+    // 1. grad_query and the coefficients, per band of tokens. The band's tokens with an
+    // inside choice are grouped by frame (token order within a frame), so that the chosen
+    // keys are read as in the forward: per (channel block, frame), forward through one map.
+    // The sums use the forward's channel blocks, so s is the forward's score bit for bit.
+    at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens);
+      std::vector<int64_t> grouped(kTokens), start(T + 1), next(T);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+        const int64_t* ch = chosen_data + b * N + p0;
+        const int64_t* fr = frame_data + b * N + p0;
+        std::fill(start.begin(), start.end(), int64_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = b * N + p0 + i, t = ix_data[p];
+          const int64_t ps = t >= 0 && t < T ? pos_data[(b * T + t) * N + p0 + i] : -1;
+          chosen_data[p] = ps;
+          frame_data[p] = ps >= 0 ? t : -1;
+          if (ps >= 0) ++start[t + 1];
+        }
+        for (int64_t t = 0; t < T; ++t) start[t + 1] += start[t];
+        std::copy(start.begin(), start.end() - 1, next.begin());
+        for (int64_t i = 0; i < n; ++i)
+          if (fr[i] >= 0) grouped[next[fr[i]]++] = i;
+        std::fill(qq.begin(), qq.end(), acc_t(0));
+        std::fill(qk.begin(), qk.end(), acc_t(0));
+        std::fill(kk.begin(), kk.end(), acc_t(0));
+        for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
+          const int64_t width = std::min(kBlock, D - c0);
+          for (int64_t j = 0; j < width; ++j) {
+            const scalar_t* qrow = qr.row(b, 0, c0 + j) + p0;
+            acc_t* qj = qv.data() + j * kTokens;
+            for (int64_t i = 0; i < n; ++i) {
+              const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
+              qj[i] = x;
+              qq[i] += x * x;
+            }
+          }
+          for (int64_t t = 0; t < T; ++t) {
+            if (width == kBlock) {
+              const scalar_t *k0 = kr.row(b, t, c0), *k1 = k0 + kr.channel, *k2 = k1 + kr.channel,
+                             *k3 = k2 + kr.channel;
+              const acc_t *q0 = qv.data(), *q1 = q0 + kTokens, *q2 = q1 + kTokens, *q3 = q2 + kTokens;
+              for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+                const int64_t i = grouped[j], ps = ch[i];
+                const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
+                            x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
+                qk[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
+                kk[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+              }
+            } else {
+              for (int64_t w = 0; w < width; ++w) {
+                const scalar_t* krow = kr.row(b, t, c0 + w);
+                const acc_t* qj = qv.data() + w * kTokens;
+                for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+                  const int64_t i = grouped[j];
+                  const acc_t x = vsr_kernels::convert<acc_t>(krow[ch[i]]);
+                  qk[i] += qj[i] * x;
+                  kk[i] += x * x;
+                }
+              }
+            }
+          }
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t p = b * N + p0 + i;
+          Coefficients<acc_t> cf{acc_t(0), acc_t(0), acc_t(0)};
+          if (ch[i] >= 0) cf = coefficients<acc_t>(qk[i], qq[i], kk[i], vsr_kernels::convert<acc_t>(gs_data[p]));
+          gain_data[p] = cf.gain;
+          kself_data[p] = cf.k_self;
+          qself[i] = cf.q_self;
+        }
+        const acc_t* gain = gain_data + b * N + p0;
+        for (int64_t c = 0; c < D; ++c) {
+          const scalar_t* qrow = qr.row(b, 0, c) + p0;
+          acc_t* grow = gq_data + (b * D + c) * N + p0;
+          // A token whose choice is outside (or none) reads a zero key: no gradient.
+          for (int64_t i = 0; i < n; ++i)
+            grow[i] = ch[i] >= 0 ? qself[i] * vsr_kernels::convert<acc_t>(qrow[i]) : acc_t(0);
+          for (int64_t t = 0; t < T; ++t) {
+            const scalar_t* krow = kr.row(b, t, c);
+            for (int64_t j = start[t]; j < start[t + 1]; ++j) {
+              const int64_t i = grouped[j];
+              grow[i] += gain[i] * vsr_kernels::convert<acc_t>(krow[ch[i]]);
+            }
+          }
+        }
+      }
+    });
+    // 2. Buckets by frame, tokens in increasing order within each.
+    int64_t* order_data = order.mutable_data_ptr<int64_t>();
+    int64_t* bucket_data = bucket.mutable_data_ptr<int64_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> fill(T);
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t* bk = bucket_data + b * (T + 1);
+        std::fill(bk, bk + T + 1, int64_t(0));
+        for (int64_t p = 0; p < N; ++p)
+          if (frame_data[b * N + p] >= 0) ++bk[frame_data[b * N + p] + 1];
+        for (int64_t t = 0; t < T; ++t) bk[t + 1] += bk[t];
+        std::copy(bk, bk + T, fill.begin());
+        for (int64_t p = 0; p < N; ++p)
+          if (frame_data[b * N + p] >= 0) order_data[b * N + fill[frame_data[b * N + p]]++] = p;
+      }
+    });
+    // 3. grad_key and grad_values, per (b, channel block); for each channel the T frames'
+    // rows in turn, each zeroed, then its bucket added in token order. Frames inner: the
+    // channel's source row (query or grad_out) stays in L1 across the T frames.
+    auto scatter = [&](at::Tensor& grad, int64_t channels, auto&& add_row) {
+      acc_t* g = grad.mutable_data_ptr<acc_t>();
+      const int64_t blocks = (channels + kChannels - 1) / kChannels;
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / blocks, c0 = task % blocks * kChannels;
+          const int64_t* bk = bucket_data + b * (T + 1);
+          for (int64_t c = c0; c < std::min(c0 + kChannels, channels); ++c)
+            for (int64_t t = 0; t < T; ++t) {
+              acc_t* row = g + ((b * T + t) * channels + c) * N;
+              std::fill(row, row + N, acc_t(0));
+              add_row(row, b, t, c, order_data + b * N + bk[t], bk[t + 1] - bk[t]);
+            }
+        }
+      });
+    };
+    scatter(grad_key, D, [&](acc_t* row, int64_t b, int64_t t, int64_t c, const int64_t* tokens, int64_t n) {
+      const scalar_t* qrow = qr.row(b, 0, c);
+      const scalar_t* krow = kr.row(b, t, c);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t p = tokens[j], ps = chosen_data[b * N + p];
+        row[ps] += gain_data[b * N + p] * vsr_kernels::convert<acc_t>(qrow[p]) +
+                   kself_data[b * N + p] * vsr_kernels::convert<acc_t>(krow[ps]);
+      }
+    });
+    for (size_t m = 0; m < grad_values.size(); ++m) {
+      const Rows<const scalar_t> gr(gos[m], gos[m].const_data_ptr<scalar_t>());
+      scatter(grad_values[m], values_list[m].size(2),
+              [&](acc_t* row, int64_t b, int64_t t, int64_t c, const int64_t* tokens, int64_t n) {
+                const scalar_t* grow = gr.row(b, 0, c);
+                for (int64_t j = 0; j < n; ++j) {
+                  const int64_t p = tokens[j];
+                  row[chosen_data[b * N + p]] += vsr_kernels::convert<acc_t>(grow[p]);
+                }
+              });
+    }
+  });
+  return finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vsr_kernels, CPU, m) {
+  m.impl("trajectory_attention", &forward_cpu);
+  m.impl("trajectory_attention_backward", &backward_cpu);
+}
+
+}  // namespace trajectory_attention
+}  // namespace vsr_kernels
