@@ -66,12 +66,51 @@ void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best
   }
 }
 
+// Rows per step of the backward's first pass.
+constexpr int64_t kRowsPerBlock = 8;
+
 // Pixels per row in the buffers: a multiple of every vector width (16 floats).
 constexpr int64_t kRowAlign = 16;
 
+// The most recently used rows of a (T, C, H, W) frame stack, converted to T, with unit
+// pixel stride and zero padding: slot i holds a row cy with cy / dilation = i (mod K), so
+// the K rows y + (jy - r) * dilation one query row reads sit in K different slots, channel c at
+// data[(i * C + c) * stride + pad + x], x in [0, W), zero for x in [-pad, W + pad') (the
+// padding is never written). Slot K is an all-zero row: what outside candidates read.
+template <typename T>
+struct RowCache {
+  int64_t channels, stride, pad, dilation;
+  std::vector<T> data;
+  std::vector<int64_t> tags;  // the (frame, row) each slot holds, -1: none
+
+  RowCache(int kernel_size, int dilation, int64_t channels, int64_t stride, int64_t pad)
+      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 1) * channels * stride, T(0)),
+        tags(kernel_size, -1) {}
+
+  T* zeros() { return row(static_cast<int64_t>(tags.size())); }
+  T* row(int64_t slot) { return data.data() + slot * channels * stride + pad; }
+
+  // Row cy of frame t of `frames` (batch element b, frame index bt = b * T + t); copied only
+  // when its slot holds another row.
+  template <typename scalar_t>
+  T* fetch(const Frames<const scalar_t>& frames, int64_t bt, int64_t t, int64_t cy, int64_t height, int64_t width) {
+    const int64_t slot = cy / dilation % static_cast<int64_t>(tags.size()), tag = bt * height + cy;
+    T* dst = row(slot);
+    if (tags[slot] != tag) {
+      for (int64_t c = 0; c < channels; ++c) {
+        const scalar_t* src = &frames.at(t, c, cy * width);  // unit pixel stride (channels_first)
+        for (int64_t x = 0; x < width; ++x) dst[c * stride + x] = vsr_kernels::convert<T>(src[x]);
+      }
+      tags[slot] = tag;
+    }
+    return dst;
+  }
+};
+
 // The forward of rows [begin, end) of the (B, T, H) rows, computed in T (float32 for
-// float16 and bfloat16). Per task, a cache of the K most recently used key rows, converted
-// to T and zero-padded (RowArgs), so consecutive query rows of a frame share K - 1 of them.
+// float16 and bfloat16). Query, key and value rows are copied (converted, padded) into the
+// kernel's buffers, the key and value rows through RowCaches, so consecutive query rows of a
+// frame share K - 1 of them and a frame's rows are read from memory about once.
 template <typename scalar_t, typename T>
 void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& score, at::Tensor& index, const Window& w, const Extent& e, T scale, int64_t begin,
@@ -81,51 +120,45 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t reach = static_cast<int64_t>(r) * w.dilation;
   const int64_t Wr = (W + kRowAlign - 1) / kRowAlign * kRowAlign, pad = reach < W ? reach : W,
                 Ws = Wr + 2 * pad;
-  std::vector<T> qbuf(C * Wr, T(0)), slots(K * C * Ws, T(0)), zeros(C * Ws, T(0)), best(Wr);
+  std::vector<T> qbuf(C * Wr, T(0)), best(Wr);
+  RowCache<T> keys(K, w.dilation, C, Ws, pad), values(K, w.dilation, Cv, Ws, pad);
   std::vector<LaneIndex<T>> best_j(Wr);
-  std::vector<int64_t> tags(K, -1), sel(W);
+  std::vector<const T*> picked(W);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / (T_ * H), t = row / H % T_, y = row % H;
+    const int64_t b = row / (T_ * H), t = row / H % T_, y = row % H, bt = b * T_ + t;
     const auto qf = frames_at<const scalar_t>(q, b), kf = frames_at<const scalar_t>(k, b),
                vf = frames_at<const scalar_t>(v, b);
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t x = 0; x < W; ++x) qbuf[c * Wr + x] = vsr_kernels::convert<T>(qf.at(0, c, y * W + x));
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* src = &qf.at(0, c, y * W);
+      for (int64_t x = 0; x < W; ++x) qbuf[c * Wr + x] = vsr_kernels::convert<T>(src[x]);
+    }
     std::fill(best_j.begin(), best_j.end(), LaneIndex<T>(-1));
     std::fill(best.begin(), best.end(), T(0));
     for (int jy = 0; jy < K; ++jy) {
       const int64_t cy = y + static_cast<int64_t>(jy - r) * w.dilation;
       const bool inside = cy >= 0 && cy < H;
       if (!inside && !w.zero_border) continue;
-      const T* key = zeros.data() + pad;
-      if (inside) {
-        const int64_t slot = cy % K, tag = (b * T_ + t) * H + cy;
-        T* dst = slots.data() + slot * C * Ws + pad;
-        if (tags[slot] != tag) {
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t x = 0; x < W; ++x) dst[c * Ws + x] = vsr_kernels::convert<T>(kf.at(t, c, cy * W + x));
-          tags[slot] = tag;
-        }
-        key = dst;
-      }
-      const RowArgs<T> a{qbuf.data(), Wr, key, zeros.data() + pad, Ws, C, W, Wr, K, w.dilation, scale,
+      const T* key = inside ? keys.fetch(kf, bt, t, cy, H, W) : keys.zeros();
+      const RowArgs<T> a{qbuf.data(), Wr, key, keys.zeros(), Ws, C, W, Wr, K, w.dilation, scale,
                          w.zero_border, inside};
       score_row<T>(isa, a, jy, best.data(), best_j.data());
     }
-    scalar_t* sc = score.data_ptr<scalar_t>() + (b * T_ + t) * H * W + y * W;
-    int64_t* ix = index.data_ptr<int64_t>() + (b * T_ + t) * H * W + y * W;
+    scalar_t* sc = score.data_ptr<scalar_t>() + bt * H * W + y * W;
+    int64_t* ix = index.data_ptr<int64_t>() + bt * H * W + y * W;
     for (int64_t x = 0; x < W; ++x) {
       const int64_t j = best_j[x];
-      sel[x] = j < 0 ? -1 : w.candidate_pixel(y, x, static_cast<int>(j));
+      const int64_t sel = j < 0 ? -1 : w.candidate_pixel(y, x, static_cast<int>(j));
+      // The selected value pixel's channel 0 in the value cache, or the zero row.
+      picked[x] = sel < 0 ? values.zeros() : values.fetch(vf, bt, t, sel / W, H, W) + sel % W;
       sc[x] = vsr_kernels::convert<scalar_t>(best[x]);
       ix[x] = j;
     }
     // out = score * the selected value (0 for a zero-padded one, multiplied for real).
     const auto of = frames_at<scalar_t>(out, b);
-    for (int64_t c = 0; c < Cv; ++c)
-      for (int64_t x = 0; x < W; ++x) {
-        const T val = sel[x] < 0 ? T(0) : vsr_kernels::convert<T>(vf.at(t, c, sel[x]));
-        of.at(t, c, y * W + x) = vsr_kernels::convert<scalar_t>(best[x] * val);
-      }
+    for (int64_t c = 0; c < Cv; ++c) {
+      scalar_t* dst = &of.at(t, c, y * W);
+      for (int64_t x = 0; x < W; ++x) dst[x] = vsr_kernels::convert<scalar_t>(best[x] * picked[x][c * Ws]);
+    }
   }
 }
 
@@ -152,16 +185,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 
 // ---------------------------------------------------------------------------------------
 // Backward: each query pixel selected one key and value pixel per frame, so its gradient
-// goes to that one position. Three passes, each over channels-first planes with unit pixel
-// stride and each output element written by one task, in a fixed order (deterministic):
-// 1. per (b, t, row): the selected pixel sel (-1: none, or a zero-padded key) and
+// goes to that one position. Two passes over channels-first planes (unit pixel stride),
+// each output element written by one task, in a fixed order (deterministic, no atomics):
+// 1. per (b, t, block of rows): the selected pixel sel (-1: none, or a zero-padded key) and
 //    g = scale * (grad_score + <grad_out, value[sel]>), the gradient of the selection's
 //    score before the query-key product;
-// 2. per (b, t, channel) plane of grad_key and grad_value: zeroed, then every query pixel p,
-//    in increasing p, adds g[p] * query[c, p] to grad_key[c, sel[p]] and
-//    score[p] * grad_out[c, p] to grad_value[c, sel[p]];
-// 3. per (b, channel) plane of grad_query: the sum over frames, in increasing t, of
-//    g[t, p] * key[t, c, sel[t, p]].
+// 2. per (b, channel c) of the C + Cv channels, frames in increasing t and pixels p in
+//    increasing p: a key channel adds g[t, p] * query[c, p] to grad_key[t, c, sel[t, p]] and
+//    g[t, p] * key[t, c, sel[t, p]] to grad_query[c, p]; a value channel adds
+//    score[t, p] * grad_out[t, c, p] to grad_value[t, c, sel[t, p]].
 // Empty T, C or Cv need no special case: the loops over them run zero times.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& grad_score, const at::Tensor& query,
@@ -189,64 +221,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const scalar_t *gs_map = gs.data_ptr<scalar_t>(), *score_map = sc.data_ptr<scalar_t>();
     int64_t* sel_map = selected.data_ptr<int64_t>();
     acc_t* g_all = g_map.data_ptr<acc_t>();
-    // 1. sel and g, row by row of every frame.
-    at::parallel_for(0, B * T * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / (T * H), t = row / H % T, y = row % H, first = row * W;
-        const auto gof = frames_at<const scalar_t>(go, b), vf = frames_at<const scalar_t>(v, b);
+    // Channel c of frame t of batch element b of a channels_first() tensor: P pixels at unit stride.
+    auto plane = [](const at::Tensor& x, int64_t b, int64_t t, int64_t c) {
+      const Frames<const scalar_t> f = frames_at<const scalar_t>(x, b);
+      return &f.at(t, c, 0);
+    };
+    // 1. sel and g, a block of rows of one frame per step, channel by channel: the value
+    //    rows one block gathers from stay in L1 while the channel's grad_out rows stream by
+    //    (row by row, the Cv planes' rows, a power-of-two stride apart, evict each other).
+    const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
+    at::parallel_for(0, B * T * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bt = task / row_blocks, b = bt / T, t = bt % T, y0 = task % row_blocks * kRowsPerBlock,
+                      y1 = std::min(H, y0 + kRowsPerBlock), first = bt * P + y0 * W, n = (y1 - y0) * W;
         int64_t* sel = sel_map + first;
         acc_t* g = g_all + first;
-        for (int64_t x = 0; x < W; ++x) {
+        for (int64_t i = 0; i < n; ++i) {
           // An index outside [0, K * K) selects nothing (only a direct call can pass one).
-          const int64_t j = index_map[first + x];
-          sel[x] = j < 0 || j >= K2 ? -1 : w.candidate_pixel(y, x, static_cast<int>(j));
-          g[x] = 0;
+          const int64_t j = index_map[first + i];
+          sel[i] = j < 0 || j >= K2 ? -1 : w.candidate_pixel(y0 + i / W, i % W, static_cast<int>(j));
+          g[i] = 0;
         }
-        for (int64_t c = 0; c < Cv; ++c)
-          for (int64_t x = 0; x < W; ++x)
-            if (sel[x] >= 0)
-              g[x] += vsr_kernels::convert<acc_t>(gof.at(t, c, y * W + x)) *
-                      vsr_kernels::convert<acc_t>(vf.at(t, c, sel[x]));
-        for (int64_t x = 0; x < W; ++x)
-          g[x] = sel[x] < 0 ? acc_t(0) : s * (vsr_kernels::convert<acc_t>(gs_map[first + x]) + g[x]);
+        for (int64_t c = 0; c < Cv; ++c) {
+          const scalar_t *gor = plane(go, b, t, c) + y0 * W, *vp = plane(v, b, t, c);
+          for (int64_t i = 0; i < n; ++i)
+            if (sel[i] >= 0) g[i] += vsr_kernels::convert<acc_t>(gor[i]) * vsr_kernels::convert<acc_t>(vp[sel[i]]);
+        }
+        for (int64_t i = 0; i < n; ++i)
+          g[i] = sel[i] < 0 ? acc_t(0) : s * (vsr_kernels::convert<acc_t>(gs_map[first + i]) + g[i]);
       }
     });
-    // 2. grad_key and grad_value, one (b, t, channel) plane per step: C key planes, then Cv value planes.
-    at::parallel_for(0, B * T * (C + Cv), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t bt = plane / (C + Cv), b = bt / T, t = bt % T, c = plane % (C + Cv);
-        const int64_t* sel = sel_map + bt * P;
+    // 2. One (b, channel) per step: C key channels (grad_key and grad_query), then Cv value channels.
+    at::parallel_for(0, B * (C + Cv), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / (C + Cv), c = task % (C + Cv);
         if (c < C) {
-          const auto qf = frames_at<const scalar_t>(q, b);
-          acc_t* gk = grad_key.data_ptr<acc_t>() + (bt * C + c) * P;
-          const acc_t* g = g_all + bt * P;
-          std::fill(gk, gk + P, acc_t(0));
-          for (int64_t p = 0; p < P; ++p)
-            if (sel[p] >= 0) gk[sel[p]] += g[p] * vsr_kernels::convert<acc_t>(qf.at(0, c, p));
+          const scalar_t* qp = plane(q, b, 0, c);
+          acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
+          std::fill(gq, gq + P, acc_t(0));
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t* sel = sel_map + (b * T + t) * P;
+            const acc_t* g = g_all + (b * T + t) * P;
+            const scalar_t* kp = plane(k, b, t, c);
+            acc_t* gk = grad_key.data_ptr<acc_t>() + ((b * T + t) * C + c) * P;
+            std::fill(gk, gk + P, acc_t(0));
+            for (int64_t p = 0; p < P; ++p) {
+              if (sel[p] < 0) continue;
+              gk[sel[p]] += g[p] * vsr_kernels::convert<acc_t>(qp[p]);
+              gq[p] += g[p] * vsr_kernels::convert<acc_t>(kp[sel[p]]);
+            }
+          }
         } else {
-          const auto gof = frames_at<const scalar_t>(go, b);
-          const scalar_t* score_bt = score_map + bt * P;
-          acc_t* gv = grad_value.data_ptr<acc_t>() + (bt * Cv + c - C) * P;
-          std::fill(gv, gv + P, acc_t(0));
-          for (int64_t p = 0; p < P; ++p)
-            if (sel[p] >= 0)
-              gv[sel[p]] += vsr_kernels::convert<acc_t>(score_bt[p]) *
-                            vsr_kernels::convert<acc_t>(gof.at(t, c - C, p));
-        }
-      }
-    });
-    // 3. grad_query, one (b, channel) plane per step, frames in increasing t.
-    at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t plane = begin; plane < end; ++plane) {
-        const int64_t b = plane / C, c = plane % C;
-        const auto kf = frames_at<const scalar_t>(k, b);
-        acc_t* gq = grad_query.data_ptr<acc_t>() + plane * P;
-        std::fill(gq, gq + P, acc_t(0));
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t* sel = sel_map + (b * T + t) * P;
-          const acc_t* g = g_all + (b * T + t) * P;
-          for (int64_t p = 0; p < P; ++p)
-            if (sel[p] >= 0) gq[p] += g[p] * vsr_kernels::convert<acc_t>(kf.at(t, c, sel[p]));
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t* sel = sel_map + (b * T + t) * P;
+            const scalar_t *score_bt = score_map + (b * T + t) * P, *gop = plane(go, b, t, c - C);
+            acc_t* gv = grad_value.data_ptr<acc_t>() + ((b * T + t) * Cv + c - C) * P;
+            std::fill(gv, gv + P, acc_t(0));
+            for (int64_t p = 0; p < P; ++p)
+              if (sel[p] >= 0)
+                gv[sel[p]] += vsr_kernels::convert<acc_t>(score_bt[p]) * vsr_kernels::convert<acc_t>(gop[p]);
+          }
         }
       }
     });
