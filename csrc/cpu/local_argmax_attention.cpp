@@ -69,6 +69,10 @@ void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best
 // Rows per step of the backward's first pass.
 constexpr int64_t kRowsPerBlock = 8;
 
+// Channels per step of the backward's second pass, and pixels per chunk in it.
+constexpr int64_t kChannelsPerBlock = 16;
+constexpr int64_t kPixelsPerChunk = 1024;
+
 // Pixels per row in the buffers: a multiple of every vector width (16 floats).
 constexpr int64_t kRowAlign = 16;
 
@@ -190,8 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 // 1. per (b, t, block of rows): the selected pixel sel (-1: none, or a zero-padded key) and
 //    g = scale * (grad_score + <grad_out, value[sel]>), the gradient of the selection's
 //    score before the query-key product;
-// 2. per (b, channel c) of the C + Cv channels, frames in increasing t and pixels p in
-//    increasing p: a key channel adds g[t, p] * query[c, p] to grad_key[t, c, sel[t, p]] and
+// 2. per (b, block of channels) of the C key and the Cv value channels, frames in
+//    increasing t and pixels p in increasing p: a key channel adds g[t, p] * query[c, p] to grad_key[t, c, sel[t, p]] and
 //    g[t, p] * key[t, c, sel[t, p]] to grad_query[c, p]; a value channel adds
 //    score[t, p] * grad_out[t, c, p] to grad_value[t, c, sel[t, p]].
 // Empty T, C or Cv need no special case: the loops over them run zero times.
@@ -251,35 +255,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
           g[i] = sel[i] < 0 ? acc_t(0) : s * (vsr_kernels::convert<acc_t>(gs_map[first + i]) + g[i]);
       }
     });
-    // 2. One (b, channel) per step: C key channels (grad_key and grad_query), then Cv value channels.
-    at::parallel_for(0, B * (C + Cv), 1, [&](int64_t begin, int64_t end) {
+    // 2. One (b, block of channels) per step: the key channels' blocks (grad_key and
+    //    grad_query), then the value channels' (grad_value). Frames in increasing t, pixels in
+    //    chunks that keep their sel and g in L1 while every channel of the block uses them,
+    //    and within a chunk in increasing p: each element gets its terms in increasing p.
+    const int64_t key_blocks = (C + kChannelsPerBlock - 1) / kChannelsPerBlock,
+                  value_blocks = (Cv + kChannelsPerBlock - 1) / kChannelsPerBlock;
+    at::parallel_for(0, B * (key_blocks + value_blocks), 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / (C + Cv), c = task % (C + Cv);
-        if (c < C) {
-          const scalar_t* qp = plane(q, b, 0, c);
-          acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
-          std::fill(gq, gq + P, acc_t(0));
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t* sel = sel_map + (b * T + t) * P;
-            const acc_t* g = g_all + (b * T + t) * P;
-            const scalar_t* kp = plane(k, b, t, c);
-            acc_t* gk = grad_key.data_ptr<acc_t>() + ((b * T + t) * C + c) * P;
-            std::fill(gk, gk + P, acc_t(0));
-            for (int64_t p = 0; p < P; ++p) {
-              if (sel[p] < 0) continue;
-              gk[sel[p]] += g[p] * vsr_kernels::convert<acc_t>(qp[p]);
-              gq[p] += g[p] * vsr_kernels::convert<acc_t>(kp[sel[p]]);
-            }
+        const int64_t b = task / (key_blocks + value_blocks), block = task % (key_blocks + value_blocks);
+        const bool keys = block < key_blocks;
+        const int64_t channels = keys ? C : Cv, c0 = (keys ? block : block - key_blocks) * kChannelsPerBlock,
+                      c1 = std::min(channels, c0 + kChannelsPerBlock);
+        if (keys)
+          for (int64_t c = c0; c < c1; ++c) {
+            acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
+            std::fill(gq, gq + P, acc_t(0));
           }
-        } else {
-          for (int64_t t = 0; t < T; ++t) {
-            const int64_t* sel = sel_map + (b * T + t) * P;
-            const scalar_t *score_bt = score_map + (b * T + t) * P, *gop = plane(go, b, t, c - C);
-            acc_t* gv = grad_value.data_ptr<acc_t>() + ((b * T + t) * Cv + c - C) * P;
-            std::fill(gv, gv + P, acc_t(0));
-            for (int64_t p = 0; p < P; ++p)
-              if (sel[p] >= 0)
-                gv[sel[p]] += vsr_kernels::convert<acc_t>(score_bt[p]) * vsr_kernels::convert<acc_t>(gop[p]);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t bt = b * T + t;
+          acc_t* grad = (keys ? grad_key.data_ptr<acc_t>() : grad_value.data_ptr<acc_t>()) + bt * channels * P;
+          std::fill(grad + c0 * P, grad + c1 * P, acc_t(0));
+          for (int64_t p0 = 0; p0 < P; p0 += kPixelsPerChunk) {
+            const int64_t p1 = std::min(P, p0 + kPixelsPerChunk);
+            const int64_t* sel = sel_map + bt * P;
+            for (int64_t c = c0; c < c1; ++c) {
+              acc_t* gc = grad + c * P;
+              if (keys) {
+                const acc_t* g = g_all + bt * P;
+                const scalar_t *qp = plane(q, b, 0, c), *kp = plane(k, b, t, c);
+                acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
+                for (int64_t p = p0; p < p1; ++p) {
+                  if (sel[p] < 0) continue;
+                  gc[sel[p]] += g[p] * vsr_kernels::convert<acc_t>(qp[p]);
+                  gq[p] += g[p] * vsr_kernels::convert<acc_t>(kp[sel[p]]);
+                }
+              } else {
+                const scalar_t *score_bt = score_map + bt * P, *gop = plane(go, b, t, c);
+                for (int64_t p = p0; p < p1; ++p)
+                  if (sel[p] >= 0)
+                    gc[sel[p]] += vsr_kernels::convert<acc_t>(score_bt[p]) * vsr_kernels::convert<acc_t>(gop[p]);
+              }
+            }
           }
         }
       }
