@@ -60,8 +60,10 @@ Isa select_isa() {
 template <typename T>
 void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best_j) {
   switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))  // elsewhere only base is built
     case Isa::kAvx512: avx512::score_row(a, jy, best, best_j); break;
     case Isa::kAvx2: avx2::score_row(a, jy, best, best_j); break;
+#endif
     default: base::score_row(a, jy, best, best_j); break;
   }
 }
