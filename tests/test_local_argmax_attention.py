@@ -327,6 +327,75 @@ def test_random_sweep_matches_reference(backend, seed, formulation):
     check_against_reference(backend, shape, window, 0.5, border, seed, canary=seed % 2 == 1)
 
 
+# ---------------------------------------------------------------------------------------
+# The CPU forward's per-instruction-set kernels (csrc/cpu/local_argmax_attention_simd.h):
+# VSR_KERNELS_CPU_ISA forces one; each that this CPU runs is checked against the reference
+# on the edges of its blocking: W below, at and above a multiple of the vector width (4, 8
+# or 16 floats, 2, 4 or 8 doubles), K = 1 and K > 9 (two column blocks), dilation (also
+# beyond the frame), both borders, T = 1, non-contiguous (canary) inputs, exact ties.
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+_FLAGS = _cpu_flags()
+CPU_ISAS = [pytest.param("base", id="base")] + [
+    pytest.param(isa, id=isa, marks=[] if needs <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
+    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"}))]
+CPU_ONLY = [p for p in BACKENDS if p.values[0].name == "cpu"]
+ISA_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
+    ((1, 1, 3, 2, 5, 17), (3, 1), "exclude"), ((1, 2, 5, 3, 4, 33), (5, 2), "zeros"),
+    ((2, 1, 2, 1, 3, 16), (1, 1), "zeros"), ((1, 2, 4, 2, 9, 8), (9, 1), "exclude"),
+    ((1, 1, 2, 2, 12, 15), (11, 1), "zeros"), ((1, 2, 3, 2, 5, 7), (3, 4), "exclude"),
+    ((1, 1, 3, 2, 6, 6), (5, 7), "zeros"), ((1, 1, 3, 2, 2, 1), (3, 1), "exclude"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", ISA_CASES, ids=_case_id)
+def test_cpu_isa_matches_reference(backend, isa, case, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    shape, window, border = case
+    seed = zlib.crc32(repr(case).encode())
+    check_against_reference(backend, shape, window, -0.75, border, seed, canary=seed % 2 == 0)
+    check_against_reference(backend, shape, window, 1.0, border, seed, canary=True, integers=True)
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_isa_low_precision_index_matches_reference(backend, isa, dtype, monkeypatch):
+    """float32 and bfloat16 go through the float kernel: exact ties (integer inputs) and NaN
+    pick what the reference picks, scores equal the float64 reference's on the rounded inputs."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    for border in BORDERS:
+        q, k, v = make_inputs(1, 2, 3, 2, 5, 19, seed=7, integers=True)
+        q[0, 1, 2, 3] = float("nan")
+        got = op(backend, 3, 1, 1.0, border)(q.to(dtype), k.to(dtype), v.to(dtype))
+        want = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border)
+        assert torch.equal(got[2], want[2])
+        H.assert_same(got[:2], tuple(w.to(dtype) for w in want[:2]), rtol=0, atol=0)
+
+
+def test_cpu_isa_switch_rejects_unknown_and_unsupported(monkeypatch):
+    if not HAS_CPU_OP:
+        pytest.skip("no cpu backend")
+    q, k, v = make_inputs(1, 1, 2, 2, 3, 3)
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="VSR_KERNELS_CPU_ISA must be base, avx2 or avx512"):
+        torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, False)
+    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"})):
+        if not needs <= _FLAGS:
+            monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+            with pytest.raises(RuntimeError, match="this CPU lacks it"):
+                torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, False)
+
+
 @pytest.mark.parametrize("backend", H.backend_params(OP, ("reference", "cpu", "cuda")))
 @pytest.mark.parametrize("border", BORDERS)
 def test_float32_close_to_float64_reference(backend, border):

@@ -1,6 +1,7 @@
-// Local argmax attention (MANA): the per-pixel arithmetic, shared by the CPU launcher and
-// the CUDA kernels. Each function computes everything one thread (or one loop iteration)
-// owns, so both backends run the same arithmetic in the same order.
+// Local argmax attention (MANA): the per-pixel arithmetic of the CUDA kernels, and the
+// Window both backends index candidates by. The CPU backend runs the same semantics in its
+// own blocked form (cpu/local_argmax_attention_simd.h: vectors of pixels, a scatter
+// backward); the definitions below are the contract both follow.
 //
 // Semantics (see README): for pixel p = (y, x) of frame t, candidate j lies at
 // (y + (j / K - r) * dilation, x + (j % K - r) * dilation), r = K / 2. Its score is
