@@ -19,4 +19,11 @@ TORCH_LIBRARY(vsr_kernels, m) {
       "local_argmax_attention_backward(Tensor grad_out, Tensor grad_score, Tensor query, "
       "Tensor key, Tensor value, Tensor score, Tensor index, int kernel_size, int dilation, "
       "float scale, bool zero_border) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  m.def(
+      "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "deform_conv2d_backward(Tensor grad_out, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor grad_input, Tensor grad_offset, "
+      "Tensor grad_weight, Tensor grad_mask, Tensor grad_bias)");
 }
