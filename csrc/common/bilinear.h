@@ -5,6 +5,7 @@
 // Rule (torchvision.ops.deform_conv2d, DCNv2): a point with y <= -1, y >= H, x <= -1 or x >= W
 // samples 0 and has zero gradient; otherwise its four neighbours floor(y) + {0, 1},
 // floor(x) + {0, 1} are weighted bilinearly and each neighbour outside the plane reads 0.
+// A NaN coordinate gives a NaN sample (and NaN coordinate gradient), no input gradient.
 // Torch-free on purpose: see DESIGN.md, "Why torch-free .cu files".
 #pragma once
 
@@ -32,6 +33,7 @@ struct Bilinear {
   acc_t weight[4];    // d sample / d value of each neighbour
   acc_t grad_y[4];    // d weight / d y
   acc_t grad_x[4];    // d weight / d x
+  acc_t poison;       // NaN when y or x is NaN (the sample and its coordinate gradient are NaN), else 0
   unsigned valid;     // bit n set: neighbour n lies in the plane (and the point in the region)
 };
 
@@ -49,6 +51,7 @@ VSR_HOST_DEVICE Bilinear<acc_t> bilinear(acc_t y, acc_t x, int64_t H, int64_t W,
   // NaN compares false everywhere: a NaN coordinate is treated as outside (samples 0).
   const bool inside = y > acc_t(-1) && y < acc_t(H) && x > acc_t(-1) && x < acc_t(W);
   b.valid = 0;
+  b.poison = y != y ? y : x != x ? x : acc_t(0);
   for (int i = 0; i < 4; ++i) {
     b.offset[i] = 0;
     b.weight[i] = b.grad_y[i] = b.grad_x[i] = acc_t(0);
@@ -98,8 +101,8 @@ VSR_UNROLL
     gy += b.grad_y[n] * v;
     gx += b.grad_x[n] * v;
   }
-  *dy = gy;
-  *dx = gx;
+  *dy = gy + b.poison;
+  *dx = gx + b.poison;
 }
 
 }  // namespace vsr_kernels

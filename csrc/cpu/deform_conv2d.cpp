@@ -64,7 +64,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   const int64_t rows = g.C * kk;
   at::Tensor out_acc_all = at::empty({g.B, g.Cout, HoWo}, acc);
   if (g.B == 0 || HoWo == 0) return out_acc_all.view({g.B, g.Cout, g.Ho, g.Wo});
-  const at::Tensor w = weight.to(acc).contiguous().view({g.Cout, cin_g * kk});
+  const at::Tensor w = weight.detach().to(acc).contiguous().view({g.Cout, cin_g * kk});
   const at::Tensor bias_acc = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
   const int64_t P = tile_positions(rows, sizeof(acc_t), HoWo);
   const int64_t tiles = (HoWo + P - 1) / P;
@@ -113,6 +113,8 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias,
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  // The tile GEMMs are internal: no autograd graph through them (the op's autograd is registered in Python).
+  const at::NoGradGuard no_grad;
   const Geometry g = check_forward(at::kCPU, input, offset, weight, mask, bias, stride, padding, dilation);
   at::Tensor out;
   const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
@@ -136,14 +138,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor grad_offset = at::empty({g.B, 2 * G * kk, g.Ho, g.Wo}, acc);
   at::Tensor grad_mask = mask.defined() ? at::empty({g.B, G * kk, g.Ho, g.Wo}, acc) : at::empty({0}, acc);
   at::Tensor grad_weight_b = at::zeros({std::max<int64_t>(g.B, 1), g.Cout, cin_g * kk}, acc);
-  const at::Tensor go = grad_out.to(acc).contiguous().view({g.B, g.Cout, HoWo});
+  const at::Tensor go = grad_out.detach().to(acc).contiguous().view({g.B, g.Cout, HoWo});
   at::Tensor grad_bias = g.B * HoWo == 0 ? at::zeros({g.Cout}, acc) : go.sum(at::IntArrayRef{0, 2});
   if (g.B == 0 || HoWo == 0 || g.C == 0) {
     grad_offset.zero_();
     grad_mask.zero_();
     return {grad_input, grad_offset, grad_weight_b.sum(0), grad_mask, grad_bias};
   }
-  const at::Tensor w = weight.to(acc).contiguous().view({g.Cout, cin_g * kk});
+  const at::Tensor w = weight.detach().to(acc).contiguous().view({g.Cout, cin_g * kk});
   const int64_t P = tile_positions(cpg * kk, sizeof(acc_t), HoWo);
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   const scalar_t* off = offset.const_data_ptr<scalar_t>();
@@ -204,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
               const acc_t gcv = grow[q];
               gm[k * n + q] += gcv * vrow[q];
               vrow[q] *= sq.mask;  // the forward's column, for the weight gradient below
-              if (sq.at.valid == 0) continue;
+              if (sq.at.valid == 0 && sq.at.poison == acc_t(0)) continue;
               const acc_t gs = gcv * sq.mask;
               acc_t dy, dx;
               bilinear_coordinate_grad<acc_t>(sq.at, plane, &dy, &dx);
@@ -248,6 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const at::NoGradGuard no_grad;
   const Geometry g =
       check_backward(at::kCPU, grad_out, input, offset, weight, mask, bias, stride, padding, dilation);
   const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
