@@ -16,6 +16,8 @@ fused backends never build it for the whole image.
 `sample_bilinear` is the per-point sampling, reusable by other deformable ops (the
 deformable-kernel convolution resamples its kernel with it).
 """
+import math
+
 import torch
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -47,9 +49,13 @@ def sample_bilinear(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> to
     Rule, per point (y, x): if y <= -1 or y >= H or x <= -1 or x >= W (or not finite), the
     sample is 0. Otherwise, with y0 = floor(y), x0 = floor(x), ly = y - y0, lx = x - x0:
         (1-ly)(1-lx) v[y0, x0] + (1-ly) lx v[y0, x0+1] + ly (1-lx) v[y0+1, x0] + ly lx v[y0+1, x0+1]
-    where a neighbour outside [0, H-1] x [0, W-1] reads 0. A NaN coordinate gives a NaN sample.
-    Differentiable in input and in the coordinates (the derivative of floor is 0, so at an
-    integer coordinate it is the one-sided derivative towards +1, as torchvision's backward).
+    where a neighbour outside [0, H-1] x [0, W-1] reads 0 and a neighbour inside is always read,
+    even with weight 0 (so a NaN pixel spreads to the samples next to it, as in torchvision).
+    A NaN coordinate gives a NaN sample.
+    Differentiable in input and in the coordinates: the coordinate gradient is the one-sided
+    derivative towards +1 wherever the sample is not differentiable (at integer coordinates and
+    at y == -1 or x == -1, where the sample is 0 but grows towards the image), which is what
+    torchvision's backward computes.
     """
     B, C, H, W = input.shape
     G = y.shape[1]
@@ -59,9 +65,13 @@ def sample_bilinear(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> to
         input = input.float()
     y, x = y.to(input.dtype), x.to(input.dtype)
     Cg = C // G if G else 0
-    yf, xf = y.reshape(B, G, 1, -1), x.reshape(B, G, 1, -1)  # (B, G, 1, P)
-    P = yf.shape[-1]
-    valid = (yf > -1) & (yf < H) & (xf > -1) & (xf < W)
+    P = math.prod(S)
+    yf, xf = y.reshape(B, G, 1, P), x.reshape(B, G, 1, P)
+    # Points on the -1 edge (y == -1 or x == -1, the other coordinate < its size) sample 0 like
+    # the points outside, but keep the one-sided derivative towards +1 there (torchvision's offset
+    # gradient): they go through the arithmetic with finite neighbours, which gives exactly 0.
+    valid = (yf >= -1) & (yf < H) & (xf >= -1) & (xf < W)
+    edge = valid & ((yf == -1) | (xf == -1))
     ys = torch.where(valid, yf, torch.zeros_like(yf))
     xs = torch.where(valid, xf, torch.zeros_like(xf))
     y0, x0 = torch.floor(ys).detach(), torch.floor(xs).detach()
@@ -79,7 +89,9 @@ def sample_bilinear(input: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> to
                 values = flat.new_zeros(B, G, Cg, P)
             else:
                 values = torch.gather(flat, 3, index)
-            term = (wy * wx * inside) * values
+            values = torch.where(inside, values, torch.zeros_like(values))
+            values = torch.where(edge, torch.nan_to_num(values), values)
+            term = (wy * wx) * values
             out = term if out is None else out + term
     nan = torch.isnan(yf) | torch.isnan(xf)
     out = torch.where(nan, torch.full_like(out, float("nan")), out)
@@ -110,7 +122,8 @@ def sample_points(offset: torch.Tensor, kernel: tuple[int, int], stride=1, paddi
     return y, x
 
 
-def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None,
                   stride=1, padding=0, dilation=1, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Reference for `vsr_kernels.deform_conv2d` (torchvision.ops.deform_conv2d's contract; no
     argument checks: the public function does them).
