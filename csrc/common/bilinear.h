@@ -3,9 +3,13 @@
 // (deform_conv2d; issue 10's deformable-kernel convolution) on CPU and CUDA.
 //
 // Rule (torchvision.ops.deform_conv2d, DCNv2): a point with y <= -1, y >= H, x <= -1 or x >= W
-// samples 0 and has zero gradient; otherwise its four neighbours floor(y) + {0, 1},
-// floor(x) + {0, 1} are weighted bilinearly and each neighbour outside the plane reads 0.
-// A NaN coordinate gives a NaN sample (and NaN coordinate gradient), no input gradient.
+// samples 0; otherwise its four neighbours floor(y) + {0, 1}, floor(x) + {0, 1} are weighted
+// bilinearly and each neighbour outside the plane reads 0 (a neighbour inside is read even at
+// weight 0: a NaN pixel spreads to the samples next to it). A NaN coordinate gives a NaN sample.
+// Gradient: in the values, the bilinear weights; in the coordinates, the one-sided derivative
+// towards +1 wherever the sample is not differentiable, including the -1 edge (y == -1 with
+// -1 <= x < W, or x == -1 with -1 <= y < H), where the sample is 0 but grows towards the
+// plane: torchvision's backward computes exactly that.
 // Torch-free on purpose: see DESIGN.md, "Why torch-free .cu files".
 #pragma once
 
@@ -34,6 +38,7 @@ struct Bilinear {
   acc_t grad_y[4];    // d weight / d y
   acc_t grad_x[4];    // d weight / d x
   acc_t poison;       // NaN when y or x is NaN (the sample and its coordinate gradient are NaN), else 0
+  bool sampled;       // the point samples the plane (strictly inside (-1, H) x (-1, W))
   unsigned valid;     // bit n set: neighbour n lies in the plane (and the point in the region)
 };
 
@@ -49,7 +54,9 @@ VSR_HOST_DEVICE Bilinear<acc_t> bilinear(acc_t y, acc_t x, int64_t H, int64_t W,
                                          int64_t col_stride) {
   Bilinear<acc_t> b;
   // NaN compares false everywhere: a NaN coordinate is treated as outside (samples 0).
-  const bool inside = y > acc_t(-1) && y < acc_t(H) && x > acc_t(-1) && x < acc_t(W);
+  // The region where the coordinate gradient can be nonzero: the sampled region and its -1 edge.
+  const bool inside = y >= acc_t(-1) && y < acc_t(H) && x >= acc_t(-1) && x < acc_t(W);
+  b.sampled = inside && y > acc_t(-1) && x > acc_t(-1);
   b.valid = 0;
   b.poison = y != y ? y : x != x ? x : acc_t(0);
   for (int i = 0; i < 4; ++i) {
@@ -72,7 +79,7 @@ VSR_UNROLL
       const int n = 2 * i + j;
       b.valid |= 1u << n;
       b.offset[n] = (y0 + i) * row_stride + (x0 + j) * col_stride;
-      b.weight[n] = wy[i] * wx[j];
+      b.weight[n] = b.sampled ? wy[i] * wx[j] : acc_t(0);
       b.grad_y[n] = sy[i] * wx[j];
       b.grad_x[n] = wy[i] * sy[j];
     }
@@ -84,6 +91,7 @@ VSR_UNROLL
 template <typename acc_t, typename T>
 VSR_HOST_DEVICE acc_t bilinear_sample(const Bilinear<acc_t>& b, const T* plane) {
   acc_t v = acc_t(0);
+  if (!b.sampled) return b.poison;
 VSR_UNROLL
   for (int n = 0; n < 4; ++n)
     if (b.valid >> n & 1u) v += b.weight[n] * vsr_kernels::convert<acc_t>(plane[b.offset[n]]);

@@ -212,6 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
               bilinear_coordinate_grad<acc_t>(sq.at, plane, &dy, &dx);
               gy[k * n + q] += gs * dy;
               gx[k * n + q] += gs * dx;
+              if (!sq.at.sampled) continue;  // on the -1 edge: a coordinate gradient only
               for (int nb = 0; nb < 4; ++nb)
                 if (sq.at.valid >> nb & 1u) gplane[sq.at.offset[nb]] += gs * sq.at.weight[nb];
             }

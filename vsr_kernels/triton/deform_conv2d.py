@@ -153,14 +153,16 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                 m = tl.full((BLOCK_P,), 1.0, ACC)
             y = (ho * sh - ph + k // KW * dh).to(ACC) + dy
             x = (wo * sw - pw + k % KW * dw).to(ACC) + dx
-            inside = p_ok & (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+            # The coordinate gradient's region: the sampled one (`inside`) and its -1 edge.
+            region = p_ok & (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
+            inside = region & (y > -1.0) & (x > -1.0)
             nan = p_ok & ((y != y) | (x != x))
             y0f = tl.floor(y)
             x0f = tl.floor(x)
             ly = y - y0f
             lx = x - x0f
-            y0 = tl.where(inside, y0f, 0.0).to(tl.int32)
-            x0 = tl.where(inside, x0f, 0.0).to(tl.int32)
+            y0 = tl.where(region, y0f, 0.0).to(tl.int32)
+            x0 = tl.where(region, x0f, 0.0).to(tl.int32)
             g_y = tl.zeros((BLOCK_P,), ACC)
             g_x = tl.zeros((BLOCK_P,), ACC)
             g_m = tl.zeros((BLOCK_P,), ACC)
@@ -194,10 +196,10 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                     wx = lx if n % 2 == 1 else 1.0 - lx
                     sy = 1.0 if n // 2 == 1 else -1.0
                     sx = 1.0 if n % 2 == 1 else -1.0
-                    valid = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                    valid = region & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
                     v = tl.load(in_base + plane + (yy * W + xx)[:, None].to(tl.int64), mask=ok & valid[:, None],
                                 other=0.0).to(ACC)
-                    val += tl.where(valid[:, None], (wy * wx)[:, None] * v, 0.0)
+                    val += tl.where((valid & inside)[:, None], (wy * wx)[:, None] * v, 0.0)
                     vy += tl.where(valid[:, None], (sy * wx)[:, None] * v, 0.0)
                     vx += tl.where(valid[:, None], (wy * sx)[:, None] * v, 0.0)
                 poison = tl.where(nan, y + x, 0.0)[:, None]
