@@ -336,6 +336,43 @@ def compile_all(archs=(80, 90), dtype_names=_launch.FLOAT_DTYPE_NAMES) -> list:
     return reports
 
 
+def _check(op, input, offset, weight, mask, bias, stride, padding, dilation, grad_out=None):
+    """What the kernels index by, checked: a direct torch.ops call bypasses the public checks.
+    Raises ValueError (sizes, values) or TypeError (dtypes) naming the argument."""
+    named = {"input": input, "offset": offset, "weight": weight, "mask": mask, "bias": bias, "grad_out": grad_out}
+    for name, t in named.items():
+        if t is not None and t.dim() != (1 if name == "bias" else 4):
+            raise ValueError(f"{op}: {name} must be {1 if name == 'bias' else 4}-D, got shape {tuple(t.shape)}")
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        if len(v) != 2 or min(v) < lo or max(v) > 2**31 - 1:
+            raise ValueError(f"{op}: {name} must be two integers in [{lo}, 2**31 - 1], got {list(v)}")
+    B, C, H, W = input.shape
+    Cout, cin_g, kh, kw = weight.shape
+    if kh < 1 or kw < 1 or cin_g < 1 or C % cin_g or Cout % (C // cin_g or 1) or C == 0:
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} does not fit input {tuple(input.shape)} "
+                         "(C must be a positive multiple of weight.size(1), weight.size(0) of the groups)")
+    K = kh * kw
+    G = offset.shape[1] // (2 * K)
+    if G < 1 or offset.shape[1] != 2 * K * G or C % G:
+        raise ValueError(f"{op}: offset channels ({offset.shape[1]}) must be 2 kh kw G with G dividing C = {C}")
+    Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{op}: the dilated kernel does not fit the padded input (output {Ho} x {Wo})")
+    want = {"offset": (B, 2 * K * G, Ho, Wo), "mask": (B, K * G, Ho, Wo), "bias": (Cout,),
+            "grad_out": (B, Cout, Ho, Wo)}
+    for name, shape in want.items():
+        t = named[name]
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    for name, t in named.items():
+        if t is not None and (t.dtype != input.dtype or t.device != input.device):
+            raise TypeError(f"{op}: {name} must have input's dtype and device ({input.dtype}, {input.device}), "
+                            f"got {t.dtype}, {t.device}")
+    if input.dtype not in _launch.TL_DTYPES:
+        raise TypeError(f"{op}: input must be float16, bfloat16, float32 or float64, got {input.dtype}")
+
+
 def _geometry(input, offset, weight, stride, padding, dilation):
     B, C, H, W = input.shape
     Cout, cin_g, kh, kw = weight.shape
@@ -349,13 +386,12 @@ def _geometry(input, offset, weight, stride, padding, dilation):
 def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor | None,
                   bias: torch.Tensor | None, stride: list[int], padding: list[int], dilation: list[int]
                   ) -> torch.Tensor:
+    _check("vsr_kernels.deform_conv2d_triton", input, offset, weight, mask, bias, stride, padding, dilation)
     B, C, H, W, Cout, Ho, Wo, cin_g, cout_g, cpg, G, kh, kw, hyper = _geometry(input, offset, weight, stride,
                                                                                padding, dilation)
     out = input.new_empty((B, Cout, Ho, Wo))
     if out.numel() == 0:
         return out
-    if C == 0:
-        return out.copy_(bias[None, :, None, None].expand_as(out) if bias is not None else torch.zeros_like(out))
     x, off, w = input.contiguous(), offset.contiguous(), weight.contiguous()
     m = mask.contiguous() if mask is not None else x
     bi = bias.contiguous() if bias is not None else x
@@ -374,6 +410,8 @@ def deform_conv2d_backward(grad_out: torch.Tensor, input: torch.Tensor, offset: 
                            mask: torch.Tensor | None, bias: torch.Tensor | None, stride: list[int],
                            padding: list[int], dilation: list[int]
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check("vsr_kernels.deform_conv2d_triton_backward", input, offset, weight, mask, bias, stride, padding,
+           dilation, grad_out)
     B, C, H, W, Cout, Ho, Wo, cin_g, cout_g, cpg, G, kh, kw, hyper = _geometry(input, offset, weight, stride,
                                                                                padding, dilation)
     acc = _launch.accumulation_dtype(input.dtype)
