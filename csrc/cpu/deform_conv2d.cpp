@@ -54,6 +54,45 @@ void sample_tile(const Geometry& g, const T* offset_b, const T* mask_b, int64_t 
     }
 }
 
+// A sample as the column gather reads it: the four neighbours' offsets and weights with the
+// mask folded in (an absent neighbour: offset 0 and its bit of `valid` clear, never read).
+template <typename acc_t>
+struct Tap {
+  int64_t offset[4];
+  acc_t weight[4];
+  unsigned valid;
+};
+
+template <typename acc_t>
+void make_taps(const std::vector<Sample<acc_t>>& samples, std::vector<Tap<acc_t>>& taps) {
+  taps.resize(samples.size());
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const Sample<acc_t>& s = samples[i];
+    Tap<acc_t>& t = taps[i];
+    // Not sampled (outside, or on the -1 edge): weights 0 (NaN for a NaN coordinate), nothing read.
+    t.valid = s.at.sampled ? s.at.valid : 0u;
+    for (int n = 0; n < 4; ++n) {
+      t.offset[n] = s.at.offset[n];
+      t.weight[n] = s.at.sampled ? s.mask * s.at.weight[n] : s.at.poison * s.mask;
+    }
+  }
+}
+
+// row[q] = the modulated sample of tap q in `plane`. Branch-free: an absent neighbour reads
+// plane[0] (in bounds) and is replaced by 0 before its weight multiplies it.
+template <typename acc_t, typename T>
+void gather_row(const Tap<acc_t>* taps, const T* plane, acc_t* row, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) {
+    const Tap<acc_t>& t = taps[q];
+    acc_t v = acc_t(0);
+    for (int nb = 0; nb < 4; ++nb) {
+      const acc_t x = static_cast<acc_t>(plane[t.offset[nb]]);
+      v += t.weight[nb] * ((t.valid >> nb & 1u) ? x : acc_t(0));
+    }
+    row[q] = v;
+  }
+}
+
 template <typename scalar_t>
 at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& offset,
                         const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& bias) {
@@ -75,6 +114,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
     at::Tensor col_buffer = at::empty({rows * P}, acc);
     at::Tensor out_buffer = at::empty({g.Cout * P}, acc);
     std::vector<Sample<acc_t>> samples;
+    std::vector<Tap<acc_t>> taps;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, p0 = task % tiles * P, n = std::min(P, HoWo - p0);
       acc_t* col = col_buffer.data_ptr<acc_t>();
@@ -83,20 +123,17 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * g.offset_groups * kk * HoWo;
       for (int64_t og = 0; og < g.offset_groups; ++og) {
         sample_tile<acc_t>(g, off_b, msk_b, og, p0, n, samples);
+        make_taps(samples, taps);
         for (int64_t c = og * cpg; c < (og + 1) * cpg; ++c) {
           const scalar_t* plane = in_b + c * HW;
-          for (int64_t k = 0; k < kk; ++k) {
-            acc_t* row = col + (c * kk + k) * n;
-            const Sample<acc_t>* s = samples.data() + k * n;
-            for (int64_t q = 0; q < n; ++q) row[q] = s[q].mask * bilinear_sample<acc_t>(s[q].at, plane);
-          }
+          for (int64_t k = 0; k < kk; ++k) gather_row(taps.data() + k * n, plane, col + (c * kk + k) * n, n);
         }
       }
       const at::Tensor cols = col_buffer.narrow(0, 0, rows * n).view({g.C * kk, n});
       at::Tensor tile = out_buffer.narrow(0, 0, g.Cout * n).view({g.Cout, n});
       for (int64_t gr = 0; gr < g.groups; ++gr) {
-        at::Tensor t = tile.narrow(0, gr * cout_g, cout_g);
-        at::mm_out(t, w.narrow(0, gr * cout_g, cout_g), cols.narrow(0, gr * cin_g * kk, cin_g * kk));
+        tile.narrow(0, gr * cout_g, cout_g).copy_(at::mm(w.narrow(0, gr * cout_g, cout_g),
+                                                         cols.narrow(0, gr * cin_g * kk, cin_g * kk)));
       }
       acc_t* dst = out_acc_all.data_ptr<acc_t>() + b * g.Cout * HoWo + p0;
       const acc_t* src = tile.const_data_ptr<acc_t>();
