@@ -56,3 +56,30 @@ def test_careful_baseline_tie_and_nan_rules(border):
     _, score, index = careful_local_argmax_attention(query, key, value, K, 1, 1.0, border)
     assert index[0, 0, 3, 3] == 0 and index[0, 0, 1, 1] == 8 and index[0, 0, 2, 2] == 4
     assert score[0, 0, 2, 2].isnan()
+
+
+# deform_conv2d's careful baseline (F.grid_sample + einsum) against the reference, on the
+# sweep's shapes and offset kinds (outside, integer, boundary), gradients included.
+@pytest.mark.parametrize("index", [0, 1, 2, 5, 6, 9, 12, 13, 17, 19, 22, 24, 29, 34, 37, 41, 42])
+def test_careful_deform_conv2d_matches_reference(index):
+    from benchmarks.workloads.deform_conv2d import careful_deform_conv2d
+    from deform_conv2d_cases import SWEEP, make_case
+
+    args = make_case(SWEEP[index], seed=index)
+    tensors = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    input, offset, weight, bias, stride, padding, dilation, mask = tensors
+    got = careful_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    want = reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    torch.testing.assert_close(got, want)
+    wrt = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    if got.numel() == 0:
+        return
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=got.dtype)
+    # grid_sample's normalised coordinates round-trip through (2 x + 1) / W - 1, so a point
+    # exactly on an integer may land an ulp below it, where the one-sided offset derivative is
+    # the other side's: the offset gradient is compared only where points are not on integers.
+    on_integers = SWEEP[index][-1] in ("integer", "boundary", "mixed")
+    for t, g, w in zip(wrt, torch.autograd.grad(got, wrt, grad, allow_unused=True),
+                       torch.autograd.grad(want, wrt, grad, allow_unused=True)):
+        if not (on_integers and t is offset):
+            torch.testing.assert_close(g, w)
