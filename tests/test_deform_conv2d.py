@@ -37,7 +37,7 @@ needs_triton = pytest.mark.skipif("triton" not in AVAILABLE,
 FLOAT64 = dict(rtol=1e-11, atol=1e-11)
 OUTPUT_NAMES = ("out", "grad_input", "grad_offset", "grad_weight", "grad_mask", "grad_bias")
 # Sweep entries the Triton interpreter runs (indices into SWEEP): one of every kind.
-TRITON_SWEEP = (1, 2, 5, 6, 11, 12, 16, 19, 22, 24, 27, 29, 31, 34, 37, 38, 41, 42)
+TRITON_SWEEP = (5, 12, 21, 24, 30, 37, 40, 44)
 
 
 def _forward(backend, stride, padding, dilation):
@@ -136,7 +136,7 @@ def _random_case(seed):
 @pytest.mark.parametrize("backend,seed", [
     pytest.param(p.values[0], seed, marks=p.marks, id=f"{p.values[0]}-{seed}")
     for p in BACKENDS if p.values[0].name != "reference"
-    for seed in (range(3) if p.values[0].name == "triton" else range(20))])
+    for seed in (range(1) if p.values[0].name == "triton" else range(20))])
 def test_random_sweep_matches_reference(backend, seed):
     check_against_reference(backend, make_case(_random_case(seed), seed=seed + 100))
 
@@ -211,8 +211,8 @@ LAYOUT_CASES = H.layout_assignments(NAMES)
 def test_layout_sweep(backend, case):
     """Channels-last, transposed H/W, stride-0 expanded, sliced (non-unit innermost stride)
     inputs give what the reference gives on the same values made contiguous."""
-    if backend.name == "triton" and case[0].startswith("mixed") is False and "expanded" not in case[0]:
-        pytest.skip("the Triton interpreter runs the mixed and expanded layouts only (time)")
+    if backend.name == "triton" and not case[0].startswith("mixed") and backend.device.type == "cpu":
+        pytest.skip("the Triton interpreter runs the mixed layouts only (time)")
     _, assign = case
     tensors, geometry = _tensors(_tiny(seed=5))
     laid = [H.apply_layout(t, assign[n]) for n, t in zip(NAMES, tensors)]
@@ -375,6 +375,8 @@ def test_autocast_on_cpu_runs_in_float32():
 def test_backward_is_deterministic(backend):
     """Two backward passes give bitwise equal gradients (no float atomics' order)."""
     case = (2, 8, 8, 7, 6, (3, 3), 2, 4, 1, 1, 1, True, "mixed")
+    if backend.name == "triton" and backend.device.type == "cpu":
+        case = (1, 4, 4, 5, 4, (3, 3), 2, 2, 1, 1, 1, True, "mixed")  # the interpreter: smaller
     tensors, geometry = _tensors(make_case(case, seed=4, dtype=torch.float32))
     tensors = [t.to(backend.device) for t in tensors]
     runs = [_run(_forward(backend, *geometry), _leaves(tensors)) for _ in range(2)]
