@@ -226,14 +226,14 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                         y0i = tl.where(ins, yfi, 0.0).to(tl.int32)
                         x0i = tl.where(ins, xfi, 0.0).to(tl.int32)
                         for n in tl.static_range(4):
-                            yy = y0i + n // 2
-                            xx = x0i + n % 2
-                            wy = lyi if n // 2 == 1 else 1.0 - lyi
-                            wx = lxi if n % 2 == 1 else 1.0 - lxi
-                            valid = ins & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                            dst = gin_base + c.to(tl.int64) * H * W + (yy * W + xx).to(tl.int64)
-                            cur = tl.load(dst, mask=c_ok & valid, other=0.0)
-                            tl.store(dst, cur + gi * (wy * wx), mask=c_ok & valid)
+                            ys_ = y0i + n // 2
+                            xs_ = x0i + n % 2
+                            wys = lyi if n // 2 == 1 else 1.0 - lyi
+                            wxs = lxi if n % 2 == 1 else 1.0 - lxi
+                            ok_s = ins & (ys_ >= 0) & (ys_ < H) & (xs_ >= 0) & (xs_ < W)
+                            dst = gin_base + c.to(tl.int64) * H * W + (ys_ * W + xs_).to(tl.int64)
+                            cur = tl.load(dst, mask=c_ok & ok_s, other=0.0)
+                            tl.store(dst, cur + gi * (wys * wxs), mask=c_ok & ok_s)
                         tl.debug_barrier()
             go_base = grad_offset_ptr + b64 * (2 * G * KK * HoWo)
             tl.store(go_base + (2 * (og * KK + k)) * HoWo + p, g_y, mask=p_ok)
@@ -276,13 +276,21 @@ def _weight_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, mask_ptr, grad_weig
 # Dispatch.
 
 KERNELS = {"forward": _forward_kernel, "input_grad": _input_grad_kernel, "weight_grad": _weight_grad_kernel}
-NUM_WARPS = 4
+# Warps per program, by kernel and dtype: what compiles without spills on sm_80 / sm_90
+# (tools/check_gpu_build.py); ptxas caps registers lower at 8 warps for some kernels.
+_H, _B, _F, _D = torch.float16, torch.bfloat16, torch.float32, torch.float64
+NUM_WARPS = {
+    "forward": {_H: 4, _B: 4, _F: 8, _D: 4},
+    "input_grad": {_H: 8, _B: 8, _F: 8, _D: 8},
+    "weight_grad": {_H: 4, _B: 4, _F: 4, _D: 4},
+}
+DTYPES = (_H, _B, _F, _D)
 # Tiles: tl.dot needs every dimension >= 16. float64 (no tl.dot) uses a broadcast product of
 # BLOCK_P x BLOCK_R x BLOCK_N values, so its tiles are smaller.
 TILES = {
-    "forward": dict(BLOCK_P=64, BLOCK_N=32, BLOCK_R=32),
+    "forward": dict(BLOCK_P=64, BLOCK_N=32, BLOCK_R=16),
     "input_grad": dict(BLOCK_P=32, BLOCK_C=16, BLOCK_O=32),
-    "weight_grad": dict(BLOCK_P=32, BLOCK_N=32, BLOCK_R=32),
+    "weight_grad": dict(BLOCK_P=16, BLOCK_N=32, BLOCK_R=16),
 }
 TILES_FLOAT64 = {
     "forward": dict(BLOCK_P=32, BLOCK_N=16, BLOCK_R=16),
@@ -299,13 +307,15 @@ def launch_config(kernel: str, dtype: torch.dtype, kh: int, kw: int, has_mask: b
     constexprs = dict(tiles[kernel], KH=kh, KW=kw, HAS_MASK=has_mask, USE_DOT=dtype != torch.float64)
     if kernel == "forward":
         constexprs["HAS_BIAS"] = has_bias
-    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS)
+    if kernel == "input_grad" and dtype in (_H, _B):
+        constexprs["BLOCK_O"] = 16
+    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS[kernel][dtype])
 
 
 def all_launch_configs() -> list:
     configs = set()
     for kernel in KERNELS:
-        for dtype in (torch.float32, torch.float64):
+        for dtype in DTYPES:
             for kh, kw in KERNEL_SIZES:
                 for mask in (False, True):
                     configs.add(launch_config(kernel, dtype, kh, kw, mask, has_bias=mask))
@@ -326,13 +336,16 @@ def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
 
 
 def compile_all(archs=(80, 90), dtype_names=_launch.FLOAT_DTYPE_NAMES) -> list:
-    """Compiles every launch config for `archs`, the float64 configs (no tl.dot) for float64
-    only and the others for the remaining dtypes. See _launch.compile_all."""
+    """Compiles every launch config of every dtype in `dtype_names` for `archs` (each dtype
+    with its own configs: warps, tiles, tl.dot or not). See _launch.compile_all."""
     reports = []
-    for config in all_launch_configs():
-        use_dot = dict(config.constexprs)["USE_DOT"]
-        names = [n for n in dtype_names if (n != "float64") == use_dot]
-        reports += _launch.compile_all(KERNELS, [config], _pointer_types, SCALAR_TYPES, archs, names)
+    for dtype in DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        if name not in dtype_names:
+            continue
+        configs = sorted({launch_config(kernel, dtype, kh, kw, mask, has_bias=mask) for kernel in KERNELS
+                          for kh, kw in KERNEL_SIZES for mask in (False, True)})
+        reports += _launch.compile_all(KERNELS, configs, _pointer_types, SCALAR_TYPES, archs, [name])
     return reports
 
 
