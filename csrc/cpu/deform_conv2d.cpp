@@ -16,6 +16,7 @@
 // (for a fixed number of threads in the BLAS, which the tile GEMMs run single-threaded).
 // float16 and bfloat16 are computed in float32 and rounded once to the input dtype.
 #include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -111,6 +112,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   const scalar_t* off = offset.const_data_ptr<scalar_t>();
   const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, g.B * tiles, 1, [&](int64_t begin, int64_t end) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
     at::Tensor col_buffer = at::empty({rows * P}, acc);
     at::Tensor out_buffer = at::empty({g.Cout * P}, acc);
     std::vector<Sample<acc_t>> samples;
@@ -152,6 +154,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const 
                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   // The tile GEMMs are internal: no autograd graph through them (the op's autograd is registered in Python).
   const at::NoGradGuard no_grad;
+  // Inside torch.autocast the tile GEMMs must stay in the accumulation dtype.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
   const Geometry g = check_forward(at::kCPU, input, offset, weight, mask, bias, stride, padding, dilation);
   at::Tensor out;
   const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
@@ -188,6 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const scalar_t* off = offset.const_data_ptr<scalar_t>();
   const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, g.B * G, 1, [&](int64_t begin, int64_t end) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
     at::Tensor val_buffer = at::empty({cpg * kk * P}, acc);
     at::Tensor grad_col_buffer = at::empty({cpg * kk * P}, acc);
     std::vector<Sample<acc_t>> samples;
@@ -289,6 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation) {
   const at::NoGradGuard no_grad;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
   const Geometry g =
       check_backward(at::kCPU, grad_out, input, offset, weight, mask, bias, stride, padding, dilation);
   const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
