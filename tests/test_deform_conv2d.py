@@ -352,9 +352,6 @@ LOW = [torch.float16, torch.bfloat16, torch.float32]
 @pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_low_precision_float32_accumulation(backend, dtype):
-    if backend.name == "triton" and dtype == torch.bfloat16 and backend.device.type == "cpu":
-        pytest.xfail("unresolved: bfloat16 under the Triton interpreter gives garbage outputs (float16 "
-                     "passes); not yet checked on a GPU")
     """Inputs rounded to dtype, computed with float32 accumulation: within a few ulps of dtype
     of the float64 reference on the same rounded values (outputs and every gradient)."""
     case = (1, 16, 8, 5, 6, (3, 3), 1, 2, 1, 1, 1, True, "random")

@@ -22,6 +22,8 @@ Backward, deterministic (no float atomics):
   Σ over batch elements and position blocks, in order, of grad_out tile · gathered columns.
 The bias gradient is grad_out summed over (B, Ho, Wo) by torch.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -298,13 +300,17 @@ TILES_FLOAT64 = {
     "weight_grad": dict(BLOCK_P=16, BLOCK_N=16, BLOCK_R=16),
 }
 SCALAR_TYPES = {}
+_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_SIZES = ((1, 1), (3, 3), (5, 5), (1, 3), (3, 1))  # compiled by compile_all; others compile on demand
 
 
 def launch_config(kernel: str, dtype: torch.dtype, kh: int, kw: int, has_mask: bool,
                   has_bias: bool = False) -> _launch.LaunchConfig:
     tiles = TILES_FLOAT64 if dtype == torch.float64 else TILES
-    constexprs = dict(tiles[kernel], KH=kh, KW=kw, HAS_MASK=has_mask, USE_DOT=dtype != torch.float64)
+    # tl.dot has no float64; the interpreter's tl.dot mishandles bfloat16 operands (numpy has no
+    # bfloat16: garbage outputs), so there bfloat16 takes the broadcast product (GPUs use tl.dot).
+    use_dot = dtype != torch.float64 and not (_INTERPRETER and dtype == torch.bfloat16)
+    constexprs = dict(tiles[kernel], KH=kh, KW=kw, HAS_MASK=has_mask, USE_DOT=use_dot)
     if kernel == "forward":
         constexprs["HAS_BIAS"] = has_bias
     if kernel == "input_grad" and dtype in (_H, _B):
