@@ -34,4 +34,11 @@ TORCH_LIBRARY(vsr_kernels, m) {
       "trajectory_attention_backward(Tensor[] grad_outs, Tensor grad_score, Tensor query, Tensor key, "
       "Tensor[] values, Tensor location, Tensor index) -> (Tensor grad_query, Tensor grad_key, "
       "Tensor[] grad_values)");
+  m.def(
+      "deform_conv2d(Tensor input, Tensor offset, Tensor weight, Tensor? mask, Tensor? bias, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "deform_conv2d_backward(Tensor grad_out, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
+      "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor grad_input, Tensor grad_offset, "
+      "Tensor grad_weight, Tensor grad_mask, Tensor grad_bias)");
 }

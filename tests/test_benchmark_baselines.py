@@ -120,3 +120,30 @@ def test_careful_trajectory_baseline_matches_reference(i):
         got_grads = torch.autograd.grad(loss(*got[:2]), leaves)
         for a, b in zip(got_grads, torch.autograd.grad(loss(*ref[:2]), ref_leaves)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# deform_conv2d's careful baseline (F.grid_sample + einsum) against the reference, on the
+# sweep's shapes and offset kinds (outside, integer, boundary), gradients included.
+@pytest.mark.parametrize("index", [0, 1, 2, 5, 6, 9, 12, 13, 17, 19, 22, 24, 29, 34, 37, 41, 42])
+def test_careful_deform_conv2d_matches_reference(index):
+    from benchmarks.workloads.deform_conv2d import careful_deform_conv2d
+    from deform_conv2d_cases import SWEEP, make_case
+
+    args = make_case(SWEEP[index], seed=index)
+    tensors = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    input, offset, weight, bias, stride, padding, dilation, mask = tensors
+    got = careful_deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    want = reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    torch.testing.assert_close(got, want)
+    wrt = [t for t in (input, offset, weight, bias, mask) if t is not None]
+    if got.numel() == 0:
+        return
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=got.dtype)
+    # grid_sample's normalised coordinates round-trip through (2 x + 1) / W - 1, so a point
+    # exactly on an integer may land an ulp below it, where the one-sided offset derivative is
+    # the other side's: the offset gradient is compared only where points are not on integers.
+    on_integers = SWEEP[index][-1] in ("integer", "boundary", "mixed")
+    for t, g, w in zip(wrt, torch.autograd.grad(got, wrt, grad, allow_unused=True),
+                       torch.autograd.grad(want, wrt, grad, allow_unused=True)):
+        if not (on_integers and t is offset):
+            torch.testing.assert_close(g, w)

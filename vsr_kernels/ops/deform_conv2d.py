@@ -1,9 +1,11 @@
 """Deformable convolution (DCNv1 / modulated DCNv2), torchvision.ops.deform_conv2d's contract:
-argument checks, autocast and the public function.
+argument checks, backend choice, autograd and fake tensors, and the public function.
 
-For now every tensor goes to the reference (`vsr_kernels.reference.deform_conv2d`); the fused
-backends (cpu, cuda, triton) are wired through the op-spec registry later, behind the same
-public function and the same checks.
+Every backend is one registered torch.library op with a registered backward op (schemas in
+csrc/registration.cpp for the C++ "cpu"/"cuda" ops; vsr_kernels.triton.deform_conv2d registers
+the Triton ones with the same schemas), so a call is one dispatcher boundary and
+torch.compile traces it without graph breaks. Both get the fake and autograd below through
+this op's OpSpec.
 """
 import numbers
 
@@ -11,20 +13,53 @@ import torch
 
 from .. import reference
 from ..reference.deform_conv2d import output_size
-from . import _autocast, _checks
+from . import _autocast, _backend, _checks, _spec
 
 NAME = "deform_conv2d"
 
-# Backends this op accepts today; "cpu", "cuda" and "triton" are named in the error message.
-AVAILABLE_BACKENDS = ("auto", "reference")
-FUSED_BACKENDS = ("cpu", "cuda", "triton")
+
+def _fake_forward(input, offset, weight, mask, bias, stride, padding, dilation):
+    B, _, Ho, Wo = offset.shape
+    return input.new_empty((B, weight.shape[0], Ho, Wo))
 
 
-def _check_backend(backend) -> str:
-    if backend in FUSED_BACKENDS:
-        raise ValueError(f"backend {backend!r} of deform_conv2d is not built yet (the fused cpu, cuda and "
-                         f"triton kernels are still to come); use backend='auto' or 'reference'")
-    return _checks.choice("backend", backend, AVAILABLE_BACKENDS)
+def _fake_backward(grad_out, input, offset, weight, mask, bias, stride, padding, dilation):
+    # Every backend returns contiguous gradients; grad_mask is (0,) without a mask, grad_bias
+    # is (C_out,) whether or not there is a bias.
+    grad_mask = input.new_empty(mask.shape if mask is not None else (0,))
+    return (input.new_empty(input.shape), input.new_empty(offset.shape), input.new_empty(weight.shape), grad_mask,
+            input.new_empty((weight.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    input, offset, weight, mask, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, offset, weight, mask, bias)
+    ctx.geometry = (stride, padding, dilation)
+
+
+def _backward(backward_op, ctx, grad_out):
+    input, offset, weight, mask, bias = ctx.saved_tensors
+    grad_input, grad_offset, grad_weight, grad_mask, grad_bias = backward_op(
+        grad_out.contiguous(), input, offset, weight, mask, bias, *ctx.geometry)
+    return (grad_input, grad_offset, grad_weight, grad_mask if mask is not None else None,
+            grad_bias if bias is not None else None, None, None, None)
+
+
+def _reference(input, offset, weight, mask, bias, stride, padding, dilation):
+    return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+SPEC = _spec.register(_spec.OpSpec(
+    name=NAME,
+    dtypes=dict.fromkeys(_spec.BACKENDS, _checks.FLOAT_DTYPES),  # every backend: float32 accumulation
+    gpu_default="triton",
+    reference=_reference,
+    triton_module="vsr_kernels.triton.deform_conv2d",
+    fake=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+))
 
 
 def pair(name: str, value, minimum: int) -> tuple[int, int]:
@@ -47,8 +82,7 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
     _checks.tensor("input", input, "BCHW")
     _checks.tensor("offset", offset, "BOHW")
     _checks.tensor("weight", weight, "OCHW")
-    stride, padding = pair("stride", stride, 1), pair("padding", padding, 0)
-    dilation = pair("dilation", dilation, 1)
+    stride, padding, dilation = pair("stride", stride, 1), pair("padding", padding, 0), pair("dilation", dilation, 1)
     B, C_in, H, W = input.shape
     C_out, C_in_g, kh, kw = weight.shape
     if kh < 1 or kw < 1:
@@ -58,15 +92,13 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
         raise ValueError(f"input and weight need at least one input channel, got input of shape "
                          f"{tuple(input.shape)} and weight of shape {tuple(weight.shape)}")
     if C_in % C_in_g != 0:
-        raise ValueError(f"input channels ({C_in}) must be a multiple of weight.shape[1] ({C_in_g}, "
-                         f"the input channels per group): groups = C_in / weight.shape[1]; "
-                         f"got input of shape "
+        raise ValueError(f"input channels ({C_in}) must be a multiple of weight.shape[1] ({C_in_g}, the input "
+                         f"channels per group): groups = C_in / weight.shape[1]; got input of shape "
                          f"{tuple(input.shape)} and weight of shape {tuple(weight.shape)}")
     groups = C_in // C_in_g
     if C_out < 1 or C_out % groups != 0:
-        raise ValueError(f"weight's output channels ({C_out}) must be a positive multiple of groups "
-                         f"({groups} = C_in {C_in} / weight.shape[1] {C_in_g}), "
-                         f"got weight of shape {tuple(weight.shape)}")
+        raise ValueError(f"weight's output channels ({C_out}) must be a positive multiple of groups ({groups} "
+                         f"= C_in {C_in} / weight.shape[1] {C_in_g}), got weight of shape {tuple(weight.shape)}")
     K = kh * kw
     if offset.shape[1] < 2 * K or offset.shape[1] % (2 * K) != 0:
         raise ValueError(f"offset must have 2*kh*kw*offset_groups channels (2*{kh}*{kw} = {2 * K} per offset "
@@ -84,8 +116,7 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
     if tuple(offset.shape[2:]) != (H_out, W_out):
         raise ValueError(f"offset must have the output's spatial size (H_out, W_out) = ({H_out}, {W_out}) in "
                          f"dims 2, 3 (from input {tuple(input.shape)}, weight {tuple(weight.shape)}, stride "
-                         f"{stride}, padding {padding}, dilation {dilation}), "
-                         f"got shape {tuple(offset.shape)}")
+                         f"{stride}, padding {padding}, dilation {dilation}), got shape {tuple(offset.shape)}")
     tensors = {"input": input, "offset": offset, "weight": weight}
     if bias is not None:
         _checks.tensor("bias", bias, "O")
@@ -107,8 +138,7 @@ def check(input, offset, weight, bias, stride, padding, dilation, mask):
     return stride, padding, dilation, groups, offset_groups
 
 
-def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
-                  bias: torch.Tensor | None = None,
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   stride=1, padding=0, dilation=1, mask: torch.Tensor | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """Deformable convolution v1, or modulated deformable convolution v2 when `mask` is given:
@@ -125,8 +155,9 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         stride, padding, dilation: int or (height, width) pair; stride, dilation >= 1, padding >= 0.
         mask: (B, G*kh*kw, H_out, W_out) or None (no modulation, DCNv1); channel g*kh*kw + i*kw + j
             multiplies the samples of kernel point (i, j) of offset group g.
-        backend: "auto" or "reference" (the fused "cpu", "cuda" and "triton" backends are not
-            built yet and raise a ValueError).
+        backend: "auto", "reference", "cpu", "cuda" or "triton". "auto" is "cpu" on CPU tensors,
+            the faster GPU backend on CUDA tensors, and the reference (with a warning saying why)
+            where those are missing from the installation, or on meta tensors.
 
     Semantics: H_out = (H + 2*ph - dh*(kh-1) - 1) // sh + 1 (W_out alike);
         out[b, o, oy, ox] = bias[o] + sum over c in o's group, i < kh, j < kw of
@@ -135,10 +166,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         sample(v, y, x) is 0 if y <= -1, y >= H, x <= -1 or x >= W; otherwise bilinear
         interpolation of the four neighbours floor(y)+{0,1}, floor(x)+{0,1}, a neighbour outside
         the image reading 0 (torchvision's rule). A NaN offset gives a NaN output.
-    Differentiable in input, offset, mask, weight and bias. Where the sample is not
-    differentiable in its coordinates (integer coordinates, and y == -1 or x == -1, where it is 0
-    but grows towards the image) the offset gradient is the one-sided derivative towards +1, as
-    torchvision's backward computes it.
+    Differentiable in input, offset, mask, weight and bias (at an integer sample coordinate the
+    offset gradient is the one-sided derivative towards +1, as torchvision's).
     dtypes: float16, bfloat16, float32, float64, all tensors alike; computed in float32
     (float64 for float64) and returned in input's dtype. Under torch.autocast the floating inputs
     other than float64 run in the region's dtype on GPU and in float32 on CPU.
@@ -154,10 +183,6 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
         bias = next(cast) if bias is not None else None
         mask = next(cast) if mask is not None else None
     stride, padding, dilation, _, _ = check(input, offset, weight, bias, stride, padding, dilation, mask)
-    _check_backend(backend)
-    device_type = input.device.type
-    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
-        # The inputs are cast above; the reference's einsum must not be cast again by autocast.
-        with torch.autocast(device_type, enabled=False):
-            return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
-    return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    backend = _backend.choose(NAME, backend, input)
+    return _backend.op_for(NAME, backend)(input, offset, weight, mask, bias, list(stride), list(padding),
+                                          list(dilation))

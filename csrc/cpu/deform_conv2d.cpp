@@ -1,0 +1,319 @@
+// CPU launchers of deform_conv2d. No im2col buffer of the whole image: the output positions
+// are cut into tiles of P consecutive positions (P chosen so a tile's column buffer stays in
+// cache), each tile's bilinear samples are gathered into a (C kh kw, P) column buffer and
+// multiplied by the weight with at::mm, one GEMM per group.
+//
+// Backward, deterministic without atomics: one task per (batch element b, offset group og).
+// A task owns input channels [og C/G, (og + 1) C/G) of batch element b, so no two tasks write
+// the same element of grad_input (the bilinear scatter), grad_offset or grad_mask (channels of
+// og), or of its batch element's slice of the weight-gradient partials (columns of those
+// channels). Per tile it recomputes the samples (nothing is stored per output between forward
+// and backward), takes the column gradient of its channels, weightᵀ · grad_out tile (a GEMM
+// split along K, so no work is repeated), scatters it into grad_input in a fixed sequential
+// order, reduces it into the offset and mask gradients, and adds grad_out tile · columnsᵀ to
+// the weight gradient of batch element b. The per-batch-element weight gradients are summed in
+// order b = 0, 1, ... at the end. The results are therefore bitwise identical run to run
+// (for a fixed number of threads in the BLAS, which the tile GEMMs run single-threaded).
+// float16 and bfloat16 are computed in float32 and rounded once to the input dtype.
+#include <ATen/Dispatch.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "../glue/deform_conv2d.h"
+
+namespace vsr_kernels {
+namespace deform_conv2d {
+namespace {
+
+// Positions per tile: the column buffer (C kh kw rows of P values) holds about this many bytes.
+constexpr int64_t kColumnBytes = 256 * 1024;
+
+int64_t tile_positions(int64_t rows, int64_t element_bytes, int64_t positions) {
+  int64_t p = kColumnBytes / std::max<int64_t>(1, rows * element_bytes);
+  p = std::max<int64_t>(16, std::min<int64_t>(512, p / 16 * 16));
+  return std::max<int64_t>(1, std::min(p, positions));
+}
+
+// The samples of kernel points k of offset group og at the positions [p0, p0 + n) of batch
+// element b: samples[k * n + q] for position p0 + q.
+template <typename acc_t, typename T>
+void sample_tile(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og, int64_t p0, int64_t n,
+                 std::vector<Sample<acc_t>>& samples) {
+  const int64_t kk = g.kernel_points(), HoWo = g.positions();
+  samples.resize(kk * n);
+  for (int64_t k = 0; k < kk; ++k)
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = p0 + q;
+      samples[k * n + q] =
+          sample_at<acc_t>(g, offset_b, HoWo, 1, mask_b, HoWo, 1, og, k, p / g.Wo, p % g.Wo, g.W, 1);
+    }
+}
+
+// A sample as the column gather reads it: the four neighbours' offsets and weights with the
+// mask folded in (an absent neighbour: offset 0 and its bit of `valid` clear, never read).
+template <typename acc_t>
+struct Tap {
+  int64_t offset[4];
+  acc_t weight[4];
+  unsigned valid;
+};
+
+template <typename acc_t>
+void make_taps(const std::vector<Sample<acc_t>>& samples, std::vector<Tap<acc_t>>& taps) {
+  taps.resize(samples.size());
+  for (size_t i = 0; i < samples.size(); ++i) {
+    const Sample<acc_t>& s = samples[i];
+    Tap<acc_t>& t = taps[i];
+    // Not sampled (outside, or on the -1 edge): weights 0 (NaN for a NaN coordinate), nothing read.
+    t.valid = s.at.sampled ? s.at.valid : 0u;
+    for (int n = 0; n < 4; ++n) {
+      t.offset[n] = s.at.offset[n];
+      t.weight[n] = s.at.sampled ? s.mask * s.at.weight[n] : s.at.poison * s.mask;
+    }
+  }
+}
+
+// row[q] = the modulated sample of tap q in `plane`. Branch-free: an absent neighbour reads
+// plane[0] (in bounds) and is replaced by 0 before its weight multiplies it.
+template <typename acc_t, typename T>
+void gather_row(const Tap<acc_t>* taps, const T* plane, acc_t* row, int64_t n) {
+  for (int64_t q = 0; q < n; ++q) {
+    const Tap<acc_t>& t = taps[q];
+    acc_t v = acc_t(0);
+    for (int nb = 0; nb < 4; ++nb) {
+      const acc_t x = static_cast<acc_t>(plane[t.offset[nb]]);
+      v += t.weight[nb] * ((t.valid >> nb & 1u) ? x : acc_t(0));
+    }
+    row[q] = v;
+  }
+}
+
+template <typename scalar_t>
+at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& offset,
+                        const at::Tensor& weight, const at::Tensor& mask, const at::Tensor& bias) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t kk = g.kernel_points(), HoWo = g.positions(), HW = g.H * g.W;
+  const int64_t cin_g = g.group_in(), cout_g = g.group_out(), cpg = g.offset_group_in();
+  const int64_t rows = g.C * kk;
+  at::Tensor out_acc_all = at::empty({g.B, g.Cout, HoWo}, acc);
+  if (g.B == 0 || HoWo == 0) return out_acc_all.view({g.B, g.Cout, g.Ho, g.Wo});
+  const at::Tensor w = weight.detach().to(acc).contiguous().view({g.Cout, cin_g * kk});
+  const at::Tensor bias_acc = bias.defined() ? bias.to(acc).contiguous() : at::Tensor();
+  const int64_t P = tile_positions(rows, sizeof(acc_t), HoWo);
+  const int64_t tiles = (HoWo + P - 1) / P;
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* off = offset.const_data_ptr<scalar_t>();
+  const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, g.B * tiles, 1, [&](int64_t begin, int64_t end) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
+    at::Tensor col_buffer = at::empty({rows * P}, acc);
+    at::Tensor out_buffer = at::empty({g.Cout * P}, acc);
+    std::vector<Sample<acc_t>> samples;
+    std::vector<Tap<acc_t>> taps;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tiles, p0 = task % tiles * P, n = std::min(P, HoWo - p0);
+      acc_t* col = col_buffer.data_ptr<acc_t>();
+      const scalar_t* in_b = in + b * g.C * HW;
+      const scalar_t* off_b = off + b * 2 * g.offset_groups * kk * HoWo;
+      const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * g.offset_groups * kk * HoWo;
+      for (int64_t og = 0; og < g.offset_groups; ++og) {
+        sample_tile<acc_t>(g, off_b, msk_b, og, p0, n, samples);
+        make_taps(samples, taps);
+        for (int64_t c = og * cpg; c < (og + 1) * cpg; ++c) {
+          const scalar_t* plane = in_b + c * HW;
+          for (int64_t k = 0; k < kk; ++k) gather_row(taps.data() + k * n, plane, col + (c * kk + k) * n, n);
+        }
+      }
+      const at::Tensor cols = col_buffer.narrow(0, 0, rows * n).view({g.C * kk, n});
+      at::Tensor tile = out_buffer.narrow(0, 0, g.Cout * n).view({g.Cout, n});
+      for (int64_t gr = 0; gr < g.groups; ++gr) {
+        tile.narrow(0, gr * cout_g, cout_g).copy_(at::mm(w.narrow(0, gr * cout_g, cout_g),
+                                                         cols.narrow(0, gr * cin_g * kk, cin_g * kk)));
+      }
+      acc_t* dst = out_acc_all.data_ptr<acc_t>() + b * g.Cout * HoWo + p0;
+      const acc_t* src = tile.const_data_ptr<acc_t>();
+      const acc_t* bi = bias_acc.defined() ? bias_acc.const_data_ptr<acc_t>() : nullptr;
+      for (int64_t co = 0; co < g.Cout; ++co) {
+        const acc_t add = bi == nullptr ? acc_t(0) : bi[co];
+        for (int64_t q = 0; q < n; ++q) dst[co * HoWo + q] = src[co * n + q] + add;
+      }
+    }
+  });
+  return out_acc_all.view({g.B, g.Cout, g.Ho, g.Wo});
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias,
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  // The tile GEMMs are internal: no autograd graph through them (the op's autograd is registered in Python).
+  const at::NoGradGuard no_grad;
+  // Inside torch.autocast the tile GEMMs must stay in the accumulation dtype.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
+  const Geometry g = check_forward(at::kCPU, input, offset, weight, mask, bias, stride, padding, dilation);
+  at::Tensor out;
+  const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const at::Tensor bi = bias.has_value() ? *bias : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_cpu", [&] {
+    out = forward_impl<scalar_t>(g, input.contiguous(), offset.contiguous(), weight, m, bi);
+  });
+  return to_contiguous(out, input.scalar_type());
+}
+
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const Geometry& g, const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& offset,
+    const at::Tensor& weight, const at::Tensor& mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t kk = g.kernel_points(), HoWo = g.positions(), HW = g.H * g.W;
+  const int64_t cin_g = g.group_in(), cout_g = g.group_out(), cpg = g.offset_group_in();
+  const int64_t G = g.offset_groups;
+  at::Tensor grad_input = at::zeros({g.B, g.C, g.H, g.W}, acc);
+  at::Tensor grad_offset = at::empty({g.B, 2 * G * kk, g.Ho, g.Wo}, acc);
+  at::Tensor grad_mask = mask.defined() ? at::empty({g.B, G * kk, g.Ho, g.Wo}, acc) : at::empty({0}, acc);
+  at::Tensor grad_weight_b = at::zeros({std::max<int64_t>(g.B, 1), g.Cout, cin_g * kk}, acc);
+  const at::Tensor go = grad_out.detach().to(acc).contiguous().view({g.B, g.Cout, HoWo});
+  at::Tensor grad_bias = g.B * HoWo == 0 ? at::zeros({g.Cout}, acc) : go.sum(at::IntArrayRef{0, 2});
+  if (g.B == 0 || HoWo == 0 || g.C == 0) {
+    grad_offset.zero_();
+    grad_mask.zero_();
+    return {grad_input, grad_offset, grad_weight_b.sum(0), grad_mask, grad_bias};
+  }
+  const at::Tensor w = weight.detach().to(acc).contiguous().view({g.Cout, cin_g * kk});
+  const int64_t P = tile_positions(cpg * kk, sizeof(acc_t), HoWo);
+  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const scalar_t* off = offset.const_data_ptr<scalar_t>();
+  const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, g.B * G, 1, [&](int64_t begin, int64_t end) {
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
+    at::Tensor val_buffer = at::empty({cpg * kk * P}, acc);
+    at::Tensor grad_col_buffer = at::empty({cpg * kk * P}, acc);
+    std::vector<Sample<acc_t>> samples;
+    std::vector<acc_t> gy(kk * P), gx(kk * P), gm(kk * P);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / G, og = task % G, c_begin = og * cpg;
+      const scalar_t* in_b = in + b * g.C * HW;
+      const scalar_t* off_b = off + b * 2 * G * kk * HoWo;
+      const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
+      acc_t* gin_b = grad_input.data_ptr<acc_t>() + b * g.C * HW;
+      acc_t* goff_b = grad_offset.data_ptr<acc_t>() + b * 2 * G * kk * HoWo;
+      acc_t* gmsk_b = msk == nullptr ? nullptr : grad_mask.data_ptr<acc_t>() + b * G * kk * HoWo;
+      at::Tensor gw_b = grad_weight_b[b];
+      const at::Tensor go_b = go[b];
+      for (int64_t p0 = 0; p0 < HoWo; p0 += P) {
+        const int64_t n = std::min(P, HoWo - p0);
+        sample_tile<acc_t>(g, off_b, msk_b, og, p0, n, samples);
+        at::Tensor val = val_buffer.narrow(0, 0, cpg * kk * n).view({cpg * kk, n});
+        at::Tensor grad_col = grad_col_buffer.narrow(0, 0, cpg * kk * n).view({cpg * kk, n});
+        acc_t* v = val.data_ptr<acc_t>();
+        for (int64_t c = 0; c < cpg; ++c) {
+          const scalar_t* plane = in_b + (c_begin + c) * HW;
+          for (int64_t k = 0; k < kk; ++k) {
+            acc_t* row = v + (c * kk + k) * n;
+            const Sample<acc_t>* s = samples.data() + k * n;
+            for (int64_t q = 0; q < n; ++q) row[q] = bilinear_sample<acc_t>(s[q].at, plane);
+          }
+        }
+        // The channels of og, cut where a weight group ends: per segment, its column gradient
+        // wᵀ · grad_out (GEMM split along K) and its weight gradient grad_out · (mask val)ᵀ.
+        for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
+          const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
+          const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
+          at::Tensor gc = grad_col.narrow(0, (c0 - c_begin) * kk, ncols);
+          at::mm_out(gc, w.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols).t(),
+                     go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n));
+          c0 = c1;
+        }
+        // Offset and mask gradients of the tile, and the scatter into grad_input, in order.
+        std::fill(gy.begin(), gy.begin() + kk * n, acc_t(0));
+        std::fill(gx.begin(), gx.begin() + kk * n, acc_t(0));
+        std::fill(gm.begin(), gm.begin() + kk * n, acc_t(0));
+        const acc_t* gcol = grad_col.const_data_ptr<acc_t>();
+        for (int64_t c = 0; c < cpg; ++c) {
+          const scalar_t* plane = in_b + (c_begin + c) * HW;
+          acc_t* gplane = gin_b + (c_begin + c) * HW;
+          for (int64_t k = 0; k < kk; ++k) {
+            const acc_t* grow = gcol + (c * kk + k) * n;
+            acc_t* vrow = v + (c * kk + k) * n;
+            const Sample<acc_t>* s = samples.data() + k * n;
+            for (int64_t q = 0; q < n; ++q) {
+              const Sample<acc_t>& sq = s[q];
+              const acc_t gcv = grow[q];
+              gm[k * n + q] += gcv * vrow[q];
+              vrow[q] *= sq.mask;  // the forward's column, for the weight gradient below
+              if (sq.at.valid == 0 && sq.at.poison == acc_t(0)) continue;
+              const acc_t gs = gcv * sq.mask;
+              acc_t dy, dx;
+              bilinear_coordinate_grad<acc_t>(sq.at, plane, &dy, &dx);
+              gy[k * n + q] += gs * dy;
+              gx[k * n + q] += gs * dx;
+              if (!sq.at.sampled) continue;  // on the -1 edge: a coordinate gradient only
+              for (int nb = 0; nb < 4; ++nb)
+                if (sq.at.valid >> nb & 1u) gplane[sq.at.offset[nb]] += gs * sq.at.weight[nb];
+            }
+          }
+        }
+        for (int64_t k = 0; k < kk; ++k) {
+          acc_t* oy = goff_b + offset_channel_y(g, og, k) * HoWo + p0;
+          acc_t* ox = oy + HoWo;
+          for (int64_t q = 0; q < n; ++q) {
+            oy[q] = gy[k * n + q];
+            ox[q] = gx[k * n + q];
+          }
+          if (gmsk_b != nullptr) {
+            acc_t* om = gmsk_b + mask_channel(g, og, k) * HoWo + p0;
+            for (int64_t q = 0; q < n; ++q) om[q] = gm[k * n + q];
+          }
+        }
+        for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
+          const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
+          const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
+          at::Tensor gw = gw_b.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols);
+          gw.addmm_(go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n),
+                    val.narrow(0, (c0 - c_begin) * kk, ncols).t());
+          c0 = c1;
+        }
+      }
+    }
+  });
+  // Weight gradient: the per-batch-element partials summed in order.
+  at::Tensor grad_weight = grad_weight_b[0].clone();
+  for (int64_t b = 1; b < g.B; ++b) grad_weight.add_(grad_weight_b[b]);
+  return {grad_input, grad_offset, grad_weight, grad_mask, grad_bias};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& offset, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const at::NoGradGuard no_grad;
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
+  const Geometry g =
+      check_backward(at::kCPU, grad_out, input, offset, weight, mask, bias, stride, padding, dilation);
+  const at::Tensor m = mask.has_value() ? mask->contiguous() : at::Tensor();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> r;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "deform_conv2d_backward_cpu", [&] {
+    r = backward_impl<scalar_t>(g, grad_out, input.contiguous(), offset.contiguous(), weight, m);
+  });
+  const auto dtype = input.scalar_type();
+  auto& [gi, goff, gw, gm, gb] = r;
+  return {to_contiguous(gi, dtype), to_contiguous(goff, dtype), to_contiguous(gw.view(weight.sizes()), dtype),
+          to_contiguous(gm, dtype), to_contiguous(gb, dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vsr_kernels, CPU, m) {
+  m.impl("deform_conv2d", &forward_cpu);
+  m.impl("deform_conv2d_backward", &backward_cpu);
+}
+
+}  // namespace deform_conv2d
+}  // namespace vsr_kernels

@@ -1,0 +1,389 @@
+"""deform_conv2d on every backend, through the shared harness (tests/_harness.py).
+
+Backends: "reference", "cpu" (C++), "triton" (the interpreter on CPU tensors without a GPU,
+real kernels on CUDA tensors) and "cuda" (GPU only), each skipped with the reason when this
+installation cannot run it. The oracle is the float64 reference (itself checked against a
+per-output loop and torchvision in tests/test_deform_conv2d_reference.py). Each property once:
+
+- the float64 sweep of tests/deform_conv2d_cases.py (groups, offset groups, stride / padding /
+  dilation 1-2, kernels 1x1 / 3x3 / 5x5 / 1x3 / 3x1, mask or not, offsets outside, on integers
+  and on the -1 / H boundaries, batch 0 and 33): outputs and the gradients of all five inputs,
+  plain and with canary inputs (views into NaN-filled buffers: an out-of-bounds read shows);
+- gradcheck of all five inputs, opcheck of every registered op pair, torch.compile, the
+  layout sweep, size mismatches both ways through the public function and the registered ops,
+  bad inputs to the registered ops, NaN, low precision with float32 accumulation, autocast,
+  determinism of the backward.
+
+The Triton interpreter is slow: Triton cases keep tiny shapes and a shorter sweep.
+"""
+import random
+
+import pytest
+import torch
+
+import vsr_kernels
+from vsr_kernels import reference
+
+import _harness as H
+from deform_conv2d_cases import SWEEP, case_id, make_case
+
+OP = "deform_conv2d"
+NAMES = ("input", "offset", "weight", "mask", "bias")
+BACKENDS = H.backend_params(OP)
+AVAILABLE = {b.name for b in H.available_backends(OP)}
+needs_cpu = pytest.mark.skipif("cpu" not in AVAILABLE, reason=f"backend='cpu': {H.unavailable(OP, 'cpu')}")
+needs_triton = pytest.mark.skipif("triton" not in AVAILABLE,
+                                  reason=f"backend='triton': {H.unavailable(OP, 'triton')}")
+FLOAT64 = dict(rtol=1e-11, atol=1e-11)
+OUTPUT_NAMES = ("out", "grad_input", "grad_offset", "grad_weight", "grad_mask", "grad_bias")
+# Sweep entries the Triton interpreter runs (indices into SWEEP): one of every kind.
+TRITON_SWEEP = (5, 12, 21, 24, 30, 37, 40, 44)
+
+
+def _forward(backend, stride, padding, dilation):
+    def fn(input, offset, weight, mask=None, bias=None):
+        return vsr_kernels.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask,
+                                         backend=str(backend))
+    return fn
+
+
+def _reference(stride, padding, dilation):
+    def fn(input, offset, weight, mask=None, bias=None):
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    return fn
+
+
+def _tensors(args):
+    """(input, offset, weight, mask, bias) of a make_case tuple, and its (stride, padding, dilation)."""
+    input, offset, weight, bias, stride, padding, dilation, mask = args
+    return [input, offset, weight, mask, bias], (stride, padding, dilation)
+
+
+def _leaves(tensors, **kw):
+    return [None if t is None else H.leaf_copies([t], **kw)[0] for t in tensors]
+
+
+def _run(fn, tensors, grad_outputs=None):
+    """(out, grads of every tensor given, zeros for None-free absent) via the harness."""
+    present = [t for t in tensors if t is not None]
+    positions = [i for i, t in enumerate(tensors) if t is not None]
+
+    def call(*xs):
+        full = [None] * len(tensors)
+        for i, x in zip(positions, xs):
+            full[i] = x
+        return fn(*full)
+
+    return H.forward_and_grads(call, present, grad_outputs=grad_outputs)
+
+
+def check_against_reference(backend, args, canary=None, dtype=torch.float64, tol=FLOAT64):
+    tensors, geometry = _tensors(args)
+    want = _run(_reference(*geometry), _leaves(tensors))
+    got_inputs = _leaves(tensors, dtype=dtype, device=backend.device)
+    grad_outputs = [g.to(backend.device, dtype) for g in H.upstream_grads(want[0])]
+    if canary is not None:
+        kw = H.CANARY_VARIANTS[canary]
+        got_inputs = [None if t is None else H.canary(t.detach(), **kw).requires_grad_() for t in got_inputs]
+        grad_outputs = [H.canary(g, **kw) for g in grad_outputs]
+    got = _run(_forward(backend, *geometry), got_inputs, grad_outputs)
+    if dtype != torch.float64:
+        assert all(t.dtype == dtype for t in H._flatten(got))
+        got = [t.double() for t in H._flatten(got)]
+    H.assert_same(got, want, **tol)
+
+
+def _sweep_params():
+    params = []
+    variants = list(H.CANARY_VARIANTS)
+    for param in BACKENDS:
+        backend = param.values[0]
+        indices = TRITON_SWEEP if backend.name == "triton" else range(len(SWEEP))
+        for i in indices:
+            canary = None if i % 2 == 0 or backend.name == "reference" else variants[i // 2 % len(variants)]
+            params.append(pytest.param(backend, i, canary, marks=param.marks,
+                                       id=f"{backend}-{case_id(SWEEP[i])}-{canary or 'plain'}"))
+    return params
+
+
+def test_sweep_is_large_enough():
+    assert len(SWEEP) >= 40
+    kinds = {c[-1] for c in SWEEP}
+    assert {"outside", "integer", "boundary"} <= kinds
+    assert {0, 33} <= {c[0] for c in SWEEP}
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend,index,canary", _sweep_params())
+def test_sweep_matches_reference_float64(backend, index, canary):
+    """Odd entries read canary inputs and upstream gradients (cycling through the variants)."""
+    check_against_reference(backend, make_case(SWEEP[index], seed=index), canary)
+
+
+def _random_case(seed):
+    rng = random.Random(seed)
+    kh, kw = rng.choice([(1, 1), (3, 3), (5, 5), (1, 3), (3, 1), (2, 3)])
+    groups, G = rng.choice([(1, 1), (1, 2), (2, 1), (2, 2), (2, 4)])
+    C = 4 * rng.randint(1, 2)
+    Cout = groups * rng.randint(1, 3)
+    s, p, d = rng.randint(1, 2), rng.randint(0, 2), rng.randint(1, 2)
+    H_ = rng.randint(max(1, d * (kh - 1) + 1 - 2 * p), 9)
+    W_ = rng.randint(max(1, d * (kw - 1) + 1 - 2 * p), 9)
+    kind = rng.choice(["random", "outside", "integer", "boundary", "mixed"])
+    return (rng.randint(1, 2), C, Cout, H_, W_, (kh, kw), groups, G, s, p, d, rng.random() < 0.7, kind)
+
+
+@pytest.mark.parametrize("backend,seed", [
+    pytest.param(p.values[0], seed, marks=p.marks, id=f"{p.values[0]}-{seed}")
+    for p in BACKENDS if p.values[0].name != "reference"
+    for seed in (range(1) if p.values[0].name == "triton" else range(20))])
+def test_random_sweep_matches_reference(backend, seed):
+    check_against_reference(backend, make_case(_random_case(seed), seed=seed + 100))
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients, registration, compile.
+
+def _tiny(dtype=torch.float64, mask=True, bias=True, seed=0, kind="mixed"):
+    case = (2, 4, 4, 4, 5, (3, 3), 2, 2, 1, 1, 1, mask, kind)
+    args = make_case(case, seed=seed, dtype=dtype)
+    if bias and args[3] is None:
+        args = (*args[:3], torch.randn(4, dtype=dtype), *args[4:])
+    return args
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_gradcheck_all_five_inputs(backend):
+    tensors, geometry = _tensors(_tiny(kind="random"))
+    fast = backend.name == "triton"
+    if fast and backend.device.type == "cpu":  # the interpreter: one batch element, 3x4 input
+        tensors = [t[:1, ..., :3, :4] if t.dim() == 4 and t is not tensors[2] else t for t in tensors]
+    tensors = [t.detach().clone().to(backend.device).requires_grad_() for t in tensors]
+    fn = _forward(backend, *geometry)
+    assert torch.autograd.gradcheck(fn, tensors, fast_mode=fast)
+    # Without mask and bias (DCNv1): the two optional inputs absent.
+    assert torch.autograd.gradcheck(lambda i, o, w: fn(i, o, w), tensors[:3], fast_mode=fast)
+
+
+def _registered(backend):
+    ops = torch.ops.vsr_kernels
+    if backend == "triton":
+        import vsr_kernels.triton.deform_conv2d  # noqa: F401 - registers the ops
+        return ops.deform_conv2d_triton, ops.deform_conv2d_triton_backward
+    return ops.deform_conv2d, ops.deform_conv2d_backward
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("optional", ["mask+bias", "none"])
+def test_opcheck(backend, optional):
+    tensors, geometry = _tensors(_tiny())
+    _forward(backend, *geometry)(*[t.to(backend.device) for t in tensors])  # registers fake and autograd
+    forward, backward = _registered(backend.name)
+    tensors = [t.to(backend.device) for t in tensors]
+    if optional == "none":
+        tensors[3] = tensors[4] = None
+    args = (*[t.requires_grad_() if t is not None else None for t in tensors], *[list(g) if isinstance(g, tuple)
+                                                                                  else [g, g] for g in geometry])
+    # The interpreter is slow: there, aot_dispatch_dynamic (several more traced runs) is left out.
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if (
+        backend.name == "triton" and backend.device.type == "cpu") else None
+    torch.library.opcheck(forward, args, **({"test_utils": utils} if utils else {}))
+    out = forward(*[t.detach() if t is not None else None for t in args[:5]], *args[5:])
+    torch.library.opcheck(backward, (torch.randn_like(out), *[t.detach() if t is not None else None
+                                                              for t in args[:5]], *args[5:]),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_compile_fullgraph_matches_eager(backend):
+    tensors, geometry = _tensors(_tiny(torch.float32))
+    tensors = [t.to(backend.device) for t in tensors]
+    fn = _forward(backend, *geometry)
+    want = _run(fn, _leaves(tensors))
+    torch._dynamo.reset()
+    got = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), _leaves(tensors))
+    H.assert_same(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Layouts, sizes, bad inputs.
+
+LAYOUT_CASES = H.layout_assignments(NAMES)
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("case", LAYOUT_CASES, ids=[c[0] for c in LAYOUT_CASES])
+def test_layout_sweep(backend, case):
+    """Channels-last, transposed H/W, stride-0 expanded, sliced (non-unit innermost stride)
+    inputs give what the reference gives on the same values made contiguous."""
+    if backend.name == "triton" and not case[0].startswith("mixed") and backend.device.type == "cpu":
+        pytest.skip("the Triton interpreter runs the mixed layouts only (time)")
+    _, assign = case
+    tensors, geometry = _tensors(_tiny(seed=5))
+    laid = [H.apply_layout(t, assign[n]) for n, t in zip(NAMES, tensors)]
+    want = _run(_reference(*geometry), [t.detach().contiguous().requires_grad_() for t in laid])
+    got = _run(_forward(backend, *geometry), [t.detach().to(backend.device).requires_grad_()
+                                              if backend.device.type != "cpu" else t for t in
+                                              [H.apply_layout(t, assign[n]).requires_grad_()
+                                               for n, t in zip(NAMES, tensors)]])
+    H.assert_same(got, want, **FLOAT64)
+
+
+MISMATCH_ARGS = make_case((2, 4, 6, 4, 5, (3, 3), 2, 2, 1, 1, 1, True, "random"), seed=4)
+FORWARD_AGREE = {
+    "B": [("input", 0), ("offset", 0), ("mask", 0)],
+    "Ho": [("offset", 2), ("mask", 2)],
+    "Wo": [("offset", 3), ("mask", 3)],
+    "Cout": [("weight", 0), ("bias", 0)],
+    "channels": [("input", 1), ("weight", 1), ("offset", 1), ("mask", 1)],
+    "kernel": [("weight", 2), ("weight", 3)],
+    "H": [("input", 2)],
+    "W": [("input", 3)],
+}
+
+
+def _mismatch_inputs():
+    tensors, _ = _tensors(MISMATCH_ARGS)
+    return dict(zip(NAMES, tensors))
+
+
+MISMATCHES = list(H.size_mismatches(_mismatch_inputs(), FORWARD_AGREE))
+GEOMETRY = [1, 1], [1, 1], [1, 1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mismatch", MISMATCHES, ids=[m.id for m in MISMATCHES])
+def test_size_mismatch_public_function(backend, mismatch):
+    t = {n: x.to(backend.device) for n, x in mismatch.inputs.items()}
+    with pytest.raises(ValueError, match=mismatch.name if mismatch.name != "weight" else "weight|offset|mask"):
+        vsr_kernels.deform_conv2d(t["input"], t["offset"], t["weight"], t["bias"], 1, 1, 1, t["mask"],
+                                  backend=str(backend))
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("mismatch", MISMATCHES, ids=[m.id for m in MISMATCHES])
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_size_mismatch_registered_ops(backend, mismatch, which):
+    """The registered ops called directly refuse every mismatch (no out-of-bounds read): the
+    call runs in a forked child so that a read that faults fails this test only."""
+    forward, backward = _registered(backend.name)
+    t = {n: x.to(backend.device) for n, x in mismatch.inputs.items()}
+    good = _mismatch_inputs()
+    grad_out = torch.randn(2, 6, 4, 5, dtype=torch.float64, device=backend.device)
+
+    def call():
+        args = (t["input"], t["offset"], t["weight"], t["mask"], t["bias"], *GEOMETRY)
+        return forward(*args) if which == "forward" else backward(grad_out, *args)
+
+    outcome = H.call_isolated(call)
+    assert outcome.kind == "raised", outcome
+    assert outcome.error in ("RuntimeError", "ValueError"), outcome
+    assert good  # the unchanged inputs are valid: see test_registered_ops_accept_good_inputs
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_registered_ops_accept_good_inputs_and_grad_out_size(backend):
+    forward, backward = _registered(backend.name)
+    t = {n: x.to(backend.device) for n, x in _mismatch_inputs().items()}
+    args = (t["input"], t["offset"], t["weight"], t["mask"], t["bias"], *GEOMETRY)
+    out = forward(*args)
+    assert out.shape == (2, 6, 4, 5)
+    backward(torch.randn_like(out), *args)
+    for dim in range(4):
+        for delta in (1, -1):
+            bad = H.resize_dim(torch.randn_like(out), dim, delta)
+            outcome = H.call_isolated(lambda bad=bad: backward(bad, *args))
+            assert outcome.kind == "raised" and "grad_out" in outcome.message, outcome
+
+
+def _bad_direct_cases():
+    t = _mismatch_inputs()
+    ok = dict(t)
+    yield "input rank", dict(ok, input=t["input"][0]), "input"
+    yield "weight rank", dict(ok, weight=t["weight"][0]), "weight"
+    yield "groups", dict(ok, weight=torch.cat([t["weight"], t["weight"][:, :1]], 1)), "weight"
+    yield "Cout not divisible", dict(ok, weight=t["weight"][:5], bias=t["bias"][:5]), "weight"
+    yield "offset channels", dict(ok, offset=t["offset"][:, :35]), "offset"
+    yield "offset groups", dict(ok, offset=torch.cat([t["offset"]] * 3, 1)[:, :54], mask=None), "offset"
+    yield "mask channels", dict(ok, mask=t["mask"][:, :9]), "mask"
+    yield "mask rank", dict(ok, mask=t["mask"][0]), "mask"
+    yield "bias rank", dict(ok, bias=t["bias"][None]), "bias"
+    yield "dtype", dict(ok, offset=t["offset"].float()), "offset"
+    yield "mask dtype", dict(ok, mask=t["mask"].float()), "mask"
+    yield "integer input", {k: (v.long() if v is not None else None) for k, v in ok.items()}, "input"
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("case", list(_bad_direct_cases()), ids=lambda c: c[0])
+def test_bad_inputs_to_registered_ops(backend, case):
+    _, t, word = case
+    forward, backward = _registered(backend.name)
+    t = {n: None if x is None else x.to(backend.device) for n, x in t.items()}
+    for geometry in (GEOMETRY, ([0, 1], [1, 1], [1, 1]), ([1, 1], [-1, 1], [1, 1]), ([1, 1], [1, 1], [1, 0])):
+        args = (t["input"], t["offset"], t["weight"], t["mask"], t["bias"], *geometry)
+        outcome = H.call_isolated(lambda args=args: forward(*args))
+        assert outcome.kind == "raised", outcome
+        if geometry is GEOMETRY:
+            assert word in outcome.message, outcome
+
+
+def test_bad_hyper_parameters_name_themselves():
+    t = _mismatch_inputs()
+    for name, geometry in (("stride", ([0, 1], [1, 1], [1, 1])), ("padding", ([1, 1], [-1, 1], [1, 1])),
+                           ("dilation", ([1, 1], [1, 1], [1, 0]))):
+        with pytest.raises(RuntimeError, match=name):
+            torch.ops.vsr_kernels.deform_conv2d(t["input"], t["offset"], t["weight"], t["mask"], t["bias"],
+                                                *geometry)
+
+
+# ---------------------------------------------------------------------------------------
+# NaN, low precision, autocast, determinism.
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_nan_offset_and_nan_pixel(backend):
+    tensors, geometry = _tensors(_tiny(seed=2, kind="random"))
+    tensors[1][0, 4, 1, 2] = float("nan")  # dy of kernel point 2 of offset group 0 at one output
+    tensors[0][1, 3, 2, 2] = float("nan")  # one pixel of the second batch element
+    want = _reference(*geometry)(*tensors)
+    got = _forward(backend, *geometry)(*[t.to(backend.device) for t in tensors]).cpu()
+    assert torch.isnan(want).any()
+    H.assert_same(got, want, **FLOAT64)
+
+
+LOW = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_low_precision_float32_accumulation(backend, dtype):
+    """Inputs rounded to dtype, computed with float32 accumulation: within a few ulps of dtype
+    of the float64 reference on the same rounded values (outputs and every gradient)."""
+    case = (1, 16, 8, 5, 6, (3, 3), 1, 2, 1, 1, 1, True, "random")
+    args = make_case(case, seed=11)
+    rounded = tuple(a.to(dtype).double() if isinstance(a, torch.Tensor) else a for a in args)
+    tol = {torch.float16: dict(rtol=1e-2, atol=2e-2), torch.bfloat16: dict(rtol=4e-2, atol=8e-2),
+           torch.float32: dict(rtol=1e-4, atol=1e-4)}[dtype]
+    check_against_reference(backend, rounded, dtype=dtype, tol=tol)
+
+
+@needs_cpu
+def test_autocast_on_cpu_runs_in_float32():
+    tensors, geometry = _tensors(_tiny(torch.float32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _forward("cpu", *geometry)(*tensors)
+    assert out.dtype == torch.float32
+    H.assert_same(out, _reference(*geometry)(*tensors), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_backward_is_deterministic(backend):
+    """Two backward passes give bitwise equal gradients (no float atomics' order)."""
+    case = (2, 8, 8, 7, 6, (3, 3), 2, 4, 1, 1, 1, True, "mixed")
+    if backend.name == "triton" and backend.device.type == "cpu":
+        case = (1, 4, 4, 5, 4, (3, 3), 2, 2, 1, 1, 1, True, "mixed")  # the interpreter: smaller
+    tensors, geometry = _tensors(make_case(case, seed=4, dtype=torch.float32))
+    tensors = [t.to(backend.device) for t in tensors]
+    runs = [_run(_forward(backend, *geometry), _leaves(tensors)) for _ in range(2)]
+    for a, b in zip(H._flatten(runs[0]), H._flatten(runs[1])):
+        assert torch.equal(a, b)
