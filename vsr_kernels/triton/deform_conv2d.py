@@ -313,8 +313,12 @@ def launch_config(kernel: str, dtype: torch.dtype, kh: int, kw: int, has_mask: b
     constexprs = dict(tiles[kernel], KH=kh, KW=kw, HAS_MASK=has_mask, USE_DOT=use_dot)
     if kernel == "forward":
         constexprs["HAS_BIAS"] = has_bias
+    # Narrower tiles where the default ones spill (tools/check_gpu_build.py): the half-precision
+    # input gradient on sm_80 (8 bytes) and the float32 weight gradient on sm_90 (10 bytes).
     if kernel == "input_grad" and dtype in (_H, _B):
-        constexprs["BLOCK_O"] = 16
+        constexprs.update(BLOCK_O=16, BLOCK_P=16)
+    if kernel == "weight_grad" and dtype == _F:
+        constexprs["BLOCK_N"] = 16
     return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS[kernel][dtype])
 
 
