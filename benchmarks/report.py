@@ -149,6 +149,38 @@ def rate_column(pass_name, header=None):
     return Column(header or f"{pass_name} % mm", lambda row: _percent(row.rate_fraction(pass_name)))
 
 
+def max_error_column(fields=None):
+    """The largest error of the fwd+bwd pass against the oracle, over the error `fields` (every
+    recorded one when None)."""
+    def cell(row):
+        errors = row.get("fwd+bwd", "errors")
+        if not errors:
+            return "—"
+        return f"{max(errors[name] for name in fields) if fields else max(errors.values()):.2g}"
+
+    return Column("max error", cell)
+
+
+def index_mismatch_column():
+    """Positions where the fwd+bwd pass chose another candidate than the oracle, of all positions."""
+    def cell(row):
+        errors = row.get("fwd+bwd", "errors")
+        return "—" if errors is None else f"{errors['index_mismatches']} / {errors['index_positions']}"
+
+    return Column("index ≠", cell)
+
+
+def op_columns(rate_header=None, extra_baselines=(), error_columns=()):
+    """The table of an op against its two baselines: backend, dtype, ms per pass, speed-ups against
+    the reference and the careful-user formulation (and `extra_baselines`, forward only), the
+    forward's fraction of the hardware rate, peak memory per pass, then `error_columns`."""
+    return (field_column("backend"), field_column("dtype"), ms_column("fwd"), ms_column("fwd+bwd"),
+            speedup_column("fwd", "reference"), speedup_column("fwd+bwd", "reference"),
+            speedup_column("fwd", "careful"), speedup_column("fwd+bwd", "careful"),
+            *(speedup_column("fwd", baseline) for baseline in extra_baselines),
+            rate_column("fwd", rate_header), peak_column("fwd"), peak_column("fwd+bwd"), *error_columns)
+
+
 def default_columns(workload):
     columns = [field_column("backend"), field_column("dtype")]
     columns += [ms_column(pass_name) for pass_name in workload.passes]

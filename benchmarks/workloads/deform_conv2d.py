@@ -170,10 +170,6 @@ def shape_line(record):
             f"{s['kernel_size']}, padding {s['kernel_size'] // 2}, {s['offset_groups']} offset groups, mask, bias")
 
 
-def _max_error(row):
-    errors = row.get("fwd+bwd", "errors")
-    return "—" if not errors else f"{max(errors.values()):.2g}"
-
 
 WORKLOAD = Workload(
     name=NAME,
@@ -181,16 +177,7 @@ WORKLOAD = Workload(
     baselines=BASELINES,
     passes=PASSES,
     shape_line=shape_line,
-    columns=(
-        report.field_column("backend"), report.field_column("dtype"),
-        report.ms_column("fwd"), report.ms_column("fwd+bwd"),
-        report.speedup_column("fwd", "reference"), report.speedup_column("fwd+bwd", "reference"),
-        report.speedup_column("fwd", "careful"), report.speedup_column("fwd+bwd", "careful"),
-        report.speedup_column("fwd", "conv2d"),
-        report.rate_column("fwd"),
-        report.peak_column("fwd"), report.peak_column("fwd+bwd"),
-        report.Column("max error", _max_error),
-    ),
+    columns=report.op_columns(extra_baselines=("conv2d",), error_columns=(report.max_error_column(),)),
     notes=(
         "Baselines: `reference` is vsr_kernels.reference (sample grid, bilinear gathers, einsum); `careful` "
         "is F.grid_sample at the kh·kw displaced grids + einsum (same function); `conv2d` is F.conv2d of "

@@ -221,10 +221,6 @@ def shape_line(record):
         ", biases given, smooth flow of a few pixels"
 
 
-def _max_error(row):
-    errors = row.get("fwd+bwd", "errors")
-    return "—" if errors is None else f"{max(errors.values()):.2g}"
-
 
 WORKLOAD = Workload(
     name=NAME,
@@ -240,7 +236,7 @@ WORKLOAD = Workload(
         report.speedup_column("step", "reference"),
         report.rate_column("fwd", "fwd % copy"),
         report.peak_column("fwd"), report.peak_column("fwd+bwd"), report.peak_column("step"),
-        report.Column("max error", _max_error),
+        report.max_error_column(),
     ),
     notes=(
         "Baselines: `reference` is vsr_kernels.reference (IART's int64 gather index and gathered windows); "

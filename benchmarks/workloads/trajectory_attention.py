@@ -188,14 +188,6 @@ def shape_line(record):
         ", trajectories within ±3 tokens of the identity"
 
 
-def _max_error(row):
-    errors = row.get("fwd+bwd", "errors")
-    return "—" if errors is None else f"{max(errors[name] for name in ERROR_FIELDS):.2g}"
-
-
-def _index_mismatches(row):
-    errors = row.get("fwd+bwd", "errors")
-    return "—" if errors is None else f"{errors['index_mismatches']} / {errors['index_positions']}"
 
 
 WORKLOAD = Workload(
@@ -204,15 +196,8 @@ WORKLOAD = Workload(
     baselines=BASELINES,
     passes=PASSES,
     shape_line=shape_line,
-    columns=(
-        report.field_column("backend"), report.field_column("dtype"),
-        report.ms_column("fwd"), report.ms_column("fwd+bwd"),
-        report.speedup_column("fwd", "reference"), report.speedup_column("fwd+bwd", "reference"),
-        report.speedup_column("fwd", "careful"), report.speedup_column("fwd+bwd", "careful"),
-        report.rate_column("fwd", "% copy bw"),
-        report.peak_column("fwd"), report.peak_column("fwd+bwd"),
-        report.Column("max error", _max_error), report.Column("index ≠", _index_mismatches),
-    ),
+    columns=report.op_columns("fwd % copy bw", error_columns=(report.max_error_column(ERROR_FIELDS),
+                                                            report.index_mismatch_column())),
     notes=(
         "Baselines: `reference` is vsr_kernels.reference (grid_sample of all T key and value maps, "
         "normalize, matmul, max, gather: TTVSR's code); `careful` gathers one frame's keys at a time with a "
