@@ -620,6 +620,28 @@ def test_backward_is_deterministic(backend):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_backward_same_bits_for_any_thread_count(dtype):
+    # Uneven splits: 3 key and 2 value channel blocks of the second pass, 3 row blocks of the first.
+    q, k, v = make_inputs(2, 2, 40, 20, 17, 13, dtype=dtype, seed=9)
+    backward = torch.ops.vsr_kernels.local_argmax_attention_backward
+    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.3, False)
+    go, gs = H.upstream_grads([out, score])
+    args = (go, gs, q, k, v, score, index, 3, 2, 0.3, False)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(backward(*args))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second)
+
+
+@needs_cpu_kernels
 def test_auto_backend_on_cpu_is_the_cpu_kernel():
     q, k, v = make_inputs(1, 2, 3, 4, 5, 6)
     H.assert_same(vsr_kernels.local_argmax_attention(q, k, v, 3),

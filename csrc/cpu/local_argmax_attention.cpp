@@ -9,9 +9,12 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
 
 #include "../glue/local_argmax_attention.h"
 #include "local_argmax_attention_isa.h"
@@ -217,7 +220,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   auto grad_query = at::empty(query.sizes(), acc_options), grad_key = at::empty(key.sizes(), acc_options),
        grad_value = at::empty(value.sizes(), acc_options);
   const auto gs = grad_score.contiguous(), sc = score.contiguous(), ix = index.contiguous();
-  auto selected = at::empty({B, T, H, W}, index.options()), g_map = at::empty({B, T, H, W}, acc_options);
+  // sel as int32 when a frame's pixel numbers fit: half the bytes of the map both passes stream.
+  const bool narrow = P <= std::numeric_limits<int32_t>::max();
+  auto selected = at::empty({B, T, H, W}, index.options().dtype(narrow ? at::kInt : at::kLong)),
+       g_map = at::empty({B, T, H, W}, acc_options);
   const int64_t K2 = w.candidates();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
                                   "local_argmax_attention_backward_cpu", [&] {
@@ -225,84 +231,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const acc_t s = static_cast<acc_t>(scale);
     const int64_t* index_map = ix.data_ptr<int64_t>();
     const scalar_t *gs_map = gs.data_ptr<scalar_t>(), *score_map = sc.data_ptr<scalar_t>();
-    int64_t* sel_map = selected.data_ptr<int64_t>();
     acc_t* g_all = g_map.data_ptr<acc_t>();
     // Channel c of frame t of batch element b of a channels_first() tensor: P pixels at unit stride.
     auto plane = [](const at::Tensor& x, int64_t b, int64_t t, int64_t c) {
       const Frames<const scalar_t> f = frames_at<const scalar_t>(x, b);
       return &f.at(t, c, 0);
     };
-    // 1. sel and g, a block of rows of one frame per step, channel by channel: the value
-    //    rows one block gathers from stay in L1 while the channel's grad_out rows stream by
-    //    (row by row, the Cv planes' rows, a power-of-two stride apart, evict each other).
-    const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
-    at::parallel_for(0, B * T * row_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bt = task / row_blocks, b = bt / T, t = bt % T, y0 = task % row_blocks * kRowsPerBlock,
-                      y1 = std::min(H, y0 + kRowsPerBlock), first = bt * P + y0 * W, n = (y1 - y0) * W;
-        int64_t* sel = sel_map + first;
-        acc_t* g = g_all + first;
-        for (int64_t i = 0; i < n; ++i) {
-          // An index outside [0, K * K) selects nothing (only a direct call can pass one).
-          const int64_t j = index_map[first + i];
-          sel[i] = j < 0 || j >= K2 ? -1 : w.candidate_pixel(y0 + i / W, i % W, static_cast<int>(j));
-          g[i] = 0;
-        }
-        for (int64_t c = 0; c < Cv; ++c) {
-          const scalar_t *gor = plane(go, b, t, c) + y0 * W, *vp = plane(v, b, t, c);
-          for (int64_t i = 0; i < n; ++i)
-            if (sel[i] >= 0) g[i] += vsr_kernels::convert<acc_t>(gor[i]) * vsr_kernels::convert<acc_t>(vp[sel[i]]);
-        }
-        for (int64_t i = 0; i < n; ++i)
-          g[i] = sel[i] < 0 ? acc_t(0) : s * (vsr_kernels::convert<acc_t>(gs_map[first + i]) + g[i]);
-      }
-    });
-    // 2. One (b, block of channels) per step: the key channels' blocks (grad_key and
-    //    grad_query), then the value channels' (grad_value). Frames in increasing t, pixels in
-    //    chunks that keep their sel and g in L1 while every channel of the block uses them,
-    //    and within a chunk in increasing p: each element gets its terms in increasing p.
-    const int64_t key_blocks = (C + kChannelsPerBlock - 1) / kChannelsPerBlock,
-                  value_blocks = (Cv + kChannelsPerBlock - 1) / kChannelsPerBlock;
-    at::parallel_for(0, B * (key_blocks + value_blocks), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / (key_blocks + value_blocks), block = task % (key_blocks + value_blocks);
-        const bool keys = block < key_blocks;
-        const int64_t channels = keys ? C : Cv, c0 = (keys ? block : block - key_blocks) * kChannelsPerBlock,
-                      c1 = std::min(channels, c0 + kChannelsPerBlock);
-        if (keys)
-          for (int64_t c = c0; c < c1; ++c) {
-            acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
-            std::fill(gq, gq + P, acc_t(0));
+    auto run = [&](auto* sel_map) {
+      using index_t = std::remove_pointer_t<decltype(sel_map)>;
+      // 1. sel and g, a block of rows of one frame per step, channel by channel: the value
+      //    rows one block gathers from stay in L1 while the channel's grad_out rows stream by
+      //    (row by row, the Cv planes' rows, a power-of-two stride apart, evict each other).
+      const int64_t row_blocks = (H + kRowsPerBlock - 1) / kRowsPerBlock;
+      at::parallel_for(0, B * T * row_blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t bt = task / row_blocks, b = bt / T, t = bt % T, y0 = task % row_blocks * kRowsPerBlock,
+                        y1 = std::min(H, y0 + kRowsPerBlock), first = bt * P + y0 * W, n = (y1 - y0) * W;
+          index_t* sel = sel_map + first;
+          acc_t* g = g_all + first;
+          for (int64_t i = 0; i < n; ++i) {
+            // An index outside [0, K * K) selects nothing (only a direct call can pass one).
+            const int64_t j = index_map[first + i];
+            sel[i] = static_cast<index_t>(j < 0 || j >= K2 ? -1 : w.candidate_pixel(y0 + i / W, i % W, static_cast<int>(j)));
+            g[i] = 0;
           }
-        for (int64_t t = 0; t < T; ++t) {
-          const int64_t bt = b * T + t;
-          acc_t* grad = (keys ? grad_key.data_ptr<acc_t>() : grad_value.data_ptr<acc_t>()) + bt * channels * P;
-          std::fill(grad + c0 * P, grad + c1 * P, acc_t(0));
-          for (int64_t p0 = 0; p0 < P; p0 += kPixelsPerChunk) {
-            const int64_t p1 = std::min(P, p0 + kPixelsPerChunk);
-            const int64_t* sel = sel_map + bt * P;
+          for (int64_t c = 0; c < Cv; ++c) {
+            const scalar_t *gor = plane(go, b, t, c) + y0 * W, *vp = plane(v, b, t, c);
+            for (int64_t i = 0; i < n; ++i)
+              if (sel[i] >= 0) g[i] += vsr_kernels::convert<acc_t>(gor[i]) * vsr_kernels::convert<acc_t>(vp[sel[i]]);
+          }
+          for (int64_t i = 0; i < n; ++i)
+            g[i] = sel[i] < 0 ? acc_t(0) : s * (vsr_kernels::convert<acc_t>(gs_map[first + i]) + g[i]);
+        }
+      });
+      // 2. One (b, block of channels) per step, the key channels' blocks (grad_key and
+      //    grad_query) interleaved with the value channels' (grad_value) so that both threads
+      //    of a split get both kinds. Frames in increasing t, pixels in chunks that keep their
+      //    sel and g in L1 while every channel of the block uses them, and within a chunk in
+      //    increasing p: each element gets its terms in increasing p.
+      const int64_t key_blocks = (C + kChannelsPerBlock - 1) / kChannelsPerBlock,
+                    value_blocks = (Cv + kChannelsPerBlock - 1) / kChannelsPerBlock,
+                    pairs = std::min(key_blocks, value_blocks), blocks = key_blocks + value_blocks;
+      at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / blocks, slot = task % blocks;
+          // slots 0 .. 2 * pairs - 1 alternate key, value; the rest are the longer kind's.
+          const bool keys = slot < 2 * pairs ? slot % 2 == 0 : key_blocks > value_blocks;
+          const int64_t block = slot < 2 * pairs ? slot / 2 : slot - pairs;
+          const int64_t channels = keys ? C : Cv, c0 = block * kChannelsPerBlock,
+                        c1 = std::min(channels, c0 + kChannelsPerBlock);
+          if (keys)
             for (int64_t c = c0; c < c1; ++c) {
-              acc_t* gc = grad + c * P;
-              if (keys) {
-                const acc_t* g = g_all + bt * P;
-                const scalar_t *qp = plane(q, b, 0, c), *kp = plane(k, b, t, c);
-                acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
-                for (int64_t p = p0; p < p1; ++p) {
-                  if (sel[p] < 0) continue;
-                  gc[sel[p]] += g[p] * vsr_kernels::convert<acc_t>(qp[p]);
-                  gq[p] += g[p] * vsr_kernels::convert<acc_t>(kp[sel[p]]);
+              acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
+              std::fill(gq, gq + P, acc_t(0));
+            }
+          for (int64_t t = 0; t < T; ++t) {
+            const int64_t bt = b * T + t;
+            acc_t* grad = (keys ? grad_key.data_ptr<acc_t>() : grad_value.data_ptr<acc_t>()) + bt * channels * P;
+            std::fill(grad + c0 * P, grad + c1 * P, acc_t(0));
+            for (int64_t p0 = 0; p0 < P; p0 += kPixelsPerChunk) {
+              const int64_t p1 = std::min(P, p0 + kPixelsPerChunk);
+              const index_t* sel = sel_map + bt * P;
+              for (int64_t c = c0; c < c1; ++c) {
+                acc_t* gc = grad + c * P;
+                if (keys) {
+                  const acc_t* g = g_all + bt * P;
+                  const scalar_t *qp = plane(q, b, 0, c), *kp = plane(k, b, t, c);
+                  acc_t* gq = grad_query.data_ptr<acc_t>() + (b * C + c) * P;
+                  for (int64_t p = p0; p < p1; ++p) {
+                    if (sel[p] < 0) continue;
+                    gc[sel[p]] += g[p] * vsr_kernels::convert<acc_t>(qp[p]);
+                    gq[p] += g[p] * vsr_kernels::convert<acc_t>(kp[sel[p]]);
+                  }
+                } else {
+                  const scalar_t *score_bt = score_map + bt * P, *gop = plane(go, b, t, c);
+                  for (int64_t p = p0; p < p1; ++p)
+                    if (sel[p] >= 0)
+                      gc[sel[p]] += vsr_kernels::convert<acc_t>(score_bt[p]) * vsr_kernels::convert<acc_t>(gop[p]);
                 }
-              } else {
-                const scalar_t *score_bt = score_map + bt * P, *gop = plane(go, b, t, c);
-                for (int64_t p = p0; p < p1; ++p)
-                  if (sel[p] >= 0)
-                    gc[sel[p]] += vsr_kernels::convert<acc_t>(score_bt[p]) * vsr_kernels::convert<acc_t>(gop[p]);
               }
             }
           }
         }
-      }
-    });
+      });
+    };
+    if (narrow)
+      run(selected.data_ptr<int32_t>());
+    else
+      run(selected.data_ptr<int64_t>());
   });
   const auto dtype = query.scalar_type();
   return {to_contiguous(grad_query, dtype), to_contiguous(grad_key, dtype), to_contiguous(grad_value, dtype)};
