@@ -22,7 +22,6 @@ Backward, deterministic (no float atomics):
   Σ over batch elements and position blocks, in order, of grad_out tile · gathered columns.
 The bias gradient is grad_out summed over (B, Ho, Wo) by torch.
 """
-import os
 
 import torch
 import triton
@@ -91,7 +90,7 @@ def _forward_kernel(input_ptr, offset_ptr, weight_ptr, mask_ptr, bias_ptr, out_p
                     C, H, W, Cout, Wo, HoWo, cin_g, cout_g, cpg, G, sh, sw, ph, pw, dh, dw,
                     KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                    USE_DOT: tl.constexpr, ACC: tl.constexpr):
+                    USE_DOT: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr = False):
     pid_p = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_bg = tl.program_id(2)
@@ -111,7 +110,8 @@ def _forward_kernel(input_ptr, offset_ptr, weight_ptr, mask_ptr, bias_ptr, out_p
         w = tl.load(weight_ptr + o[None, :].to(tl.int64) * R + r[:, None], mask=(r < R)[:, None] & n_ok[None, :],
                     other=0.0)
         if USE_DOT:
-            acc += tl.dot(cols.to(w.dtype), w, input_precision="ieee", out_dtype=tl.float32)
+            acc += tl.dot(_launch.dot_operand(cols.to(w.dtype), ACC, INTERPRETED), _launch.dot_operand(w, ACC, INTERPRETED),
+                          input_precision="ieee", out_dtype=tl.float32)
         else:
             acc += tl.sum(cols[:, :, None] * w.to(ACC)[None, :, :], axis=1)
     if HAS_BIAS:
@@ -127,7 +127,7 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                        C, H, W, Cout, Wo, HoWo, cin_g, cout_g, cpg, G, sh, sw, ph, pw, dh, dw,
                        KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr,
-                       USE_DOT: tl.constexpr, ACC: tl.constexpr):
+                       USE_DOT: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr = False):
     KK: tl.constexpr = KH * KW
     pid = tl.program_id(0)
     b = pid // G
@@ -183,7 +183,9 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                     w = tl.load(weight_ptr + o[:, None].to(tl.int64) * R + ((c - gr_c * cin_g) * KK + k)[None, :],
                                 mask=o_ok[:, None] & c_ok[None, :] & same, other=0.0)
                     if USE_DOT:
-                        gcol += tl.dot(go.to(w.dtype), w, input_precision="ieee", out_dtype=tl.float32)
+                        gcol += tl.dot(_launch.dot_operand(go.to(w.dtype), ACC, INTERPRETED),
+                                       _launch.dot_operand(w, ACC, INTERPRETED), input_precision="ieee",
+                                       out_dtype=tl.float32)
                     else:
                         gcol += tl.sum(go.to(ACC)[:, :, None] * w.to(ACC)[None, :, :], axis=1)
                 ok = p_ok[:, None] & c_ok[None, :]
@@ -249,7 +251,7 @@ def _weight_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, mask_ptr, grad_weig
                         B, C, H, W, Cout, Wo, HoWo, cin_g, cout_g, cpg, G, sh, sw, ph, pw, dh, dw,
                         KH: tl.constexpr, KW: tl.constexpr, HAS_MASK: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                        USE_DOT: tl.constexpr, ACC: tl.constexpr):
+                        USE_DOT: tl.constexpr, ACC: tl.constexpr, INTERPRETED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     gr = tl.program_id(2)
@@ -267,7 +269,8 @@ def _weight_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, mask_ptr, grad_weig
             go = tl.load(grad_out_ptr + tl.cast(b, tl.int64) * Cout * HoWo + o[:, None].to(tl.int64) * HoWo + p[None, :],
                          mask=n_ok[:, None] & (p < HoWo)[None, :], other=0.0)
             if USE_DOT:
-                acc += tl.dot(go, cols.to(go.dtype), input_precision="ieee", out_dtype=tl.float32)
+                acc += tl.dot(_launch.dot_operand(go, ACC, INTERPRETED), _launch.dot_operand(cols.to(go.dtype), ACC, INTERPRETED),
+                              input_precision="ieee", out_dtype=tl.float32)
             else:
                 acc += tl.sum(go.to(ACC)[:, :, None] * cols[None, :, :], axis=1)
     dst = grad_weight_ptr + o[:, None].to(tl.int64) * R + r[None, :]
@@ -300,16 +303,15 @@ TILES_FLOAT64 = {
     "weight_grad": dict(BLOCK_P=16, BLOCK_N=16, BLOCK_R=16),
 }
 SCALAR_TYPES = {}
-_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_SIZES = ((1, 1), (3, 3), (5, 5), (1, 3), (3, 1))  # compiled by compile_all; others compile on demand
 
 
 def launch_config(kernel: str, dtype: torch.dtype, kh: int, kw: int, has_mask: bool,
                   has_bias: bool = False) -> _launch.LaunchConfig:
     tiles = TILES_FLOAT64 if dtype == torch.float64 else TILES
-    # tl.dot has no float64; the interpreter's tl.dot mishandles bfloat16 operands (numpy has no
-    # bfloat16: garbage outputs), so there bfloat16 takes the broadcast product (GPUs use tl.dot).
-    use_dot = dtype != torch.float64 and not (_INTERPRETER and dtype == torch.bfloat16)
+    # tl.dot has no float64. (Under the interpreter, whose tl.dot mishandles bfloat16, the
+    # launcher's INTERPRETED flag widens the operands: see _launch.dot_operand.)
+    use_dot = dtype != torch.float64
     constexprs = dict(tiles[kernel], KH=kh, KW=kw, HAS_MASK=has_mask, USE_DOT=use_dot)
     if kernel == "forward":
         constexprs["HAS_BIAS"] = has_bias
@@ -322,14 +324,19 @@ def launch_config(kernel: str, dtype: torch.dtype, kh: int, kw: int, has_mask: b
     return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS[kernel][dtype])
 
 
+def _dtype_configs(dtype: torch.dtype) -> set:
+    """Every config the ops launch in `dtype` (warps, tiles and tl.dot depend on the dtype)."""
+    return {launch_config(kernel, dtype, kh, kw, mask, has_bias=mask) for kernel in KERNELS
+            for kh, kw in KERNEL_SIZES for mask in (False, True)}
+
+
 def all_launch_configs() -> list:
-    configs = set()
-    for kernel in KERNELS:
-        for dtype in DTYPES:
-            for kh, kw in KERNEL_SIZES:
-                for mask in (False, True):
-                    configs.add(launch_config(kernel, dtype, kh, kw, mask, has_bias=mask))
-    return sorted(configs)
+    return sorted(set().union(*(_dtype_configs(dtype) for dtype in DTYPES)))
+
+
+def config_dtype_names(config: _launch.LaunchConfig) -> list:
+    """The dtypes `config` is launched in (the GPU build check compiles it in those only)."""
+    return [str(dtype).removeprefix("torch.") for dtype in DTYPES if config in _dtype_configs(dtype)]
 
 
 launch = _launch.launcher(KERNELS)
@@ -346,17 +353,10 @@ def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
 
 
 def compile_all(archs=(80, 90), dtype_names=_launch.FLOAT_DTYPE_NAMES) -> list:
-    """Compiles every launch config of every dtype in `dtype_names` for `archs` (each dtype
-    with its own configs: warps, tiles, tl.dot or not). See _launch.compile_all."""
-    reports = []
-    for dtype in DTYPES:
-        name = str(dtype).removeprefix("torch.")
-        if name not in dtype_names:
-            continue
-        configs = sorted({launch_config(kernel, dtype, kh, kw, mask, has_bias=mask) for kernel in KERNELS
-                          for kh, kw in KERNEL_SIZES for mask in (False, True)})
-        reports += _launch.compile_all(KERNELS, configs, _pointer_types, SCALAR_TYPES, archs, [name])
-    return reports
+    """Compiles every launch config in the dtypes it is launched in (of `dtype_names`) for
+    `archs`. See _launch.compile_all."""
+    return _launch.compile_all(KERNELS, all_launch_configs(), _pointer_types, SCALAR_TYPES, archs, dtype_names,
+                               config_dtype_names)
 
 
 def _check(op, input, offset, weight, mask, bias, stride, padding, dilation, grad_out=None):
