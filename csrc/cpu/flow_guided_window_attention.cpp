@@ -59,11 +59,20 @@ at::Tensor padded_channels_last(const at::Tensor& t, int64_t heads, int64_t head
       const int64_t b = row / H, y = row % H;
       const Frames<const T> s = frames_at<const T>(src, b);
       T* d = dst + row * W * Cp;
+      const int64_t cs = s.stride.channel, ps = s.stride.pixel;
+      const T* row_src = &s.at(0, 0, y * W);
       for (int64_t x0 = 0; x0 < W; x0 += kBlock) {
         const int64_t x1 = std::min(x0 + kBlock, W);
         for (int64_t h = 0; h < heads; ++h) {
-          for (int64_t c = 0; c < head_dim; ++c)
-            for (int64_t x = x0; x < x1; ++x) d[x * Cp + h * padded_dim + c] = s.at(0, h * head_dim + c, y * W + x);
+          for (int64_t c = 0; c < head_dim; ++c) {
+            const T* from = row_src + (h * head_dim + c) * cs;
+            T* to = d + h * padded_dim + c;
+            if (ps == 1) {
+              for (int64_t x = x0; x < x1; ++x) to[x * Cp] = from[x];
+            } else {
+              for (int64_t x = x0; x < x1; ++x) to[x * Cp] = from[x * ps];
+            }
+          }
           for (int64_t c = head_dim; c < padded_dim; ++c)
             for (int64_t x = x0; x < x1; ++x) d[x * Cp + h * padded_dim + c] = T(0);
         }
