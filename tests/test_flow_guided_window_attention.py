@@ -416,3 +416,70 @@ def test_make_flow_kinds_cover_sweep():
     kinds = {case[-1] for case in SHAPES}
     assert {"outside", "integer", "nonfinite", "huge", "zero", "half", "random"} <= kinds
     assert len(SHAPES) >= 25 and make_flow is not None
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU forward's per-instruction-set kernels (csrc/cpu/flow_guided_window_attention_simd.h,
+# float32 and float64): VSR_KERNELS_CPU_ISA forces one; each that this CPU runs is checked
+# against the reference on the edges of its layout: head_dim below, at and above a multiple
+# of the 32-byte granule (4 doubles, 8 floats), one and several heads, w = 1, 2, 3 (two-pass
+# softmax) and 4 (online softmax), biases absent, both or one, non-finite flow, canaries.
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+_FLAGS = _cpu_flags()
+CPU_ISAS = [pytest.param("base", id="base")] + [
+    pytest.param(isa, id=isa, marks=[] if needs <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
+    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"}))]
+ISA_CASES = [  # (B, C, H, W, w, heads, biases, flow)
+    (1, 3, 4, 5, 2, 1, True, "random"), (2, 8, 3, 6, 1, 2, False, "outside"),
+    (1, 12, 5, 4, 3, 2, True, "integer"), (1, 15, 4, 7, 4, 3, True, "huge"),
+    (1, 40, 3, 5, 2, 2, False, "random"), (1, 18, 6, 3, 3, 1, True, "outside"),
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("index", range(len(ISA_CASES)))
+def test_cpu_isa_matches_reference(isa, index, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    cpu = next(p.values[0] for p in BACKENDS if p.values[0].name == "cpu")
+    case = ISA_CASES[index]
+    check_case(cpu, case, seed=index, canary=list(H.CANARY_VARIANTS)[index % 3] if index % 2 else None)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("which", ["key", "value"])
+def test_cpu_isa_one_bias_and_nan_flow(isa, dtype, which, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    q, k, v, f, kb, vb = inputs_of((1, 30, 5, 9, 2, 3, True, "random"), seed=3)
+    f[0, 0, 1, 2] = float("nan")
+    f[0, 1, 3, 4] = float("inf")
+    kb, vb = (kb, None) if which == "key" else (None, vb)
+    want, want_lse = (t.to(dtype) for t in
+                      torch.ops.vsr_kernels.flow_guided_window_attention(q, k, v, f, 2, 3, kb, vb, 10 ** -0.5))
+    ref = reference.flow_guided_window_attention(q, k, v, f, 2, 3, kb, vb)
+    args = [None if t is None else t.to(dtype) for t in (q, k, v, f, kb, vb)]
+    out, lse = torch.ops.vsr_kernels.flow_guided_window_attention(*args[:4], 2, 3, *args[4:], 10 ** -0.5)
+    tol = FLOAT64 if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    H.assert_same(torch.nan_to_num(out.double(), nan=7.5), torch.nan_to_num(ref, nan=7.5), ["out"], **tol)
+    H.assert_same(torch.nan_to_num(lse, nan=7.5), torch.nan_to_num(want_lse, nan=7.5), ["lse"], **tol)
+    assert torch.isnan(out[0, :, 1, 2]).all() and torch.isnan(out[0, :, 3, 4]).all()
+    assert torch.isnan(lse[0, :, 1, 2]).all() and torch.equal(torch.isnan(out), torch.isnan(ref))
+
+
+def test_cpu_isa_switch_rejects_unknown(monkeypatch):
+    if "cpu" not in AVAILABLE:
+        pytest.skip("no cpu backend")
+    q, k, v, f, kb, vb = inputs_of((1, 4, 3, 3, 2, 1, False, "random"))
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="VSR_KERNELS_CPU_ISA must be base, avx2 or avx512"):
+        torch.ops.vsr_kernels.flow_guided_window_attention(q, k, v, f, 2, 1, None, None, 0.5)

@@ -23,6 +23,8 @@
 #include <vector>
 
 #include "../glue/flow_guided_window_attention.h"
+#include "flow_guided_window_attention_isa.h"
+#include "isa.h"
 
 namespace vsr_kernels {
 namespace flow_guided_window_attention {
@@ -42,6 +44,109 @@ constexpr int64_t kBiasChunk = 1024;  // pixels per partial sum of the bias grad
     }                                                          \
   }()
 
+// A (B, C, H, W) tensor as padded channels-last frames: (B, H, W, heads, Dp), channels
+// d >= head_dim zero. Transposed here, a row of pixels per task in blocks of pixels (at::
+// permute + contiguous transposes several times slower on this shape).
+template <typename T>
+at::Tensor padded_channels_last(const at::Tensor& t, int64_t heads, int64_t head_dim, int64_t padded_dim) {
+  const int64_t B = t.size(0), H = t.size(2), W = t.size(3), Cp = heads * padded_dim;
+  auto result = at::empty({B, H, W, Cp}, t.options());
+  const auto src = channels_first(t);
+  T* dst = result.mutable_data_ptr<T>();
+  constexpr int64_t kBlock = 16;
+  at::parallel_for(0, B * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, y = row % H;
+      const Frames<const T> s = frames_at<const T>(src, b);
+      T* d = dst + row * W * Cp;
+      const int64_t cs = s.stride.channel, ps = s.stride.pixel;
+      const T* row_src = &s.at(0, 0, y * W);
+      for (int64_t x0 = 0; x0 < W; x0 += kBlock) {
+        const int64_t x1 = std::min(x0 + kBlock, W);
+        for (int64_t h = 0; h < heads; ++h) {
+          for (int64_t c = 0; c < head_dim; ++c) {
+            const T* from = row_src + (h * head_dim + c) * cs;
+            T* to = d + h * padded_dim + c;
+            if (ps == 1) {
+              for (int64_t x = x0; x < x1; ++x) to[x * Cp] = from[x];
+            } else {
+              for (int64_t x = x0; x < x1; ++x) to[x * Cp] = from[x * ps];
+            }
+          }
+          for (int64_t c = head_dim; c < padded_dim; ++c)
+            for (int64_t x = x0; x < x1; ++x) d[x * Cp + h * padded_dim + c] = T(0);
+        }
+      }
+    }
+  });
+  return result;
+}
+
+// A (cells, C) bias padded to (cells, heads, Dp), or zeros where absent.
+at::Tensor padded_bias(const at::Tensor& bias, int64_t cells, int64_t heads, int64_t head_dim, int64_t padded_dim,
+                       const at::TensorOptions& options) {
+  if (!bias.defined()) return at::zeros({cells, heads, padded_dim}, options);
+  return at::constant_pad_nd(bias.reshape({cells, heads, head_dim}), {0, padded_dim - head_dim}).contiguous();
+}
+
+// The forward of float32 and float64 inputs: per-ISA row kernels
+// (flow_guided_window_attention_simd.h) over padded channels-last key and value copies and
+// padded row buffers of the query and out.
+template <typename T, typename coord_t>
+void forward_simd(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                  const at::Tensor& coords, const at::Tensor& kb, const at::Tensor& vb, const Geometry& g,
+                  double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = query.size(0), HW = g.pixels(), C = g.channels(), D = g.head_dim, cells = g.cells();
+  constexpr int64_t L = kGranuleBytes / sizeof(T);
+  const int64_t Dp = (D + L - 1) / L * L, Cp = g.heads * Dp;
+  const auto qf = channels_first(query);
+  const at::Tensor k = padded_channels_last<T>(key, g.heads, D, Dp), v = padded_channels_last<T>(value, g.heads, D, Dp);
+  const bool biased = kb.defined() || vb.defined();
+  at::Tensor kbp, vbp;
+  if (biased) {
+    kbp = padded_bias(kb, cells, g.heads, D, Dp, query.options());
+    vbp = padded_bias(vb, cells, g.heads, D, Dp, query.options());
+  }
+  const coord_t* f = coords.const_data_ptr<coord_t>();
+  T* lp = lse.mutable_data_ptr<T>();
+  at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<T> q_row(g.width * Cp, T(0)), out_row(g.width * Cp);
+    std::vector<int64_t> cell(g.width * cells);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.height, y = row % g.height, p0 = y * g.width;
+      const Frames<const T> qb = frames_at<const T>(qf, b);
+      const Frames<T> ob = frames_at<T>(out, b);
+      for (int64_t h = 0; h < g.heads; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t x = 0; x < g.width; ++x) q_row[x * Cp + h * Dp + d] = qb.at(0, h * D + d, p0 + x);
+      for (int64_t x = 0; x < g.width; ++x) {
+        const int64_t p = p0 + x;
+        int64_t by, bx;
+        if (window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) {
+          for (int n = 0; n < cells; ++n) cell[x * cells + n] = cell_pixel(g, by, bx, n);
+        } else {
+          cell[x * cells] = -1;
+          for (int64_t c = 0; c < Cp; ++c) out_row[x * Cp + c] = std::numeric_limits<T>::quiet_NaN();
+          for (int64_t h = 0; h < g.heads; ++h) lp[(b * g.heads + h) * HW + p] = std::numeric_limits<T>::quiet_NaN();
+        }
+      }
+      RowArgs<T> a{q_row.data(), k.const_data_ptr<T>() + b * HW * Cp, v.const_data_ptr<T>() + b * HW * Cp,
+                   biased ? kbp.const_data_ptr<T>() : nullptr, biased ? vbp.const_data_ptr<T>() : nullptr,
+                   cell.data(), out_row.data(), lp + b * g.heads * HW + p0, HW, g.width, g.heads, Dp, cells,
+                   static_cast<T>(scale)};
+      switch (isa) {
+        case cpu::Isa::kAvx512: avx512::forward_row(a); break;
+        case cpu::Isa::kAvx2: avx2::forward_row(a); break;
+        default: base::forward_row(a); break;
+      }
+      for (int64_t h = 0; h < g.heads; ++h)
+        for (int64_t d = 0; d < D; ++d)
+          for (int64_t x = 0; x < g.width; ++x) ob.at(0, h * D + d, p0 + x) = out_row[x * Cp + h * Dp + d];
+    }
+  });
+  (void)C;
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                const at::Tensor& value, const at::Tensor& flow, int64_t window_size,
                                                int64_t num_heads, const std::optional<at::Tensor>& key_bias,
@@ -52,6 +157,18 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
   auto out = at::empty(query.sizes(), query.options());
   auto lse = at::empty({B, g.heads, g.height, g.width}, query.options().dtype(lse_dtype(query)));
   if (out.numel() == 0) return {out, lse};
+  if (query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble) {
+    const cpu::Isa isa = cpu::select_isa(kForwardOp);
+    const auto coords = coordinates(flow);
+    const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
+    AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "flow_guided_window_attention_cpu", [&] {
+      VSR_DISPATCH_COORD(coords, [&] {
+        forward_simd<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
+      });
+    });
+    return {out, lse};
+  }
+  // float16 and bfloat16: the generic per-pixel functions.
   // Key and value are read at arbitrary cells: channels-last copies make each cell's C channels
   // one contiguous row. The query and out are read and written row by row through a small
   // transposed buffer (channels-last per row of pixels), so they need no copy.

@@ -17,6 +17,7 @@
 
 
 #include "../glue/local_argmax_attention.h"
+#include "isa.h"
 #include "local_argmax_attention_isa.h"
 
 namespace vsr_kernels {
@@ -29,36 +30,7 @@ constexpr int64_t kRowsPerTask = 4;
 // ---------------------------------------------------------------------------------------
 // Forward: per-ISA row kernels (local_argmax_attention_simd.h) over buffers laid out here.
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-constexpr bool kX86 = true;
-#else
-constexpr bool kX86 = false;
-#endif
-
-bool cpu_supports(Isa isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
-  if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-  return isa == Isa::kBase;
-}
-
-// The widest copy of the forward kernel the CPU runs, or the one VSR_KERNELS_CPU_ISA names
-// (read at every call, so tests can force each path).
-Isa select_isa() {
-  const char* forced = std::getenv("VSR_KERNELS_CPU_ISA");
-  if (forced != nullptr && *forced != '\0') {
-    const std::string name(forced);
-    TORCH_CHECK(name == "base" || name == "avx2" || name == "avx512", kForwardOp,
-                ": VSR_KERNELS_CPU_ISA must be base, avx2 or avx512, got ", name);
-    const Isa isa = name == "base" ? Isa::kBase : name == "avx2" ? Isa::kAvx2 : Isa::kAvx512;
-    TORCH_CHECK(cpu_supports(isa), kForwardOp, ": VSR_KERNELS_CPU_ISA=", name, " but this CPU lacks it");
-    return isa;
-  }
-  if (kX86 && cpu_supports(Isa::kAvx512)) return Isa::kAvx512;
-  if (kX86 && cpu_supports(Isa::kAvx2)) return Isa::kAvx2;
-  return Isa::kBase;
-}
+using cpu::Isa;
 
 template <typename T>
 void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best_j) {
@@ -178,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const int64_t B = key.size(0), T = key.size(1), H = key.size(3);
   auto [out, score, index] = empty_forward_outputs(query, key, value);
   if (score.numel() == 0) return {out, score, index};
-  const Isa isa = select_isa();
+  const Isa isa = cpu::select_isa(kForwardOp);
   // Rows of query, key and value are copied (converted, padded) into the kernel's buffers
   // and out is written row by row: channels-first inputs, unit pixel stride, no copies.
   const auto q = channels_first(query), k = channels_first(key), v = channels_first(value);

@@ -49,9 +49,7 @@ VSR_DECLARE_ISA(avx2)
 VSR_DECLARE_ISA(avx512)
 #undef VSR_DECLARE_ISA
 
-// Which copy runs: the widest the CPU supports, unless VSR_KERNELS_CPU_ISA names a narrower
-// one ("base", "avx2", "avx512"; a wider one than the CPU supports is refused).
-enum class Isa { kBase, kAvx2, kAvx512 };
+// Which copy runs: cpu::select_isa (../cpu/isa.h).
 
 }  // namespace local_argmax_attention
 }  // namespace vsr_kernels

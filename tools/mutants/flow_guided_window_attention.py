@@ -10,6 +10,7 @@ MATH = "csrc/kernels/flow_guided_window_attention.h"
 GLUE = "csrc/glue/flow_guided_window_attention.h"
 CPU = "csrc/cpu/flow_guided_window_attention.cpp"
 CUDA = "csrc/cuda/flow_guided_window_attention.cu"
+SIMD = "csrc/cpu/flow_guided_window_attention_simd.h"
 
 MUTANTS = [
     # The reference (the oracle the kernel backends are compared with).
@@ -50,6 +51,22 @@ MUTANTS = [
            "swapped stride", "the backward's row store"),
     Mutant("cpu-drop-delta", MATH, "const acc_t ds = scale * prob[h * cells + n] * (dscore[h * cells + n] - delta[h]);",
            "const acc_t ds = scale * prob[h * cells + n] * dscore[h * cells + n];", "cpu", "dropped gradient"),
+    # The per-ISA CPU forward (every ISA copy is compiled from SIMD; the tests force each).
+    Mutant("simd-two-pass-max", SIMD, "          m = v > m ? v : m;", "          m = v > m ? m : v;", "cpu",
+           "tie rule", "the two-pass softmax's maximum"),
+    Mutant("simd-online-rescale", SIMD, "const T alpha = mh == m_new ? T(1) : std::exp(mh - m_new);",
+           "const T alpha = mh == m_new ? T(1) : std::exp(m_new - mh);", "cpu", "tie rule",
+           "the online softmax (w >= 4)"),
+    Mutant("simd-drop-value-bias", SIMD,
+           "const Vec val = kBiased ? load<Vec>(v + c) + load<Vec>(vb + c) : load<Vec>(v + c);\n            store(acc + c, n == 0",
+           "const Vec val = load<Vec>(v + c);\n            store(acc + c, n == 0", "cpu", "dropped gradient",
+           "the value bias in the two-pass forward"),
+    Mutant("simd-lane-stride", SIMD, "  for (int64_t j = 1; j < vecs; ++j) {\n    const int64_t c = o + j * L;",
+           "  for (int64_t j = 1; j < vecs; ++j) {\n    const int64_t c = o + j;", "cpu", "swapped stride",
+           "the head dot product's vector stride"),
+    Mutant("cpu-pad-transpose", CPU, "for (int64_t x = x0; x < x1; ++x) to[x * Cp] = from[x];",
+           "for (int64_t x = x0; x < x1; ++x) to[x * Cp] = from[x * H];", "cpu", "swapped stride",
+           "the padded key/value copy"),
     # CUDA (run only where a GPU is present).
     Mutant("cuda-drop-delta", MATH, "const acc_t ds = scale * prob[n] * (dscore[n] - delta);",
            "const acc_t ds = scale * prob[n] * dscore[n];", "cuda", "dropped gradient"),

@@ -1,0 +1,8 @@
+// The forward kernel of flow-guided window attention for AVX2 + FMA CPUs, selected at run time
+// (flow_guided_window_attention.cpp): only this translation unit is compiled for them.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#pragma GCC target("avx2,fma")
+#define VSR_SIMD_NS avx2
+#define VSR_SIMD_FMA 1
+#include "flow_guided_window_attention_simd.h"
+#endif

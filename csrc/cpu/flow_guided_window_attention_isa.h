@@ -1,0 +1,51 @@
+// The per-instruction-set forward kernel of flow-guided window attention on CPU: what the
+// launcher (flow_guided_window_attention.cpp) hands it, and its entry points, one copy per
+// instruction set (flow_guided_window_attention_{base,avx2,avx512}.cpp over
+// flow_guided_window_attention_simd.h). Torch-free. float32 and float64 (float16 and
+// bfloat16 keep the generic path of kernels/flow_guided_window_attention.h).
+#pragma once
+
+#include <cstdint>
+
+namespace vsr_kernels {
+namespace flow_guided_window_attention {
+
+// Head channels are padded to a multiple of kGranuleBytes (zeros), so every head's dot
+// product and value accumulation are whole 32-byte vectors.
+constexpr int kGranuleBytes = 32;
+
+// One row of pixels, in buffers laid out by the launcher (Dp = head_dim rounded up to
+// kGranuleBytes / sizeof(T), Cp = heads * Dp; padding channels are zero):
+// - query[x * Cp + h * Dp + d]: the row's queries;
+// - key, value: padded channels-last frames of the batch element, cell pixel c at c * Cp;
+// - key_bias, value_bias: (cells, Cp) padded, or null;
+// - cell[x * cells + n]: the pixel index of cell n of pixel x, or cell[x * cells] = -1 for a
+//   pixel with non-finite flow (skipped: the launcher writes its NaNs);
+// - out[x * Cp + h * Dp + d], lse[h * lse_head + x]: results.
+template <typename T>
+struct RowArgs {
+  const T* query;
+  const T* key;
+  const T* value;
+  const T* key_bias;
+  const T* value_bias;
+  const int64_t* cell;
+  T* out;
+  T* lse;
+  int64_t lse_head;
+  int64_t width, heads, padded_dim, cells;
+  T scale;
+};
+
+#define VSR_DECLARE_ISA(ns)                  \
+  namespace ns {                             \
+  void forward_row(const RowArgs<float>& a);  \
+  void forward_row(const RowArgs<double>& a); \
+  }
+VSR_DECLARE_ISA(base)
+VSR_DECLARE_ISA(avx2)
+VSR_DECLARE_ISA(avx512)
+#undef VSR_DECLARE_ISA
+
+}  // namespace flow_guided_window_attention
+}  // namespace vsr_kernels
