@@ -351,6 +351,29 @@ def test_nan_offset_and_nan_pixel(backend):
     H.assert_same(got, want, **FLOAT64)
 
 
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_minus_one_edge_reads_nothing(backend):
+    """A point exactly on the -1 edge (y == -1 or x == -1) samples 0 without reading the plane:
+    its in-plane neighbours have weight 0, so a NaN there must not leak in (0 * NaN)."""
+    B, C, Hh, Ww = 1, 2, 4, 5
+    input = torch.randn(B, C, Hh, Ww, dtype=torch.float64)
+    input[:, :, 0, :] = float("nan")  # row 0: the neighbours of y == -1
+    input[:, :, :, 0] = float("nan")  # column 0: the neighbours of x == -1
+    ho = torch.arange(Hh, dtype=torch.float64).view(Hh, 1).expand(Hh, Ww)
+    wo = torch.arange(Ww, dtype=torch.float64).view(1, Ww).expand(Hh, Ww)
+    offset = torch.zeros(B, 2, Hh, Ww, dtype=torch.float64)
+    offset[0, 0] = torch.where(wo < 2, -1.0 - ho, 0.5)  # y == -1 at the first two columns
+    offset[0, 1] = torch.where(wo < 2, 0.25, -1.0 - wo)  # else x == -1
+    weight = torch.randn(3, C, 1, 1, dtype=torch.float64)
+    mask = torch.rand(B, 1, Hh, Ww, dtype=torch.float64)
+    tensors, geometry = [input, offset, weight, mask, None], (1, 0, 1)
+    want = _reference(*geometry)(*tensors)
+    got = _forward(backend, *geometry)(*[t.to(backend.device) if t is not None else None
+                                         for t in tensors]).cpu()
+    assert torch.equal(want, torch.zeros_like(want))
+    H.assert_same(got, want, **FLOAT64)
+
+
 LOW = [torch.float16, torch.bfloat16, torch.float32]
 
 

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -64,34 +65,68 @@ struct Tap {
   unsigned valid;
 };
 
-template <typename acc_t>
-void make_taps(const std::vector<Sample<acc_t>>& samples, std::vector<Tap<acc_t>>& taps) {
-  taps.resize(samples.size());
-  for (size_t i = 0; i < samples.size(); ++i) {
-    const Sample<acc_t>& s = samples[i];
-    Tap<acc_t>& t = taps[i];
-    // Not sampled (outside, or on the -1 edge): weights 0 (NaN for a NaN coordinate), nothing read.
-    t.valid = s.at.sampled ? s.at.valid : 0u;
-    for (int n = 0; n < 4; ++n) {
-      t.offset[n] = s.at.offset[n];
-      t.weight[n] = s.at.sampled ? s.mask * s.at.weight[n] : s.at.poison * s.mask;
+// The taps of kernel points k of offset group og at the positions [p0, p0 + n) of batch
+// element b, with the mask folded into the weights: sample_at's arithmetic without building a
+// Sample per point (positions walked incrementally, no division per point).
+template <typename acc_t, typename T>
+void forward_taps(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og, int64_t p0, int64_t n,
+                  std::vector<Tap<acc_t>>& taps) {
+  const int64_t kk = g.kernel_points(), HoWo = g.positions();
+  taps.resize(kk * n);
+  for (int64_t k = 0; k < kk; ++k) {
+    const int64_t cy = offset_channel_y(g, og, k);
+    const T* oy = offset_b + cy * HoWo;
+    const T* ox = oy + HoWo;
+    const T* om = mask_b == nullptr ? nullptr : mask_b + mask_channel(g, og, k) * HoWo;
+    int64_t ho = p0 / g.Wo, wo = p0 % g.Wo;
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t p = p0 + q;
+      acc_t y, x;
+      sample_point(g, k, ho, wo, vsr_kernels::convert<acc_t>(oy[p]), vsr_kernels::convert<acc_t>(ox[p]), &y, &x);
+      const acc_t m = om == nullptr ? acc_t(1) : vsr_kernels::convert<acc_t>(om[p]);
+      Tap<acc_t>& t = taps[k * n + q];
+      if (++wo == g.Wo) {
+        wo = 0;
+        ++ho;
+      }
+      // The shared sampler (inlined: its coordinate gradients are never read here).
+      const Bilinear<acc_t> at = bilinear(y, x, g.H, g.W, g.W, 1);
+      // Not sampled (outside, or on the -1 edge): weights 0 (NaN for a NaN coordinate), nothing read.
+      t.valid = at.sampled ? at.valid : 0u;
+      for (int nb = 0; nb < 4; ++nb) {
+        t.offset[nb] = at.offset[nb];
+        t.weight[nb] = at.sampled ? m * at.weight[nb] : at.poison * m;
+      }
     }
   }
 }
 
-// row[q] = the modulated sample of tap q in `plane`. Branch-free: an absent neighbour reads
-// plane[0] (in bounds) and is replaced by 0 before its weight multiplies it.
+// col[(c kk + k) n + q] = the modulated sample of tap (k, q) in channel c's plane, for the
+// channels c in [0, channels) of one offset group (planes HW apart): each tap is read once
+// and reused across the group's channels. Branch-free: an absent neighbour reads plane[0]
+// (in bounds) and is replaced by 0 before its weight multiplies it.
 template <typename acc_t, typename T>
-void gather_row(const Tap<acc_t>* taps, const T* plane, acc_t* row, int64_t n) {
-  for (int64_t q = 0; q < n; ++q) {
-    const Tap<acc_t>& t = taps[q];
-    acc_t v = acc_t(0);
-    for (int nb = 0; nb < 4; ++nb) {
-      const acc_t x = static_cast<acc_t>(plane[t.offset[nb]]);
-      v += t.weight[nb] * ((t.valid >> nb & 1u) ? x : acc_t(0));
+void gather_group(const Tap<acc_t>* taps, const T* planes, int64_t HW, int64_t channels, int64_t kk,
+                  acc_t* col, int64_t n) {
+  for (int64_t k = 0; k < kk; ++k)
+    for (int64_t q = 0; q < n; ++q) {
+      const Tap<acc_t>& t = taps[k * n + q];
+      const int64_t o0 = t.offset[0], o1 = t.offset[1], o2 = t.offset[2], o3 = t.offset[3];
+      const acc_t w0 = t.weight[0], w1 = t.weight[1], w2 = t.weight[2], w3 = t.weight[3];
+      const bool v0 = t.valid & 1u, v1 = t.valid >> 1 & 1u, v2 = t.valid >> 2 & 1u, v3 = t.valid >> 3 & 1u;
+      const T* plane = planes;
+      acc_t* dst = col + k * n + q;
+      for (int64_t c = 0; c < channels; ++c, plane += HW, dst += kk * n) {
+        const acc_t x0 = static_cast<acc_t>(plane[o0]), x1 = static_cast<acc_t>(plane[o1]);
+        const acc_t x2 = static_cast<acc_t>(plane[o2]), x3 = static_cast<acc_t>(plane[o3]);
+        acc_t v = acc_t(0);
+        v += w0 * (v0 ? x0 : acc_t(0));
+        v += w1 * (v1 ? x1 : acc_t(0));
+        v += w2 * (v2 ? x2 : acc_t(0));
+        v += w3 * (v3 ? x3 : acc_t(0));
+        *dst = v;
+      }
     }
-    row[q] = v;
-  }
 }
 
 template <typename scalar_t>
@@ -115,7 +150,6 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
     at::Tensor col_buffer = at::empty({rows * P}, acc);
     at::Tensor out_buffer = at::empty({g.Cout * P}, acc);
-    std::vector<Sample<acc_t>> samples;
     std::vector<Tap<acc_t>> taps;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, p0 = task % tiles * P, n = std::min(P, HoWo - p0);
@@ -124,12 +158,8 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
       const scalar_t* off_b = off + b * 2 * g.offset_groups * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * g.offset_groups * kk * HoWo;
       for (int64_t og = 0; og < g.offset_groups; ++og) {
-        sample_tile<acc_t>(g, off_b, msk_b, og, p0, n, samples);
-        make_taps(samples, taps);
-        for (int64_t c = og * cpg; c < (og + 1) * cpg; ++c) {
-          const scalar_t* plane = in_b + c * HW;
-          for (int64_t k = 0; k < kk; ++k) gather_row(taps.data() + k * n, plane, col + (c * kk + k) * n, n);
-        }
+        forward_taps<acc_t>(g, off_b, msk_b, og, p0, n, taps);
+        gather_group(taps.data(), in_b + og * cpg * HW, HW, cpg, kk, col + og * cpg * kk * n, n);
       }
       const at::Tensor cols = col_buffer.narrow(0, 0, rows * n).view({g.C * kk, n});
       at::Tensor tile = out_buffer.narrow(0, 0, g.Cout * n).view({g.Cout, n});
