@@ -36,15 +36,6 @@ class ZoomingSlowMoStep(Case):
     workload = NAME
     op = OP  # the op whose backend the network's deformable layers run
 
-    def unavailable(self):
-        from vsr_kernels.ops import _spec
-
-        if OP not in _spec.SPECS and self.backend != "reference":
-            return f"the fused backends of {OP} are not registered in this build yet"
-        if OP not in _spec.SPECS:
-            return None
-        return super().unavailable()
-
     def setup(self):
         torch.manual_seed(SEED)
         model = _model().small(backend=self.backend).to(self.device)
