@@ -112,6 +112,20 @@ class Case:
                                            "shape": self.shape()}
 
 
+def argmax_errors(names, results, oracle) -> dict:
+    """Errors of an argmax op's results against its oracle's (computed on batch element 0): the
+    max abs error of each floating result, and how many of the "index" result's positions differ."""
+    errors = {}
+    for name, got, want in zip(names, results, oracle):
+        got = got[:1].detach()
+        if name == "index":
+            errors["index_mismatches"] = int((got != want).sum())
+            errors["index_positions"] = want.numel()
+        else:
+            errors[name] = float((got.float() - want).abs().max())
+    return errors
+
+
 @dataclass(frozen=True)
 class Column:
     """One column of a workload's table: its header and the cell of a report row (report.Row)."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import vsr_kernels
 
 from .. import report
-from . import SEED, Case, Workload
+from . import SEED, Case, Workload, argmax_errors
 
 NAME = "trajectory_attention"
 
@@ -139,17 +139,7 @@ class Attention(Case):
     def errors(self, inputs):
         if not self.backward:
             return None
-        results = self.run(inputs)
-        errors = {}
-        oracle = _oracle(dataclasses.replace(self, backend="reference"))
-        for name, got, want in zip(RESULTS, results, oracle):
-            got = got[:1].detach()
-            if name == "index":
-                errors["index_mismatches"] = int((got != want).sum())
-                errors["index_positions"] = want.numel()
-            else:
-                errors[name] = float((got.float() - want).abs().max())
-        return errors
+        return argmax_errors(RESULTS, self.run(inputs), _oracle(dataclasses.replace(self, backend="reference")))
 
 
 def attention_pass(inputs, backend, backward):
