@@ -41,4 +41,12 @@ TORCH_LIBRARY(vsr_kernels, m) {
       "deform_conv2d_backward(Tensor grad_out, Tensor input, Tensor offset, Tensor weight, Tensor? mask, "
       "Tensor? bias, int[2] stride, int[2] padding, int[2] dilation) -> (Tensor grad_input, Tensor grad_offset, "
       "Tensor grad_weight, Tensor grad_mask, Tensor grad_bias)");
+  m.def(
+      "deform_kernel_conv2d(Tensor input, Tensor weight, Tensor kernel_offset, Tensor? offset, Tensor? mask, "
+      "Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  m.def(
+      "deform_kernel_conv2d_backward(Tensor grad_out, Tensor input, Tensor weight, Tensor kernel_offset, "
+      "Tensor? offset, Tensor? mask, Tensor? bias, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_kernel_offset, Tensor grad_offset, "
+      "Tensor grad_mask, Tensor grad_bias)");
 }

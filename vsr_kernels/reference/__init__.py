@@ -1,7 +1,8 @@
 """Naive PyTorch implementations of every op: the test oracle and the benchmark baseline."""
 from .deform_conv2d import deform_conv2d
+from .deform_kernel_conv2d import deform_kernel_conv2d
 from .flow_guided_window_attention import flow_guided_window_attention
 from .local_argmax_attention import local_argmax_attention
 from .trajectory_attention import trajectory_attention
 
-__all__ = ["deform_conv2d", "flow_guided_window_attention", "local_argmax_attention", "trajectory_attention"]
+__all__ = ["deform_conv2d", "deform_kernel_conv2d", "flow_guided_window_attention", "local_argmax_attention", "trajectory_attention"]
