@@ -67,3 +67,56 @@ def test_reference_and_cpu_backends_agree_float64():
 def test_rejects_clip_of_wrong_shape(shape):
     with pytest.raises(ValueError, match="frames"):
         MANA.small(backend="cpu")(torch.rand(shape))
+
+
+# DKSAN (vsr_kernels.models.DKSAN): forward/backward of the small configuration, x4 and x16.
+
+@pytest.fixture
+def one_thread():
+    # Tiny convolutions on a shared 2-core machine: one thread avoids oversubscription stalls.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("scale,size", [(4, (6, 8)), (16, (2, 3))])
+def test_dksan_forward_backward(scale, size):
+    import warnings
+
+    from vsr_kernels import nn as vnn
+    from vsr_kernels.models import DKSAN
+
+    torch.manual_seed(0)
+    model = DKSAN.small(scale=scale)
+    assert len(model.levels) == {4: 2, 16: 4}[scale]
+    H, W = size
+    frames = torch.rand(2, 3, 3, H, W, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():  # backend="auto" may fall back to the reference
+        warnings.filterwarnings("ignore", "vsr_kernels.* falls back", RuntimeWarning)
+        sr = model(frames)
+        assert sr.shape == (2, 3, scale * H, scale * W) and torch.isfinite(sr).all()
+        # Fresh: conv_last's output is small, the global residual dominates.
+        base = F.interpolate(frames[:, 1], scale_factor=scale, mode="bilinear", align_corners=False)
+        assert (sr - base).abs().mean() < 1
+        loss = F.l1_loss(sr, torch.rand_like(sr))
+        loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.align.dkconv.conv_kernel_offset.weight.grad.abs().sum() > 0
+    assert all(m.backend == "auto" for m in model.modules()
+               if isinstance(m, (vnn.DeformKernelConv2d, vnn.ModulatedDeformConv2d)))
+
+
+def test_dksan_rejects_bad_clips_and_scales():
+    from vsr_kernels.models import DKSAN
+
+    model = DKSAN.small(backend="reference")
+    with pytest.raises(ValueError, match="num_frames"):
+        model(torch.rand(1, 5, 3, 4, 4))
+    with pytest.raises(ValueError, match="frames must be 5-D"):
+        model(torch.rand(3, 3, 4, 4))
+    with pytest.raises(ValueError, match="power of two"):
+        DKSAN.small(scale=6)

@@ -122,6 +122,14 @@ class DeformKernelConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, offset: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        _checks.tensor("x", x, "BCHW")
+        if x.shape[1] != self.channels:
+            raise ValueError(f"x must have C = channels = {self.channels} channels, got shape {tuple(x.shape)}")
+        if cond is not None:
+            _checks.tensor("cond", cond, "BCHW")
+            if cond.shape[1] != self.offset_channels or cond.shape[2:] != x.shape[2:]:
+                raise ValueError(f"cond must have shape (B, offset_channels = {self.offset_channels}, "
+                                 f"{x.shape[2]}, {x.shape[3]}) (x's H, W), got {tuple(cond.shape)}")
         kernel_offset = self.conv_kernel_offset(x if cond is None else cond)
         return deform_kernel_conv2d(x, self.weight, kernel_offset, self.kernel_size, offset, mask, self.bias,
                                     self.stride, self.padding, self.dilation, backend=self.backend)
@@ -147,12 +155,13 @@ class DKCAlign(nn.Module):
     (DCNv2Pack's zero-initialised conv_offset).
 
     Args: num_feat (C), kernel_size and scope_size of the deformable-kernel conv, kernel_groups,
-        deformable_groups (offset groups of the DCN; divides C), backend (of both ops).
+        deformable_groups (offset groups of the DCN; divides C), warn_offset (DCNv2Pack's divergence
+        warning, which reads a value back from the device), backend (of both ops).
     Shapes: forward(nbr (B, C, H, W), ref (B, C, H, W)) -> (B, C, H, W).
     """
 
     def __init__(self, num_feat: int = 64, kernel_size: int = 3, scope_size: int = 5, kernel_groups: int = 1,
-                 deformable_groups: int = 8, backend: str = "auto"):
+                 deformable_groups: int = 8, warn_offset: bool = True, backend: str = "auto"):
         super().__init__()
         self.num_feat = _checks.integer("num_feat", num_feat, 1)
         self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
@@ -161,7 +170,7 @@ class DKCAlign(nn.Module):
         self.dkconv = DeformKernelConv2d(num_feat, kernel_size, scope_size, kernel_groups=kernel_groups,
                                          backend=backend)
         self.dcn_pack = DCNv2Pack(num_feat, num_feat, 3, padding=1, deformable_groups=deformable_groups,
-                                  backend=backend)
+                                  warn_offset=warn_offset, backend=backend)
         self.lrelu = nn.LeakyReLU(0.1)
 
     def forward(self, nbr: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
