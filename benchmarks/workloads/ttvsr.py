@@ -5,24 +5,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import report
-from . import SEED, Case, Workload
+from ..training_step import TrainingStep, step_cases, step_workload
 
 NAME = "ttvsr"
 
 SHAPES = {"cpu": (1, 4, 32, 32), "cuda": (4, 10, 128, 128)}  # B, T, H, W
 QUICK_SHAPES = {"cpu": (1, 3, 16, 16), "cuda": (1, 6, 64, 64)}
-BACKENDS = {"cpu": ("reference", "cpu"), "cuda": ("reference", "cuda", "triton")}
-
-
-def _ttvsr():
-    from vsr_kernels.models import TTVSR
-
-    return TTVSR
 
 
 @dataclass(frozen=True)
-class TTVSRStep(Case):
+class TTVSRStep(TrainingStep):
     """forward with given flows (a smooth random motion of about a pixel), L1(sr, target), backward."""
 
     B: int
@@ -32,31 +24,19 @@ class TTVSRStep(Case):
 
     workload = NAME
     op = "trajectory_attention"
+    model_name = "TTVSR"
 
-    def setup(self):
-        torch.manual_seed(SEED)
-        model = _ttvsr().small(backend=self.backend).to(self.device)
-        generator = torch.Generator(self.device).manual_seed(SEED)
-        frames = torch.rand(self.B, self.T, 3, self.H, self.W, device=self.device, generator=generator)
-        target = torch.rand(self.B, self.T, 3, 4 * self.H, 4 * self.W, device=self.device,
-                            generator=generator)
+    def inputs(self, model, generator):
+        frames = self.rand(generator, self.B, self.T, 3, self.H, self.W)
+        target = self.rand(generator, self.B, self.T, 3, 4 * self.H, 4 * self.W)
         coarse = torch.randn(self.B * (self.T - 1), 2, self.H // 8, self.W // 8, device=self.device,
                              generator=generator)
         motion = F.interpolate(coarse, size=(self.H, self.W), mode="bilinear", align_corners=False)
         motion = motion.view(self.B, self.T - 1, 2, self.H, self.W)
-        return model, frames, (motion, -motion), target
+        return frames, (motion, -motion), target
 
-    def run(self, state):
-        model, frames, flows, target = state
-        loss = F.l1_loss(model(frames, flows), target)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss
-
-
-def cases(device, quick):
-    B, T, H, W = (QUICK_SHAPES if quick else SHAPES)[device]
-    return [TTVSRStep(device, "float32", backend, "step", B, T, H, W) for backend in BACKENDS[device]]
+    def loss(self, model, frames, flows, target):
+        return F.l1_loss(model(frames, flows), target)
 
 
 def shape_line(record):
@@ -66,12 +46,4 @@ def shape_line(record):
             "float32, given flows: forward, L1(sr, target), backward.")
 
 
-WORKLOAD = Workload(
-    name=NAME,
-    cases=cases,
-    baselines=("reference",),
-    passes=("step",),
-    shape_line=shape_line,
-    columns=(report.field_column("backend"), report.ms_column("step"), report.peak_column("step"),
-             report.speedup_column("step", "reference"), report.memory_column("step", "reference")),
-)
+WORKLOAD = step_workload(NAME, step_cases(TTVSRStep, SHAPES, QUICK_SHAPES), shape_line)
