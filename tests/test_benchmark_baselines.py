@@ -147,3 +147,50 @@ def test_careful_deform_conv2d_matches_reference(index):
                        torch.autograd.grad(want, wrt, grad, allow_unused=True)):
         if not (on_integers and t is offset):
             torch.testing.assert_close(g, w)
+
+
+# deform_kernel_conv2d's careful baseline (two F.grid_sample calls, taps innermost) against the
+# reference: (B, C, H, W, kernel_size, scope, stride, padding, dilation, offset groups (0: no
+# offset), mask, kernel groups, kernel-offset scale (0: zero offsets, the centre crop)).
+DKC_CASES = [
+    (2, 4, 6, 7, 3, 5, 1, 1, 1, 1, True, 1, 1.0),
+    (1, 6, 7, 6, 3, 5, 2, 1, 1, 3, True, 2, 2.0),     # stride 2, offsets pointing outside the scope
+    (1, 4, 8, 8, 3, 7, 1, 2, 2, 2, False, 4, 1.0),    # dilation 2, offsets without mask
+    (1, 4, 5, 6, (3, 1), (4, 3), 1, (1, 0), 1, 0, False, 1, 0.7),  # rectangular, half-integer centre
+    (2, 4, 5, 5, 3, 3, 1, 1, 1, 0, True, 2, 0.5),     # scope = kernel, mask without offset
+    (1, 4, 5, 5, 3, 5, 1, 1, 1, 0, False, 1, 0.0),    # zero kernel offsets: a depthwise conv
+]
+
+
+@pytest.mark.parametrize("case", DKC_CASES, ids=lambda case: "x".join(map(str, case)))
+def test_careful_deform_kernel_conv2d_matches_reference(case):
+    from benchmarks.workloads.deform_kernel_conv2d import careful_deform_kernel_conv2d
+    from vsr_kernels.reference.deform_conv2d import output_size
+
+    B, C, H, W, k, S, stride, padding, dilation, G, with_mask, Gk, scale = case
+    (kh, kw), (Sh, Sw) = [v if isinstance(v, tuple) else (v, v) for v in (k, S)]
+    pair = (lambda v: v if isinstance(v, tuple) else (v, v))
+    Ho, Wo = output_size(H, W, (kh, kw), pair(stride), pair(padding), pair(dilation))
+    generator = torch.Generator().manual_seed(len(DKC_CASES) + C + H)
+
+    def randn(*shape, s=1.0):
+        return (s * torch.randn(shape, generator=generator, dtype=torch.float64)).requires_grad_()
+
+    K = kh * kw
+    input, weight, bias = randn(B, C, H, W), randn(C, 1, Sh, Sw), randn(C)
+    kernel_offset = randn(B, 2 * Gk * K, Ho, Wo, s=scale)
+    offset = randn(B, 2 * G * K, Ho, Wo, s=2.0) if G else None
+    mask = torch.rand((B, max(G, 1) * K, Ho, Wo), generator=generator, dtype=torch.float64).requires_grad_() \
+        if with_mask else None
+    args = (input, weight, kernel_offset, k, offset, mask, bias, stride, padding, dilation)
+    got = careful_deform_kernel_conv2d(*args)
+    want = reference.deform_kernel_conv2d(*args)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn(got.shape, generator=generator, dtype=got.dtype)
+    wrt = [t for t in (input, weight, kernel_offset, offset, mask, bias) if t is not None]
+    # Zero kernel offsets put the kernel points on integers, which grid_sample's normalised
+    # coordinates may move by an ulp (to the other one-sided derivative): compare that gradient
+    # only for random offsets.
+    for t, g, w in zip(wrt, torch.autograd.grad(got, wrt, grad), torch.autograd.grad(want, wrt, grad)):
+        if not (scale == 0 and t is kernel_offset):
+            torch.testing.assert_close(g, w)
