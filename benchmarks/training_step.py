@@ -26,7 +26,8 @@ def model_class(name: str):
 
 @dataclass(frozen=True)
 class TrainingStep(Case):
-    """forward, loss, backward of `model_class(model_name).small(backend=...)` on the device.
+    """forward, loss, backward of `model_class(model_name).small(backend=..., **model_config())` on
+    the device.
 
     setup: the model (parameters from the fixed seed) and `inputs(model, generator)`, drawn on
     the device from a generator seeded with the fixed seed (`self.rand(generator, *shape)`); run: `loss(model, *inputs)`,
@@ -35,6 +36,24 @@ class TrainingStep(Case):
     """
 
     model_name: ClassVar[str]
+    # Other ops the network's layers run on the same backend (besides `op`): the case runs only
+    # where the backend serves all of them.
+    other_ops: ClassVar[tuple[str, ...]] = ()
+
+    def unavailable(self):
+        from vsr_kernels.ops import _backend
+
+        reason = super().unavailable()
+        if reason is None and self.backend in _backend.BACKENDS:
+            for op in self.other_ops:
+                reason = _backend.unavailable(op, self.backend, torch.device(self.device))
+                if reason is not None:
+                    return f"{op}: {reason}"
+        return reason
+
+    def model_config(self) -> dict:
+        """Arguments of the network's small() besides the backend."""
+        return {}
 
     def inputs(self, model, generator) -> tuple:
         raise NotImplementedError
@@ -48,7 +67,8 @@ class TrainingStep(Case):
 
     def setup(self) -> Any:
         torch.manual_seed(SEED)
-        model = model_class(self.model_name).small(backend=self.backend).to(self.device)
+        model = model_class(self.model_name).small(backend=self.backend, **self.model_config())
+        model = model.to(self.device)
         generator = torch.Generator(self.device).manual_seed(SEED)
         return model, self.inputs(model, generator)
 
