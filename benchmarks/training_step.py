@@ -30,7 +30,8 @@ class TrainingStep(Case):
     the device.
 
     setup: the model (parameters from the fixed seed) and `inputs(model, generator)`, drawn on
-    the device from a generator seeded with the fixed seed (`self.rand(generator, *shape)`); run: `loss(model, *inputs)`,
+    the device from a generator seeded with the fixed seed (`self.rand(generator, *shape)`);
+    run: `loss(model, *inputs)`,
     backward, then the gradients are dropped (an optimiser would consume them here; dropping them
     keeps every step alike).
     """

@@ -49,8 +49,8 @@ def _wake(module, std=0.1, seed=1):
 ])
 def test_fresh_deform_kernel_conv2d_is_a_depthwise_conv_of_the_centre_crop(C, kernel_size, scope_size, stride,
                                                                            padding, dilation, groups, bias):
-    layer = vnn.DeformKernelConv2d(C, kernel_size, scope_size, stride, padding, dilation, kernel_groups=groups,
-                                   bias=bias).double()
+    layer = vnn.DeformKernelConv2d(C, kernel_size, scope_size, stride, padding, dilation,
+                                   kernel_groups=groups, bias=bias).double()
     assert not layer.conv_kernel_offset.weight.any() and not layer.conv_kernel_offset.bias.any()
     assert layer.weight.shape == (C, 1, *_pair(scope_size))
     assert (layer.bias is not None) == bias
@@ -72,7 +72,8 @@ def test_deform_kernel_conv2d_is_the_functional_op_with_predicted_kernel_offsets
     torch.testing.assert_close(layer(x, cond=cond), want)
     # Without cond the offsets come from the input itself (offset_channels = channels).
     own = _wake(vnn.DeformKernelConv2d(4, 3, 5).double(), std=0.5)
-    want = reference.deform_kernel_conv2d(x, own.weight, own.conv_kernel_offset(x), 3, None, None, own.bias, 1, 1, 1)
+    want = reference.deform_kernel_conv2d(x, own.weight, own.conv_kernel_offset(x), 3, None, None, own.bias,
+                                          1, 1, 1)
     torch.testing.assert_close(own(x), want)
 
 
@@ -97,7 +98,8 @@ def test_input_offset_and_mask_pass_through():
     # And with kernel offsets too, the functional op with all of them.
     _wake(layer, std=0.5)
     kernel_offset = layer.conv_kernel_offset(x)
-    want = reference.deform_kernel_conv2d(x, layer.weight, kernel_offset, 3, offset, mask, layer.bias, (1, 2), 1, 1)
+    want = reference.deform_kernel_conv2d(x, layer.weight, kernel_offset, 3, offset, mask, layer.bias,
+                                          (1, 2), 1, 1)
     torch.testing.assert_close(layer(x, offset, mask), want)
 
 
@@ -131,7 +133,8 @@ def test_dkc_align_fresh_formula_shapes_and_gradients():
     align = vnn.DKCAlign(4, kernel_groups=2, deformable_groups=2).double()
     nbr, ref = _rand(2, 4, 6, 5), _rand(2, 4, 6, 5, seed=1)
     # Fresh: a depthwise conv of the centre crop, then DCNv2Pack at the regular grid with mask 1/2.
-    dk = F.leaky_relu(F.conv2d(nbr, align.dkconv.centre_kernel(), align.dkconv.bias, padding=1, groups=4), 0.1)
+    dk = F.conv2d(nbr, align.dkconv.centre_kernel(), align.dkconv.bias, padding=1, groups=4)
+    dk = F.leaky_relu(dk, 0.1)
     want = F.leaky_relu(0.5 * F.conv2d(dk, align.dcn_pack.weight, padding=1)
                         + align.dcn_pack.bias[:, None, None], 0.1)
     torch.testing.assert_close(align(nbr, ref), want)
@@ -224,7 +227,8 @@ def test_backend_argument_reaches_every_op():
     align = vnn.DKCAlign(4, deformable_groups=2, backend="reference")
     rec = vnn.DKSAReconstruction(4, num_blocks=1, reduction=2, backend="reference")
     for module in (align, rec):
-        layers = [m for m in module.modules() if isinstance(m, (vnn.DeformKernelConv2d, vnn.ModulatedDeformConv2d))]
+        layers = [m for m in module.modules()
+                  if isinstance(m, (vnn.DeformKernelConv2d, vnn.ModulatedDeformConv2d))]
         assert layers and all(m.backend == "reference" for m in layers)
     # The same parameters on "auto" compute the same.
     auto_align = vnn.DKCAlign(4, deformable_groups=2)

@@ -57,7 +57,8 @@ def careful_deform_kernel_conv2d(input, weight, kernel_offset, kernel_size, offs
     kernel scope, or the input), which is the op's rule. Both samplings put the kh·kw taps in
     the innermost dimension, so the product-and-sum over the taps runs over contiguous memory.
     """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
+    (kh, kw), (sh, sw) = _pair(kernel_size), _pair(stride)
+    (ph, pw), (dh, dw) = _pair(padding), _pair(dilation)
     B, C, H, W = input.shape
     Sh, Sw = weight.shape[2:]
     Ho, Wo = kernel_offset.shape[2:]
@@ -72,7 +73,7 @@ def careful_deform_kernel_conv2d(input, weight, kernel_offset, kernel_size, offs
     ky = ti + (Sh - kh) / 2 + koff[..., 0]
     kx = tj + (Sw - kw) / 2 + koff[..., 1]
     grid = torch.stack((_normalised(kx, Sw), _normalised(ky, Sh)), -1).view(B * Gk, Ho, Wo * K, 2)
-    scope = weight.view(1, Gk, C // Gk, Sh, Sw).expand(B, Gk, C // Gk, Sh, Sw).reshape(B * Gk, C // Gk, Sh, Sw)
+    scope = weight.view(1, Gk, C // Gk, Sh, Sw).expand(B, -1, -1, -1, -1).reshape(B * Gk, C // Gk, Sh, Sw)
     kernels = F.grid_sample(scope, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     kernels = kernels.view(B, C, Ho, Wo, K)
 
@@ -86,8 +87,9 @@ def careful_deform_kernel_conv2d(input, weight, kernel_offset, kernel_size, offs
         y, x = y + off[..., 0], x + off[..., 1]
     y, x = torch.broadcast_tensors(y, x)
     grid = torch.stack((_normalised(x, W), _normalised(y, H)), -1).expand(B, G, Ho, Wo, K, 2)
-    cols = F.grid_sample(input.reshape(B * G, C // G, H, W), grid.reshape(B * G, Ho, Wo * K, 2), mode="bilinear",
-                         padding_mode="zeros", align_corners=False).view(B, G, C // G, Ho, Wo, K)
+    cols = F.grid_sample(input.reshape(B * G, C // G, H, W), grid.reshape(B * G, Ho, Wo * K, 2),
+                         mode="bilinear", padding_mode="zeros", align_corners=False)
+    cols = cols.view(B, G, C // G, Ho, Wo, K)
     if mask is not None:
         cols = cols * mask.view(B, G, 1, K, Ho, Wo).permute(0, 1, 2, 4, 5, 3)
     out = (kernels * cols.view(B, C, Ho, Wo, K)).sum(-1)
@@ -120,15 +122,17 @@ class DeformKernelConv(Case):
         B, C, H, W, k, S = self.B, self.C, self.H, self.W, self.kernel_size, self.scope_size
         G, Gk, K = self.offset_groups, self.kernel_groups, self.kernel_size ** 2
 
+        dtype = getattr(torch, self.dtype)
+
         def rand(*shape, scale=1.0):
-            return (scale * torch.randn(shape, device=self.device, generator=generator)).to(getattr(torch, self.dtype))
+            return (scale * torch.randn(shape, device=self.device, generator=generator)).to(dtype)
 
         # Kernel offsets of about a scope cell (some point outside the scope), input offsets of
         # about two pixels, as a trained alignment layer's.
         tensors = {"input": rand(B, C, H, W), "weight": rand(C, 1, S, S, scale=K ** -0.5),
                    "kernel_offset": rand(B, 2 * Gk * K, H, W), "offset": rand(B, 2 * G * K, H, W, scale=2.0),
-                   "mask": torch.rand((B, G * K, H, W), device=self.device, generator=generator).to(
-                       getattr(torch, self.dtype)), "bias": rand(C), "grad_out": rand(B, C, H, W)}
+                   "mask": torch.rand((B, G * K, H, W), device=self.device, generator=generator).to(dtype),
+                   "bias": rand(C), "grad_out": rand(B, C, H, W)}
         for name in ("input", "weight", "kernel_offset", "offset", "mask", "bias"):
             tensors[name].requires_grad_()
         return tensors
@@ -164,7 +168,8 @@ def kernel_conv_pass(inputs, backend, kernel_size, backward):
     if backend == "careful":
         out = careful_deform_kernel_conv2d(x, w, ko, kernel_size, off, m, b, 1, padding, 1)
     else:
-        out = vsr_kernels.deform_kernel_conv2d(x, w, ko, kernel_size, off, m, b, 1, padding, 1, backend=backend)
+        out = vsr_kernels.deform_kernel_conv2d(x, w, ko, kernel_size, off, m, b, 1, padding, 1,
+                                               backend=backend)
     if not backward:
         return (out,)
     return (out, *torch.autograd.grad(out, (x, w, ko, off, m, b), inputs["grad_out"]))
@@ -203,9 +208,10 @@ WORKLOAD = Workload(
     shape_line=shape_line,
     columns=report.op_columns(rate_header="fwd % copy", error_columns=(report.max_error_column(),)),
     notes=(
-        "Baselines: `reference` is vsr_kernels.reference (kernels and input sampled into two (B, C, k², H, W) "
-        "tensors by bilinear gathers, multiplied, summed); `careful` is two F.grid_sample calls (the kernel "
-        "scopes at the displaced kernel points, the input at the displaced input points, taps innermost), "
+        "Baselines: `reference` is vsr_kernels.reference (kernels and input sampled into two "
+        "(B, C, k², H, W) tensors by bilinear gathers, multiplied, summed); `careful` is two F.grid_sample "
+        "calls (the kernel scopes at the displaced kernel points, the input at the displaced input points, "
+        "taps innermost), "
         "the mask, one product summed over the taps (same function). × ref / × careful: that baseline's "
         "time / this row's time, same dtype and pass.",
         "% copy: the forward's minimal bytes (input, weight, kernel offsets, offsets, mask, bias read; out "

@@ -66,13 +66,15 @@ class DKSAN(nn.Module):
             raise ValueError(f"scale must be a power of two (cascaded x2 levels), got {scale}")
         self.center = num_frames // 2
         self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
-        dk = dict(kernel_size=kernel_size, scope_size=scope_size, kernel_groups=kernel_groups, backend=backend)
+        dk = dict(kernel_size=kernel_size, scope_size=scope_size, kernel_groups=kernel_groups,
+                  backend=backend)
         self.extract = nn.Sequential(_conv(in_channels, num_feat), nn.LeakyReLU(0.1),
                                      *(ResidualBlock(num_feat) for _ in range(extract_blocks)))
         self.align = DKCAlign(num_feat, deformable_groups=deformable_groups, **dk)
         self.fusion = nn.Sequential(_conv(num_frames * num_feat, num_feat, 1), nn.LeakyReLU(0.1))
-        self.groups = nn.Sequential(*(DKSAReconstruction(num_feat, num_rcab, reduction, num_layers=dksa_layers, **dk)
-                                      for _ in range(num_groups)))
+        self.groups = nn.Sequential(*(
+            DKSAReconstruction(num_feat, num_rcab, reduction, num_layers=dksa_layers, **dk)
+            for _ in range(num_groups)))
         self.trunk_conv = _conv(num_feat, num_feat)
         self.levels = nn.ModuleList(
             nn.Sequential(_conv(num_feat, 4 * num_feat), nn.PixelShuffle(2), nn.LeakyReLU(0.1))

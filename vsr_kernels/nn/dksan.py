@@ -124,7 +124,8 @@ class DeformKernelConv2d(nn.Module):
                 cond: torch.Tensor | None = None) -> torch.Tensor:
         _checks.tensor("x", x, "BCHW")
         if x.shape[1] != self.channels:
-            raise ValueError(f"x must have C = channels = {self.channels} channels, got shape {tuple(x.shape)}")
+            raise ValueError(f"x must have C = channels = {self.channels} channels, "
+                             f"got shape {tuple(x.shape)}")
         if cond is not None:
             _checks.tensor("cond", cond, "BCHW")
             if cond.shape[1] != self.offset_channels or cond.shape[2:] != x.shape[2:]:
@@ -180,7 +181,8 @@ class DKCAlign(nn.Module):
                 raise ValueError(f"{name} must have C = num_feat = {self.num_feat} channels, "
                                  f"got shape {tuple(feat.shape)}")
         if nbr.shape != ref.shape:
-            raise ValueError(f"nbr and ref must have the same shape, got {tuple(nbr.shape)} and {tuple(ref.shape)}")
+            raise ValueError(f"nbr and ref must have the same shape, "
+                             f"got {tuple(nbr.shape)} and {tuple(ref.shape)}")
         o = self.lrelu(self.offset_conv2(self.lrelu(self.offset_conv1(torch.cat([nbr, ref], 1)))))
         aligned = self.lrelu(self.dkconv(nbr, cond=o))
         return self.lrelu(self.dcn_pack(aligned, o))
@@ -213,7 +215,8 @@ class DeformKernelSpatialAttention(nn.Module):
         self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
         self.conv = _conv(channels, channels)
         self.dk_layers = nn.ModuleList(
-            DeformKernelConv2d(channels, kernel_size, scope_size, kernel_groups=kernel_groups, backend=backend)
+            DeformKernelConv2d(channels, kernel_size, scope_size, kernel_groups=kernel_groups,
+                               backend=backend)
             for _ in range(num_layers))
         self.lrelu = nn.LeakyReLU(0.1)
 
@@ -234,7 +237,8 @@ class DeformKernelSpatialAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.tensor("x", x, "BCHW")
         if x.shape[1] != self.channels:
-            raise ValueError(f"x must have C = channels = {self.channels} channels, got shape {tuple(x.shape)}")
+            raise ValueError(f"x must have C = channels = {self.channels} channels, "
+                             f"got shape {tuple(x.shape)}")
         return x * self.attention(x)
 
 
@@ -284,8 +288,8 @@ class DKSAReconstruction(nn.Module):
         _checks.integer("num_blocks", num_blocks, 0)
         self.blocks = nn.Sequential(*(ResidualChannelAttentionBlock(channels, reduction)
                                       for _ in range(num_blocks)))
-        self.dksa = DeformKernelSpatialAttention(channels, 1 if light else num_layers, kernel_size, scope_size,
-                                                 kernel_groups, backend=backend)
+        self.dksa = DeformKernelSpatialAttention(channels, 1 if light else num_layers, kernel_size,
+                                                 scope_size, kernel_groups, backend=backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dksa(self.blocks(x))
