@@ -65,6 +65,11 @@ class Case:
     measure_peak: ClassVar[bool] = True
 
     @property
+    def backward(self) -> bool:
+        """Whether the pass runs the backward too (pass "fwd+bwd")."""
+        return self.pass_name == "fwd+bwd"
+
+    @property
     def id(self):
         return "-".join((self.workload, self.device, self.dtype, self.backend, self.pass_name))
 
@@ -110,6 +115,12 @@ class Case:
         return dataclasses.asdict(self) | {"workload": self.workload, "op": self.op, "bound": self.bound,
                                            "flops": self.flops(), "bytes": self.bytes_moved(),
                                            "shape": self.shape()}
+
+
+def max_errors(names, results, oracle) -> dict:
+    """{name: the largest absolute difference of each result from its oracle}, in float32."""
+    return {name: float((got.detach().float() - want).abs().max()) for name, got, want in
+            zip(names, results, oracle)}
 
 
 def argmax_errors(names, results, oracle) -> dict:

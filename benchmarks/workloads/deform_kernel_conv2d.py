@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import vsr_kernels
 
 from .. import report
-from . import SEED, Case, Workload
+from . import SEED, Case, Workload, max_errors
 
 NAME = "deform_kernel_conv2d"
 
@@ -113,10 +113,6 @@ class DeformKernelConv(Case):
     op = NAME
     bound = "memory"
 
-    @property
-    def backward(self):
-        return self.pass_name == "fwd+bwd"
-
     def setup(self):
         generator = torch.Generator(self.device).manual_seed(SEED)
         B, C, H, W, k, S = self.B, self.C, self.H, self.W, self.kernel_size, self.scope_size
@@ -156,9 +152,7 @@ class DeformKernelConv(Case):
         if not self.backward:
             return None
         results = self.run(inputs)
-        oracle = _oracle(dataclasses.replace(self, backend="reference"))
-        return {name: float((got.detach().float() - want).abs().max()) for name, got, want in
-                zip(RESULTS, results, oracle)}
+        return max_errors(RESULTS, results, _oracle(dataclasses.replace(self, backend="reference")))
 
 
 def kernel_conv_pass(inputs, backend, kernel_size, backward):
