@@ -244,3 +244,33 @@ def test_deform_kernel_conv2d_traces_without_graph_breaks():
     x = torch.rand(1, 4, 5, 5)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["auto", "reference", "cuda", "triton"])
+def test_layers_on_cuda_match_cpu(backend):
+    from vsr_kernels.ops import _backend
+
+    device = torch.device("cuda")
+    for op in ("deform_kernel_conv2d", "deform_conv2d"):
+        if backend != "auto" and _backend.unavailable(op, backend, device):
+            pytest.skip(f"{op}: {_backend.unavailable(op, backend, device)}")
+    torch.manual_seed(0)
+    align = _wake(vnn.DKCAlign(8, deformable_groups=2, kernel_groups=2, backend=backend))
+    dksa = _wake(vnn.DeformKernelSpatialAttention(8, backend=backend))
+    nbr, ref = _rand(2, 8, 9, 7, dtype=torch.float32), _rand(2, 8, 9, 7, seed=1, dtype=torch.float32)
+    want = dksa(align(nbr, ref))
+    want.square().sum().backward()
+    want_grads = [p.grad.clone() for m in (align, dksa) for p in m.parameters()]
+    align.zero_grad(), dksa.zero_grad()
+    align.to(device), dksa.to(device)
+    got = dksa(align(nbr.to(device), ref.to(device)))
+    got.square().sum().backward()
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+    got_grads = [p.grad.cpu() for m in (align, dksa) for p in m.parameters()]
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-3)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = dksa(align(nbr.to(device), ref.to(device)))
+    assert torch.isfinite(out.float()).all()
