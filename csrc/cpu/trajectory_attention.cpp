@@ -21,16 +21,26 @@
 //     gradient row zeroed, then the frame's bucket of tokens added in token order: grad_key[t, c, pos] += gain * q[c, p]
 //     + k_self * k[t, c, pos], grad_value[t, c, pos] += grad_out[c, p].
 // float16 and bfloat16 are computed in float32 and rounded once, as on GPU.
+//
+// float32 (where the key's gather offsets fit 32 bits) takes the per-ISA kernels of
+// trajectory_attention_simd.h instead, for the forward and the backward's first pass alike:
+// vectorised across a band's tokens, channel blocks outer, software prefetch ahead of the
+// band (see that file). Their per-token sums are sequential multiply-add chains over the
+// channels, so the forward's score and the backward's recomputed one agree bit for bit, for
+// any band size and thread count, as in the generic path.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <tuple>
 #include <vector>
 
 #include "../glue/trajectory_attention.h"
+#include "isa.h"
+#include "trajectory_attention_isa.h"
 
 namespace vsr_kernels {
 namespace trajectory_attention {
@@ -47,7 +57,8 @@ constexpr int64_t kMaxTokens = 4096;
 
 int64_t band_size(int64_t tokens) {
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-  return std::clamp<int64_t>((tokens + threads - 1) / threads, kMinTokens, kMaxTokens);
+  const int64_t band = std::clamp<int64_t>((tokens + threads - 1) / threads, kMinTokens, kMaxTokens);
+  return (band + kLanes - 1) / kLanes * kLanes;  // whole vectors (the float32 kernels' lanes)
 }
 // Channels the forward's gathers handle together.
 constexpr int64_t kBlock = 4;
@@ -91,6 +102,127 @@ struct Rows {
   T* row(int64_t b, int64_t t, int64_t c) const { return data + b * batch + t * frame + c * channel; }
 };
 
+// ---------------------------------------------------------------------------------------
+// float32: the per-ISA kernels (trajectory_attention_simd.h), vectorised across a band's tokens.
+
+using cpu::Isa;
+
+void key_sums(Isa isa, const KeySums& a) {
+  switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))  // elsewhere only base is built
+    case Isa::kAvx512: avx512::key_sums(a); break;
+    case Isa::kAvx2: avx2::key_sums(a); break;
+#endif
+    default: base::key_sums(a); break;
+  }
+}
+
+void gather(Isa isa, const Gather& a) {
+  switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    case Isa::kAvx512: avx512::gather(a); break;
+    case Isa::kAvx2: avx2::gather(a); break;
+#endif
+    default: base::gather(a); break;
+  }
+}
+
+// Whether every offset t * frame + token (t < frames, token < tokens) of a channel-first
+// map fits the kernels' 32-bit gather offsets.
+bool fits_int32(int64_t frames, int64_t frame, int64_t tokens) {
+  if (frame < 0) return false;
+  const int64_t last = frames > 1 ? frame : 0;  // (frames - 1) * frame without overflow:
+  return last <= INT32_MAX / std::max<int64_t>(frames, 1) && (frames - 1) * last + tokens <= INT32_MAX;
+}
+
+// The float32 kernels run where the key's offsets fit (the forward and the backward decide
+// alike, so the backward's sums are the forward's); a value whose offsets do not fit is
+// gathered by a plain loop.
+bool simd_fits(const at::Tensor& k, const Extent& e) {
+  return fits_int32(e.frames, frame_strides(k).frame, e.tokens());
+}
+
+// How far ahead of a band's progress the kernels prefetch, in tokens: the rows within reach
+// of trajectories near the current query row (TTVSR's move a few tokens a frame) and a margin.
+// (Measured at the shape: no prefetch 43 ms, 4 rows 19-20 ms, 8 rows 16-18 ms,
+// 16 rows 16 ms for the key pass; the value pass 38 ms without, 28 ms with.)
+int64_t lead(const Extent& e) { return 8 * e.width; }
+
+int64_t round_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The gather offsets of a band: idx[i] = frame[i] * frame_stride + token[i] for i < n with
+// token[i] >= 0, else -1 (also at the padding lanes [n, stride)); [lo, hi) the tokens read.
+void band_offsets(const int64_t* frame, const int64_t* token, int64_t n, int64_t stride, int64_t frame_stride,
+                  int32_t* idx, int64_t& lo, int64_t& hi) {
+  for (int64_t i = 0; i < stride; ++i) {
+    const int64_t ps = i < n ? token[i] : -1;
+    idx[i] = ps >= 0 ? static_cast<int32_t>(frame[i] * frame_stride + ps) : -1;
+    if (ps >= 0) {
+      lo = std::min(lo, ps);
+      hi = std::max(hi, ps + 1);
+    }
+  }
+}
+
+// The forward in float32: per band, the T frames' channel sums (key_sums), the selection, and
+// the chosen value tokens (gather). A token's sums are a chain of multiply-adds over the
+// channels in order, in its own lane: the same bits for any band, lane or thread count.
+void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::vector<at::Tensor>& vs,
+                  const at::Tensor& pos, std::vector<at::Tensor>& outs, at::Tensor& score, at::Tensor& index,
+                  const Extent& e) {
+  const int64_t B = k.size(0), T = e.frames, D = e.channels, N = e.tokens();
+  const Rows<const float> qr(q, q.const_data_ptr<float>()), kr(k, k.const_data_ptr<float>());
+  std::vector<Rows<const float>> vr;
+  for (const auto& v : vs) vr.emplace_back(v, v.const_data_ptr<float>());
+  const int64_t kTokens = band_size(N);
+  const int64_t runs = (N + kTokens - 1) / kTokens;
+  const int64_t* pos_data = pos.const_data_ptr<int64_t>();
+  float* score_data = score.mutable_data_ptr<float>();
+  int64_t* index_data = index.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stride = round_lanes(kTokens);
+    std::vector<int32_t> idx(T * stride), vidx(stride);
+    std::vector<float> qk(T * stride), kk(T * stride), qq(stride), poison(stride);
+    std::vector<int64_t> rows(T), chosen(stride), frame(stride), frames(stride);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+      const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
+      int64_t lo = N, hi = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        std::fill(frames.begin(), frames.end(), t);
+        band_offsets(frames.data(), pb + t * N, n, stride, kr.frame, idx.data() + t * stride, lo, hi);
+        rows[t] = t * kr.frame;
+      }
+      key_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, T,
+                            D, n, qk.data(), kk.data(), qq.data(), poison.data(), nullptr, 0,
+                            Prefetch{rows.data(), T, lo, hi, lead(e)}});
+      for (int64_t i = 0; i < n; ++i) {
+        Best<float> best{0.f, -1};
+        for (int64_t t = 0; t < T; ++t)
+          best.offer(similarity<float>(pb[t * N + i] >= 0, qk[t * stride + i], qq[i], kk[t * stride + i], poison[i]),
+                     t);
+        score_data[b * N + p0 + i] = best.sim;
+        index_data[b * N + p0 + i] = best.frame;
+        frame[i] = best.frame;
+        chosen[i] = pb[best.frame * N + i];
+      }
+      for (size_t m = 0; m < vs.size(); ++m) {
+        int64_t vlo = N, vhi = 0;
+        band_offsets(frame.data(), chosen.data(), n, stride, vr[m].frame, vidx.data(), vlo, vhi);
+        for (int64_t t = 0; t < T; ++t) rows[t] = t * vr[m].frame;
+        float* out = outs[m].mutable_data_ptr<float>() + b * outs[m].stride(0) + p0;
+        if (fits_int32(T, vr[m].frame, N)) {
+          gather(isa, Gather{vr[m].row(b, 0, 0), vr[m].channel, vidx.data(), vs[m].size(2), n, out, N,
+                             Prefetch{rows.data(), T, vlo, vhi, lead(e)}});
+        } else {
+          for (int64_t c = 0; c < vs[m].size(2); ++c)
+            for (int64_t i = 0; i < n; ++i) out[c * N + i] = chosen[i] >= 0 ? vr[m].row(b, frame[i], c)[chosen[i]] : 0.f;
+        }
+      }
+    }
+  });
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& query, const at::Tensor& key, at::TensorList values_in, const at::Tensor& location) {
   const std::vector<at::Tensor> values_list(values_in.begin(), values_in.end());
@@ -103,6 +235,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
   const auto q = channels_first(query), k = channels_first(key);
   std::vector<at::Tensor> vs;
   for (const auto& v : values_list) vs.push_back(channels_first(v));
+  if (query.scalar_type() == at::kFloat && simd_fits(k, e)) {
+    forward_simd(cpu::select_isa("trajectory_attention"), q, k, vs, pos, outs, score, index, e);
+    return {outs, score, index};
+  }
   const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "trajectory_attention_cpu", [&] {
@@ -208,6 +344,58 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
   return {outs, score, index};
 }
 
+// The backward's first pass in float32: per band, the chosen key's sums with the forward's
+// kernel (one frame slot, offsets into the whole key: the same chain per token, so s is the
+// forward's score bit for bit), the chosen key tokens gathered into grad_query's rows on the
+// way (so they are read from the key maps once), then the coefficients and, in place,
+// grad_query = q_self * q + gain * k.
+void backward_keys_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const Extent& e, const int64_t* pos_data,
+                        const int64_t* ix_data, const float* gs_data, int64_t* chosen_data, int64_t* frame_data,
+                        float* gain_data, float* kself_data, float* gq_data) {
+  const int64_t B = k.size(0), T = e.frames, D = e.channels, N = e.tokens();
+  const Rows<const float> qr(q, q.const_data_ptr<float>()), kr(k, k.const_data_ptr<float>());
+  const int64_t kTokens = band_size(N);
+  const int64_t runs = (N + kTokens - 1) / kTokens;
+  at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stride = round_lanes(kTokens);
+    std::vector<int32_t> idx(stride);
+    std::vector<float> qk(stride), kk(stride), qq(stride), poison(stride), qself(stride);
+    std::vector<int64_t> rows(T);
+    for (int64_t t = 0; t < T; ++t) rows[t] = t * kr.frame;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+      int64_t* ch = chosen_data + b * N + p0;
+      int64_t* fr = frame_data + b * N + p0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = ix_data[b * N + p0 + i];
+        const int64_t ps = t >= 0 && t < T ? pos_data[(b * T + t) * N + p0 + i] : -1;
+        ch[i] = ps;
+        fr[i] = ps >= 0 ? t : -1;
+      }
+      int64_t lo = N, hi = 0;
+      band_offsets(fr, ch, n, stride, kr.frame, idx.data(), lo, hi);
+      float* gq = gq_data + b * D * N + p0;
+      key_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, 1, D,
+                            n, qk.data(), kk.data(), qq.data(), poison.data(), gq, N, Prefetch{rows.data(), T, lo, hi, lead(e)}});
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = b * N + p0 + i;
+        Coefficients<float> cf{0.f, 0.f, 0.f};
+        if (ch[i] >= 0) cf = coefficients<float>(qk[i], qq[i], kk[i], gs_data[p]);
+        gain_data[p] = cf.gain;
+        kself_data[p] = cf.k_self;
+        qself[i] = cf.q_self;
+      }
+      const float* gain = gain_data + b * N + p0;
+      for (int64_t c = 0; c < D; ++c) {
+        const float* qrow = qr.row(b, 0, c) + p0;
+        float* grow = gq + c * N;
+        // A token whose choice is outside (or none) reads a zero key: no gradient.
+        for (int64_t i = 0; i < n; ++i) grow[i] = ch[i] >= 0 ? qself[i] * qrow[i] + gain[i] * grow[i] : 0.f;
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     at::TensorList grad_outs_in, const at::Tensor& grad_score, const at::Tensor& query, const at::Tensor& key,
     at::TensorList values_in, const at::Tensor& location, const at::Tensor& index) {
@@ -248,6 +436,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
   auto bucket = at::empty({B, T + 1}, ix.options());
   const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
+  const bool simd = dtype == at::kFloat && simd_fits(k, e);
+  if (simd) {
+    float* gain = coef.mutable_data_ptr<float>();
+    backward_keys_simd(cpu::select_isa("trajectory_attention_backward"), q, k, e, pos.const_data_ptr<int64_t>(),
+                       ix.const_data_ptr<int64_t>(), gs.const_data_ptr<float>(), chosen.mutable_data_ptr<int64_t>(),
+                       frame.mutable_data_ptr<int64_t>(), gain, gain + B * N, grad_query.mutable_data_ptr<float>());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trajectory_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<const scalar_t> qr(q, q.const_data_ptr<scalar_t>()), kr(k, k.const_data_ptr<scalar_t>());
@@ -263,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     // inside choice are grouped by frame (token order within a frame), so that the chosen
     // keys are read as in the forward: per (channel block, frame), forward through one map.
     // The sums use the forward's channel blocks, so s is the forward's score bit for bit.
-    at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    if (!simd) at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens);
       std::vector<int64_t> grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
