@@ -430,18 +430,16 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
   const int64_t B = key.size(0), T = e.frames, D = e.channels, N = e.tokens();
   const auto dtype = query.scalar_type();
   const auto acc_options = query.options().dtype(accumulation_dtype(dtype));
-  auto grad_query = at::empty(query.sizes(), acc_options);
-  auto grad_key = at::empty(key.sizes(), acc_options);
+  // The gradients in the inputs' dtype, written row by row from float32 (float64) sums held
+  // in per-thread row buffers: no full-size accumulation copy for float16 / bfloat16.
+  auto grad_query = at::empty(query.sizes(), query.options());
+  auto grad_key = at::empty(key.sizes(), query.options());
   std::vector<at::Tensor> grad_values;
-  for (const auto& v : values_list) grad_values.push_back(at::empty(v.sizes(), acc_options));
+  for (const auto& v : values_list) grad_values.push_back(at::empty(v.sizes(), query.options()));
   advise_huge_pages(grad_query);
   advise_huge_pages(grad_key);
   for (const auto& g : grad_values) advise_huge_pages(g);
-  auto finish = [&] {
-    std::vector<at::Tensor> gv;
-    for (const auto& g : grad_values) gv.push_back(to_contiguous(g, dtype));
-    return std::make_tuple(to_contiguous(grad_query, dtype), to_contiguous(grad_key, dtype), gv);
-  };
+  auto finish = [&] { return std::make_tuple(grad_query, grad_key, grad_values); };
   if (B * N == 0) {
     grad_query.zero_();
     grad_key.zero_();
@@ -480,13 +478,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     int64_t* frame_data = frame.mutable_data_ptr<int64_t>();
     acc_t* gain_data = coef.mutable_data_ptr<acc_t>();
     acc_t* kself_data = gain_data + B * N;
-    acc_t* gq_data = grad_query.mutable_data_ptr<acc_t>();
+    scalar_t* gq_data = grad_query.mutable_data_ptr<scalar_t>();
     // 1. grad_query and the coefficients, per band of tokens. The band's tokens with an
     // inside choice are grouped by frame (token order within a frame), so that the chosen
     // keys are read as in the forward: per (channel block, frame), forward through one map.
     // The sums use the forward's channel blocks, so s is the forward's score bit for bit.
     if (!simd) at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens);
+      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens), gbuf(kTokens);
       std::vector<int64_t> grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
@@ -555,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
         const acc_t* gain = gain_data + b * N + p0;
         for (int64_t c = 0; c < D; ++c) {
           const scalar_t* qrow = qr.row(b, 0, c) + p0;
-          acc_t* grow = gq_data + (b * D + c) * N + p0;
+          acc_t* grow = gbuf.data();
           // A token whose choice is outside (or none) reads a zero key: no gradient.
           for (int64_t i = 0; i < n; ++i)
             grow[i] = ch[i] >= 0 ? qself[i] * vsr_kernels::convert<acc_t>(qrow[i]) : acc_t(0);
@@ -566,6 +564,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
               grow[i] += gain[i] * vsr_kernels::convert<acc_t>(krow[ch[i]]);
             }
           }
+          scalar_t* gout = gq_data + (b * D + c) * N + p0;
+          for (int64_t i = 0; i < n; ++i) gout[i] = vsr_kernels::convert<scalar_t>(grow[i]);
         }
       }
     });
@@ -588,18 +588,24 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     // 3. grad_key and grad_values, per (b, channel block); for each channel the T frames'
     // rows in turn, each zeroed, then its bucket added in token order. Frames inner: the
     // channel's source row (query or grad_out) stays in L1 across the T frames.
+    // float16 / bfloat16: each row summed in a per-thread float32 row, then rounded once.
+    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
     auto scatter = [&](at::Tensor& grad, int64_t channels, auto&& add_row) {
-      acc_t* g = grad.mutable_data_ptr<acc_t>();
+      scalar_t* g = grad.mutable_data_ptr<scalar_t>();
       const int64_t blocks = (channels + kChannels - 1) / kChannels;
       at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buffer(direct ? 0 : N);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / blocks, c0 = task % blocks * kChannels;
           const int64_t* bk = bucket_data + b * (T + 1);
           for (int64_t c = c0; c < std::min(c0 + kChannels, channels); ++c)
             for (int64_t t = 0; t < T; ++t) {
-              acc_t* row = g + ((b * T + t) * channels + c) * N;
+              scalar_t* out = g + ((b * T + t) * channels + c) * N;
+              acc_t* row = direct ? reinterpret_cast<acc_t*>(out) : buffer.data();
               std::fill(row, row + N, acc_t(0));
               add_row(row, b, t, c, order_data + b * N + bk[t], bk[t + 1] - bk[t]);
+              if (!direct)
+                for (int64_t p = 0; p < N; ++p) out[p] = vsr_kernels::convert<scalar_t>(row[p]);
             }
         }
       });
