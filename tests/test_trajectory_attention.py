@@ -435,3 +435,97 @@ def test_triton_launch_configs_compile_table_is_complete():
     from vsr_kernels.triton import trajectory_attention as module
     kernels = {c.kernel for c in module.all_launch_configs()}
     assert kernels == set(module.KERNELS)
+
+
+# ---------------------------------------------------------------------------------------
+# The float32 CPU kernels (csrc/cpu/trajectory_attention_simd.h): VSR_KERNELS_CPU_ISA forces
+# each instruction set this CPU runs. Their edges: w below, at and above every vector width
+# (4, 8, 16 lanes), D not a multiple of the channel block, T = 1 and T > 4 (frame chunks),
+# locations outside / all outside / NaN, exact ties, several values, non-contiguous inputs
+# (a frame stride that is not D * h * w, channels apart, pixels not adjacent), bands split
+# over threads.
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+_FLAGS = _cpu_flags()
+CPU_ISAS = [pytest.param("base", id="base")] + [
+    pytest.param(isa, id=isa, marks=[] if needs <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
+    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"}))]
+ISA_CASES = [  # (B, T, D, h, w), options
+    ((1, 1, 5, 3, 7), {}),
+    ((2, 3, 9, 5, 17), {"outside": True}),
+    ((1, 5, 17, 4, 33), {"spread": 4.0, "dvs": (3, 20)}),
+    ((1, 2, 3, 6, 16), {"all_outside": True}),
+    ((1, 4, 8, 3, 5), {"nan": ("query", "key", "location")}),
+    ((1, 8, 12, 7, 9), {"ties": True, "halves": True}),
+    ((1, 6, 33, 9, 23), {"outside": True, "spread": 3.0}),
+]
+
+
+def _float32_case(shape, options, seed, layout):
+    """_case's inputs rounded to float32, and their float64 copies (the reference's); with
+    `layout`, key a view of every other frame, value of every other channel, query with
+    transposed pixels (non-contiguous)."""
+    q, k, vs, loc = _case(seed, *shape, **options)
+    q, k, vs, loc = q.float(), k.float(), [v.float() for v in vs], loc.float()
+    rounded = (q.double(), k.double(), [v.double() for v in vs], loc)
+    if layout:
+        k = torch.stack((k, torch.full_like(k, float("nan"))), 2).flatten(1, 2)[:, ::2]
+        vs = [torch.stack((v, torch.full_like(v, float("nan"))), 3).flatten(2, 3)[:, :, ::2] for v in vs]
+        q = q.transpose(-1, -2).contiguous().transpose(-1, -2)
+        assert (k.shape[1] == 1 or not k.is_contiguous()) and not q.is_contiguous()
+    return (q, k, vs, loc), rounded
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", ISA_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + "-".join(sorted(c[1])))
+@pytest.mark.parametrize("layout", [False, True], ids=["contiguous", "strided"])
+def test_cpu_isa_float32_matches_reference(isa, case, layout, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    shape, options = case
+    inputs, rounded = _float32_case(shape, options, sum(shape) + len(options), layout)
+    want = H.forward_and_grads(op("reference"), inputs_of(rounded, "cpu"))
+    got = H.forward_and_grads(op("cpu"), inputs_of(inputs, "cpu"))
+    assert torch.equal(got[0][-1], want[0][-1])
+    H.assert_same([t.double() for t in got[0][:-1]], want[0][:-1], **H.tolerance(torch.float32))
+    if not options.get("nan"):
+        H.assert_same([t.double() for t in got[1]], want[1], **H.tolerance(torch.float32))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_isa_float32_same_bits_for_any_thread_count(isa, monkeypatch):
+    """Forward and backward: a token's sums run in its own lane, so the bands (one per
+    thread, 16-lane multiples, the last one partial) do not change a bit; the backward's
+    recomputed score is the forward's (its gradient coefficients use it)."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    (q, k, vs, loc), _ = _float32_case((1, 5, 21, 11, 23), {"outside": True, "dvs": (4, 3)}, 5, False)
+    forward, backward = registered_ops("cpu")
+    gos = [torch.randn(v.shape[0], v.shape[2], *v.shape[3:]) for v in vs]
+    gs = torch.randn(q.shape[0], *q.shape[2:])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            outs, score, index = forward(q, k, vs, loc)
+            results.append((*outs, score, index, *H._flatten(backward(gos, gs, q, k, vs, loc, index))))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_cpu_kernels
+def test_cpu_isa_switch_rejects_unknown(monkeypatch):
+    (q, k, vs, loc), _ = _float32_case((1, 2, 3, 2, 3), {}, 1, False)
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="VSR_KERNELS_CPU_ISA must be base, avx2 or avx512"):
+        torch.ops.vsr_kernels.trajectory_attention(q, k, vs, loc)

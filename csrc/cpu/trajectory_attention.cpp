@@ -21,16 +21,31 @@
 //     gradient row zeroed, then the frame's bucket of tokens added in token order: grad_key[t, c, pos] += gain * q[c, p]
 //     + k_self * k[t, c, pos], grad_value[t, c, pos] += grad_out[c, p].
 // float16 and bfloat16 are computed in float32 and rounded once, as on GPU.
+//
+// float32 (where the key's gather offsets fit 32 bits) takes the per-ISA kernels of
+// trajectory_attention_simd.h instead, for the forward and the backward's first pass alike:
+// vectorised across a band's tokens, channel blocks outer, software prefetch ahead of the
+// band (see that file). Their per-token sums are sequential multiply-add chains over the
+// channels, so the forward's score and the backward's recomputed one agree bit for bit, for
+// any band size and thread count, as in the generic path.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
+#include <climits>
+#include <cstdint>
 #include <tuple>
 #include <vector>
 
 #include "../glue/trajectory_attention.h"
+#include "isa.h"
+#include "trajectory_attention_isa.h"
 
 namespace vsr_kernels {
 namespace trajectory_attention {
@@ -47,12 +62,31 @@ constexpr int64_t kMaxTokens = 4096;
 
 int64_t band_size(int64_t tokens) {
   const int64_t threads = std::max<int64_t>(at::get_num_threads(), 1);
-  return std::clamp<int64_t>((tokens + threads - 1) / threads, kMinTokens, kMaxTokens);
+  const int64_t band = std::clamp<int64_t>((tokens + threads - 1) / threads, kMinTokens, kMaxTokens);
+  return (band + kLanes - 1) / kLanes * kLanes;  // whole vectors (the float32 kernels' lanes)
 }
 // Channels the forward's gathers handle together.
 constexpr int64_t kBlock = 4;
 // Channels per gradient-scatter task.
 constexpr int64_t kChannels = 16;
+
+// Asks Linux for 2 MiB pages under a large fresh output (a hint; errors are ignored): the
+// backward writes every byte of grad_key and grad_value (472 MB at the shape, nearly
+// all zeros), and first-touch page faults on 4 KiB pages cost more than the writing itself
+// (one thread: the backward 157 ms with, 68 ms without them). The memory used is the same:
+// every page is written. Only the 2 MiB-aligned interior of the buffer is advised.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
+  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
 
 // (B, T, h*w) int64: the token each trajectory location reads, or -1 outside.
 at::Tensor positions(const at::Tensor& location, const Extent& e) {
@@ -91,6 +125,127 @@ struct Rows {
   T* row(int64_t b, int64_t t, int64_t c) const { return data + b * batch + t * frame + c * channel; }
 };
 
+// ---------------------------------------------------------------------------------------
+// float32: the per-ISA kernels (trajectory_attention_simd.h), vectorised across a band's tokens.
+
+using cpu::Isa;
+
+void key_sums(Isa isa, const KeySums& a) {
+  switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))  // elsewhere only base is built
+    case Isa::kAvx512: avx512::key_sums(a); break;
+    case Isa::kAvx2: avx2::key_sums(a); break;
+#endif
+    default: base::key_sums(a); break;
+  }
+}
+
+void gather(Isa isa, const Gather& a) {
+  switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    case Isa::kAvx512: avx512::gather(a); break;
+    case Isa::kAvx2: avx2::gather(a); break;
+#endif
+    default: base::gather(a); break;
+  }
+}
+
+// Whether every offset t * frame + token (t < frames, token < tokens) of a channel-first
+// map fits the kernels' 32-bit gather offsets.
+bool fits_int32(int64_t frames, int64_t frame, int64_t tokens) {
+  if (frame < 0) return false;
+  const int64_t last = frames > 1 ? frame : 0;  // (frames - 1) * frame without overflow:
+  return last <= INT32_MAX / std::max<int64_t>(frames, 1) && (frames - 1) * last + tokens <= INT32_MAX;
+}
+
+// The float32 kernels run where the key's offsets fit (the forward and the backward decide
+// alike, so the backward's sums are the forward's); a value whose offsets do not fit is
+// gathered by a plain loop.
+bool simd_fits(const at::Tensor& k, const Extent& e) {
+  return fits_int32(e.frames, frame_strides(k).frame, e.tokens());
+}
+
+// How far ahead of a band's progress the kernels prefetch, in tokens: the rows within reach
+// of trajectories near the current query row (TTVSR's move a few tokens a frame) and a margin.
+// (Measured at the shape: no prefetch 43 ms, 4 rows 19-20 ms, 8 rows 16-18 ms,
+// 16 rows 16 ms for the key pass; the value pass 38 ms without, 28 ms with.)
+int64_t lead(const Extent& e) { return 8 * e.width; }
+
+int64_t round_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The gather offsets of a band: idx[i] = frame[i] * frame_stride + token[i] for i < n with
+// token[i] >= 0, else -1 (also at the padding lanes [n, stride)); [lo, hi) the tokens read.
+void band_offsets(const int64_t* frame, const int64_t* token, int64_t n, int64_t stride, int64_t frame_stride,
+                  int32_t* idx, int64_t& lo, int64_t& hi) {
+  for (int64_t i = 0; i < stride; ++i) {
+    const int64_t ps = i < n ? token[i] : -1;
+    idx[i] = ps >= 0 ? static_cast<int32_t>(frame[i] * frame_stride + ps) : -1;
+    if (ps >= 0) {
+      lo = std::min(lo, ps);
+      hi = std::max(hi, ps + 1);
+    }
+  }
+}
+
+// The forward in float32: per band, the T frames' channel sums (key_sums), the selection, and
+// the chosen value tokens (gather). A token's sums are a chain of multiply-adds over the
+// channels in order, in its own lane: the same bits for any band, lane or thread count.
+void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::vector<at::Tensor>& vs,
+                  const at::Tensor& pos, std::vector<at::Tensor>& outs, at::Tensor& score, at::Tensor& index,
+                  const Extent& e) {
+  const int64_t B = k.size(0), T = e.frames, D = e.channels, N = e.tokens();
+  const Rows<const float> qr(q, q.const_data_ptr<float>()), kr(k, k.const_data_ptr<float>());
+  std::vector<Rows<const float>> vr;
+  for (const auto& v : vs) vr.emplace_back(v, v.const_data_ptr<float>());
+  const int64_t kTokens = band_size(N);
+  const int64_t runs = (N + kTokens - 1) / kTokens;
+  const int64_t* pos_data = pos.const_data_ptr<int64_t>();
+  float* score_data = score.mutable_data_ptr<float>();
+  int64_t* index_data = index.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stride = round_lanes(kTokens);
+    std::vector<int32_t> idx(T * stride), vidx(stride);
+    std::vector<float> qk(T * stride), kk(T * stride), qq(stride), poison(stride);
+    std::vector<int64_t> rows(T), chosen(stride), frame(stride), frames(stride);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+      const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
+      int64_t lo = N, hi = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        std::fill(frames.begin(), frames.end(), t);
+        band_offsets(frames.data(), pb + t * N, n, stride, kr.frame, idx.data() + t * stride, lo, hi);
+        rows[t] = t * kr.frame;
+      }
+      key_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, T,
+                            D, n, qk.data(), kk.data(), qq.data(), poison.data(), nullptr, 0,
+                            Prefetch{rows.data(), T, lo, hi, lead(e)}});
+      for (int64_t i = 0; i < n; ++i) {
+        Best<float> best{0.f, -1};
+        for (int64_t t = 0; t < T; ++t)
+          best.offer(similarity<float>(pb[t * N + i] >= 0, qk[t * stride + i], qq[i], kk[t * stride + i], poison[i]),
+                     t);
+        score_data[b * N + p0 + i] = best.sim;
+        index_data[b * N + p0 + i] = best.frame;
+        frame[i] = best.frame;
+        chosen[i] = pb[best.frame * N + i];
+      }
+      for (size_t m = 0; m < vs.size(); ++m) {
+        int64_t vlo = N, vhi = 0;
+        band_offsets(frame.data(), chosen.data(), n, stride, vr[m].frame, vidx.data(), vlo, vhi);
+        for (int64_t t = 0; t < T; ++t) rows[t] = t * vr[m].frame;
+        float* out = outs[m].mutable_data_ptr<float>() + b * outs[m].stride(0) + p0;
+        if (fits_int32(T, vr[m].frame, N)) {
+          gather(isa, Gather{vr[m].row(b, 0, 0), vr[m].channel, vidx.data(), vs[m].size(2), n, out, N,
+                             Prefetch{rows.data(), T, vlo, vhi, lead(e)}});
+        } else {
+          for (int64_t c = 0; c < vs[m].size(2); ++c)
+            for (int64_t i = 0; i < n; ++i) out[c * N + i] = chosen[i] >= 0 ? vr[m].row(b, frame[i], c)[chosen[i]] : 0.f;
+        }
+      }
+    }
+  });
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& query, const at::Tensor& key, at::TensorList values_in, const at::Tensor& location) {
   const std::vector<at::Tensor> values_list(values_in.begin(), values_in.end());
@@ -99,10 +254,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
   const int64_t B = key.size(0), T = e.frames, D = e.channels, N = e.tokens();
   auto [outs, score, index] = empty_forward_outputs(query, key, values_list);
   if (score.numel() == 0) return {outs, score, index};
+  for (const auto& o : outs) advise_huge_pages(o);
   const auto pos = positions(location, e);
   const auto q = channels_first(query), k = channels_first(key);
   std::vector<at::Tensor> vs;
   for (const auto& v : values_list) vs.push_back(channels_first(v));
+  if (query.scalar_type() == at::kFloat && simd_fits(k, e)) {
+    forward_simd(cpu::select_isa("trajectory_attention"), q, k, vs, pos, outs, score, index, e);
+    return {outs, score, index};
+  }
   const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "trajectory_attention_cpu", [&] {
@@ -208,6 +368,58 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
   return {outs, score, index};
 }
 
+// The backward's first pass in float32: per band, the chosen key's sums with the forward's
+// kernel (one frame slot, offsets into the whole key: the same chain per token, so s is the
+// forward's score bit for bit), the chosen key tokens gathered into grad_query's rows on the
+// way (so they are read from the key maps once), then the coefficients and, in place,
+// grad_query = q_self * q + gain * k.
+void backward_keys_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const Extent& e, const int64_t* pos_data,
+                        const int64_t* ix_data, const float* gs_data, int64_t* chosen_data, int64_t* frame_data,
+                        float* gain_data, float* kself_data, float* gq_data) {
+  const int64_t B = k.size(0), T = e.frames, D = e.channels, N = e.tokens();
+  const Rows<const float> qr(q, q.const_data_ptr<float>()), kr(k, k.const_data_ptr<float>());
+  const int64_t kTokens = band_size(N);
+  const int64_t runs = (N + kTokens - 1) / kTokens;
+  at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stride = round_lanes(kTokens);
+    std::vector<int32_t> idx(stride);
+    std::vector<float> qk(stride), kk(stride), qq(stride), poison(stride), qself(stride);
+    std::vector<int64_t> rows(T);
+    for (int64_t t = 0; t < T; ++t) rows[t] = t * kr.frame;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
+      int64_t* ch = chosen_data + b * N + p0;
+      int64_t* fr = frame_data + b * N + p0;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t t = ix_data[b * N + p0 + i];
+        const int64_t ps = t >= 0 && t < T ? pos_data[(b * T + t) * N + p0 + i] : -1;
+        ch[i] = ps;
+        fr[i] = ps >= 0 ? t : -1;
+      }
+      int64_t lo = N, hi = 0;
+      band_offsets(fr, ch, n, stride, kr.frame, idx.data(), lo, hi);
+      float* gq = gq_data + b * D * N + p0;
+      key_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, 1, D,
+                            n, qk.data(), kk.data(), qq.data(), poison.data(), gq, N, Prefetch{rows.data(), T, lo, hi, lead(e)}});
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t p = b * N + p0 + i;
+        Coefficients<float> cf{0.f, 0.f, 0.f};
+        if (ch[i] >= 0) cf = coefficients<float>(qk[i], qq[i], kk[i], gs_data[p]);
+        gain_data[p] = cf.gain;
+        kself_data[p] = cf.k_self;
+        qself[i] = cf.q_self;
+      }
+      const float* gain = gain_data + b * N + p0;
+      for (int64_t c = 0; c < D; ++c) {
+        const float* qrow = qr.row(b, 0, c) + p0;
+        float* grow = gq + c * N;
+        // A token whose choice is outside (or none) reads a zero key: no gradient.
+        for (int64_t i = 0; i < n; ++i) grow[i] = ch[i] >= 0 ? qself[i] * qrow[i] + gain[i] * grow[i] : 0.f;
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     at::TensorList grad_outs_in, const at::Tensor& grad_score, const at::Tensor& query, const at::Tensor& key,
     at::TensorList values_in, const at::Tensor& location, const at::Tensor& index) {
@@ -218,15 +430,16 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
   const int64_t B = key.size(0), T = e.frames, D = e.channels, N = e.tokens();
   const auto dtype = query.scalar_type();
   const auto acc_options = query.options().dtype(accumulation_dtype(dtype));
-  auto grad_query = at::empty(query.sizes(), acc_options);
-  auto grad_key = at::empty(key.sizes(), acc_options);
+  // The gradients in the inputs' dtype, written row by row from float32 (float64) sums held
+  // in per-thread row buffers: no full-size accumulation copy for float16 / bfloat16.
+  auto grad_query = at::empty(query.sizes(), query.options());
+  auto grad_key = at::empty(key.sizes(), query.options());
   std::vector<at::Tensor> grad_values;
-  for (const auto& v : values_list) grad_values.push_back(at::empty(v.sizes(), acc_options));
-  auto finish = [&] {
-    std::vector<at::Tensor> gv;
-    for (const auto& g : grad_values) gv.push_back(to_contiguous(g, dtype));
-    return std::make_tuple(to_contiguous(grad_query, dtype), to_contiguous(grad_key, dtype), gv);
-  };
+  for (const auto& v : values_list) grad_values.push_back(at::empty(v.sizes(), query.options()));
+  advise_huge_pages(grad_query);
+  advise_huge_pages(grad_key);
+  for (const auto& g : grad_values) advise_huge_pages(g);
+  auto finish = [&] { return std::make_tuple(grad_query, grad_key, grad_values); };
   if (B * N == 0) {
     grad_query.zero_();
     grad_key.zero_();
@@ -248,6 +461,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
   auto bucket = at::empty({B, T + 1}, ix.options());
   const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
+  const bool simd = dtype == at::kFloat && simd_fits(k, e);
+  if (simd) {
+    float* gain = coef.mutable_data_ptr<float>();
+    backward_keys_simd(cpu::select_isa("trajectory_attention_backward"), q, k, e, pos.const_data_ptr<int64_t>(),
+                       ix.const_data_ptr<int64_t>(), gs.const_data_ptr<float>(), chosen.mutable_data_ptr<int64_t>(),
+                       frame.mutable_data_ptr<int64_t>(), gain, gain + B * N, grad_query.mutable_data_ptr<float>());
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "trajectory_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const Rows<const scalar_t> qr(q, q.const_data_ptr<scalar_t>()), kr(k, k.const_data_ptr<scalar_t>());
@@ -258,13 +478,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     int64_t* frame_data = frame.mutable_data_ptr<int64_t>();
     acc_t* gain_data = coef.mutable_data_ptr<acc_t>();
     acc_t* kself_data = gain_data + B * N;
-    acc_t* gq_data = grad_query.mutable_data_ptr<acc_t>();
+    scalar_t* gq_data = grad_query.mutable_data_ptr<scalar_t>();
     // 1. grad_query and the coefficients, per band of tokens. The band's tokens with an
     // inside choice are grouped by frame (token order within a frame), so that the chosen
     // keys are read as in the forward: per (channel block, frame), forward through one map.
     // The sums use the forward's channel blocks, so s is the forward's score bit for bit.
-    at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens);
+    if (!simd) at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), qk(kTokens), kk(kTokens), qself(kTokens), gbuf(kTokens);
       std::vector<int64_t> grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
@@ -333,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
         const acc_t* gain = gain_data + b * N + p0;
         for (int64_t c = 0; c < D; ++c) {
           const scalar_t* qrow = qr.row(b, 0, c) + p0;
-          acc_t* grow = gq_data + (b * D + c) * N + p0;
+          acc_t* grow = gbuf.data();
           // A token whose choice is outside (or none) reads a zero key: no gradient.
           for (int64_t i = 0; i < n; ++i)
             grow[i] = ch[i] >= 0 ? qself[i] * vsr_kernels::convert<acc_t>(qrow[i]) : acc_t(0);
@@ -344,6 +564,8 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
               grow[i] += gain[i] * vsr_kernels::convert<acc_t>(krow[ch[i]]);
             }
           }
+          scalar_t* gout = gq_data + (b * D + c) * N + p0;
+          for (int64_t i = 0; i < n; ++i) gout[i] = vsr_kernels::convert<scalar_t>(grow[i]);
         }
       }
     });
@@ -366,18 +588,24 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
     // 3. grad_key and grad_values, per (b, channel block); for each channel the T frames'
     // rows in turn, each zeroed, then its bucket added in token order. Frames inner: the
     // channel's source row (query or grad_out) stays in L1 across the T frames.
+    // float16 / bfloat16: each row summed in a per-thread float32 row, then rounded once.
+    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
     auto scatter = [&](at::Tensor& grad, int64_t channels, auto&& add_row) {
-      acc_t* g = grad.mutable_data_ptr<acc_t>();
+      scalar_t* g = grad.mutable_data_ptr<scalar_t>();
       const int64_t blocks = (channels + kChannels - 1) / kChannels;
       at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buffer(direct ? 0 : N);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t b = task / blocks, c0 = task % blocks * kChannels;
           const int64_t* bk = bucket_data + b * (T + 1);
           for (int64_t c = c0; c < std::min(c0 + kChannels, channels); ++c)
             for (int64_t t = 0; t < T; ++t) {
-              acc_t* row = g + ((b * T + t) * channels + c) * N;
+              scalar_t* out = g + ((b * T + t) * channels + c) * N;
+              acc_t* row = direct ? reinterpret_cast<acc_t*>(out) : buffer.data();
               std::fill(row, row + N, acc_t(0));
               add_row(row, b, t, c, order_data + b * N + bk[t], bk[t + 1] - bk[t]);
+              if (!direct)
+                for (int64_t p = 0; p < N; ++p) out[p] = vsr_kernels::convert<scalar_t>(row[p]);
             }
         }
       });

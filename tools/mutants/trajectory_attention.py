@@ -7,6 +7,7 @@ TRI = "vsr_kernels/triton/trajectory_attention.py"
 MATH = "csrc/kernels/trajectory_attention.h"
 GLUE = "csrc/glue/trajectory_attention.h"
 CPU = "csrc/cpu/trajectory_attention.cpp"
+SIMD = "csrc/cpu/trajectory_attention_simd.h"
 CUDA = "csrc/cuda/trajectory_attention.cu"
 
 MUTANTS = [
@@ -56,6 +57,13 @@ MUTANTS = [
            "acc_t(0) * vsr_kernels::convert<acc_t>(krow[ps]);", "cpu", "dropped gradient"),
     Mutant("cpp-value-mask", CPU, "if (chosen[i] >= 0) ++start[frame[i] + 1];",
            "++start[frame[i] + 1];", "cpu", "dropped mask", "an outside choice is gathered at token -1"),
+    # The float32 per-ISA kernels (the tests force each ISA with VSR_KERNELS_CPU_ISA).
+    Mutant("cpp-simd-qq-every-chunk", SIMD, "const bool with_q = f0 == 0 && a.qq != nullptr;",
+           "const bool with_q = a.qq != nullptr;", "cpu", "dropped gradient",
+           "|q|^2 summed once per chunk of 4 frames: wrong scores for T > 4"),
+    Mutant("cpp-simd-gather-mask", SIMD, "const M ok = _mm512_cmpge_epi32_mask(i, _mm512_setzero_si512());",
+           "const M ok = _mm512_cmpge_epi32_mask(i, _mm512_set1_epi32(-1));", "cpu", "dropped mask",
+           "AVX-512: an outside lane gathers the element before the row instead of 0"),
     Mutant("cpp-swap-pos", MATH, "return static_cast<int64_t>(y) * width + static_cast<int64_t>(x);",
            "return static_cast<int64_t>(x) * width + static_cast<int64_t>(y);", "cpu", "swapped stride"),
     Mutant("cpp-glue-value-h", GLUE, '    check_size(op, v, 3, "h", q, 2);\n', "", "cpu", "missing check"),
