@@ -1,0 +1,203 @@
+// The AVX-512 per-tile kernels of deform_conv2d (float32): see deform_conv2d_isa.h. Only this
+// translation unit is compiled for AVX-512, through the target pragma.
+#if defined(__GNUC__) && defined(__x86_64__)
+#pragma GCC target("avx512f,avx2,fma")
+// GCC 12's avx512fintrin.h: _mm512_undefined_* inside the masked intrinsics warns falsely.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+
+#include "deform_conv2d_isa.h"
+
+namespace vsr_kernels {
+namespace deform_conv2d {
+namespace avx512 {
+namespace {
+
+// The bilinear neighbours of 16 sample points (common/bilinear.h's rule, vectorised):
+// neighbour n = 2 i + j is (y0 + i, x0 + j) at offset o + {0, 1, W, W + 1}.
+struct Taps {
+  __m512i o;            // y0 W + x0 (0 for a point outside)
+  __m512 ly, lx, hy, hx;  // fractional parts and their complements (0, 0, 1, 1 outside)
+  __m512 poison;        // NaN where y or x is NaN (the NaN itself), else 0
+  __mmask16 valid[4];   // neighbour n lies in the plane and the point in [-1, H) x [-1, W)
+  __mmask16 inside;     // the point lies in [-1, H) x [-1, W) (its coordinate gradient may be nonzero)
+  __mmask16 sampled;    // ... and strictly inside (-1, H) x (-1, W) (it samples the plane)
+};
+
+struct PointCoords {
+  __m512 y, x;
+};
+
+// The sample points of kernel point (i, j) at the 16 positions q, q + 1, ... (lanes outside
+// `lanes` read no offset and are left outside).
+inline PointCoords coords(const TileArgs& a, int64_t k, int64_t q, __mmask16 lanes) {
+  const int64_t i = k / a.kw, j = k % a.kw;
+  const int64_t cy = 2 * (a.og * a.kh * a.kw + k);
+  const float* oy = a.offset + cy * a.HoWo + a.p0 + q;
+  const __m512 dy = _mm512_maskz_loadu_ps(lanes, oy);
+  const __m512 dx = _mm512_maskz_loadu_ps(lanes, oy + a.HoWo);
+  const __m512i yb = _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, a.ybase + q),
+                                      _mm512_set1_epi32(static_cast<int32_t>(i * a.dil_h)));
+  const __m512i xb = _mm512_add_epi32(_mm512_maskz_loadu_epi32(lanes, a.xbase + q),
+                                      _mm512_set1_epi32(static_cast<int32_t>(j * a.dil_w)));
+  return {_mm512_add_ps(_mm512_cvtepi32_ps(yb), dy), _mm512_add_ps(_mm512_cvtepi32_ps(xb), dx)};
+}
+
+inline Taps taps(const TileArgs& a, PointCoords p, __mmask16 lanes) {
+  Taps t;
+  const __m512 minus1 = _mm512_set1_ps(-1.0f), one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  const __m512 Hf = _mm512_set1_ps(static_cast<float>(a.H)), Wf = _mm512_set1_ps(static_cast<float>(a.W));
+  const __m512 y = p.y, x = p.x;
+  // Ordered comparisons: a NaN coordinate is outside.
+  t.inside = lanes & _mm512_cmp_ps_mask(y, minus1, _CMP_GE_OQ) & _mm512_cmp_ps_mask(y, Hf, _CMP_LT_OQ) &
+             _mm512_cmp_ps_mask(x, minus1, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, Wf, _CMP_LT_OQ);
+  t.sampled = t.inside & _mm512_cmp_ps_mask(y, minus1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, minus1, _CMP_GT_OQ);
+  const __mmask16 nan_y = lanes & _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+  const __mmask16 nan_x = lanes & _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  t.poison = _mm512_mask_blend_ps(nan_y, _mm512_mask_blend_ps(nan_x, zero, x), y);
+  const __m512 yc = _mm512_maskz_mov_ps(t.inside, y), xc = _mm512_maskz_mov_ps(t.inside, x);
+  const __m512 fy = _mm512_roundscale_ps(yc, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 fx = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512i y0 = _mm512_cvttps_epi32(fy), x0 = _mm512_cvttps_epi32(fx);
+  t.ly = _mm512_sub_ps(yc, fy);
+  t.lx = _mm512_sub_ps(xc, fx);
+  t.hy = _mm512_sub_ps(one, t.ly);
+  t.hx = _mm512_sub_ps(one, t.lx);
+  const __m512i izero = _mm512_setzero_si512();
+  const __mmask16 ok_y0 = _mm512_cmpge_epi32_mask(y0, izero);
+  const __mmask16 ok_y1 = _mm512_cmplt_epi32_mask(y0, _mm512_set1_epi32(a.H - 1));
+  const __mmask16 ok_x0 = _mm512_cmpge_epi32_mask(x0, izero);
+  const __mmask16 ok_x1 = _mm512_cmplt_epi32_mask(x0, _mm512_set1_epi32(a.W - 1));
+  t.valid[0] = t.inside & ok_y0 & ok_x0;
+  t.valid[1] = t.inside & ok_y0 & ok_x1;
+  t.valid[2] = t.inside & ok_y1 & ok_x0;
+  t.valid[3] = t.inside & ok_y1 & ok_x1;
+  t.o = _mm512_maskz_add_epi32(t.inside, _mm512_mullo_epi32(y0, _mm512_set1_epi32(a.W)), x0);
+  return t;
+}
+
+inline __mmask16 lanes_of(int64_t q, int64_t n) {
+  const int64_t left = n - q;
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+}  // namespace
+
+void forward_columns(const TileArgs& a, float* col) {
+  const int64_t kk = int64_t(a.kh) * a.kw, n = a.n;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one_i = _mm512_set1_epi32(1), W_i = _mm512_set1_epi32(a.W), W1_i = _mm512_set1_epi32(a.W + 1);
+  for (int64_t k = 0; k < kk; ++k) {
+    const float* om = a.mask == nullptr ? nullptr : a.mask + (a.og * kk + k) * a.HoWo + a.p0;
+    for (int64_t q = 0; q < n; q += 16) {
+      const __mmask16 lanes = lanes_of(q, n);
+      const Taps t = taps(a, coords(a, k, q, lanes), lanes);
+      const __m512 m = om == nullptr ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(lanes, om + q);
+      // Weights with the mask folded in, as the scalar path: m (wy wx) where the point samples
+      // the plane, poison m elsewhere (0, or NaN for a NaN coordinate or mask), reading nothing.
+      const __m512 pm = _mm512_mul_ps(t.poison, m);
+      const __m512 w0 = _mm512_mask_blend_ps(t.sampled, pm, _mm512_mul_ps(m, _mm512_mul_ps(t.hy, t.hx)));
+      const __m512 w1 = _mm512_mask_blend_ps(t.sampled, pm, _mm512_mul_ps(m, _mm512_mul_ps(t.hy, t.lx)));
+      const __m512 w2 = _mm512_mask_blend_ps(t.sampled, pm, _mm512_mul_ps(m, _mm512_mul_ps(t.ly, t.hx)));
+      const __m512 w3 = _mm512_mask_blend_ps(t.sampled, pm, _mm512_mul_ps(m, _mm512_mul_ps(t.ly, t.lx)));
+      const __mmask16 v0 = t.valid[0] & t.sampled, v1 = t.valid[1] & t.sampled;
+      const __mmask16 v2 = t.valid[2] & t.sampled, v3 = t.valid[3] & t.sampled;
+      const __m512i o0 = t.o, o1 = _mm512_add_epi32(t.o, one_i), o2 = _mm512_add_epi32(t.o, W_i),
+                    o3 = _mm512_add_epi32(t.o, W1_i);
+      const float* plane = a.input;
+      float* dst = col + k * n + q;
+      for (int64_t c = 0; c < a.channels; ++c, plane += a.HW, dst += kk * n) {
+        const __m512 x0 = _mm512_mask_i32gather_ps(zero, v0, o0, plane, 4);
+        const __m512 x1 = _mm512_mask_i32gather_ps(zero, v1, o1, plane, 4);
+        const __m512 x2 = _mm512_mask_i32gather_ps(zero, v2, o2, plane, 4);
+        const __m512 x3 = _mm512_mask_i32gather_ps(zero, v3, o3, plane, 4);
+        __m512 v = _mm512_mul_ps(w0, x0);
+        v = _mm512_fmadd_ps(w1, x1, v);
+        v = _mm512_fmadd_ps(w2, x2, v);
+        v = _mm512_fmadd_ps(w3, x3, v);
+        _mm512_mask_storeu_ps(dst, lanes, v);
+      }
+    }
+  }
+}
+
+void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin) {
+  const int64_t kk = int64_t(a.kh) * a.kw, n = a.n;
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i one_i = _mm512_set1_epi32(1), W_i = _mm512_set1_epi32(a.W), W1_i = _mm512_set1_epi32(a.W + 1);
+  alignas(64) float s[4][16];
+  alignas(64) int32_t o[16];
+  const int64_t d[4] = {0, 1, a.W, int64_t(a.W) + 1};
+  for (int64_t k = 0; k < kk; ++k) {
+    const int64_t cm = a.og * kk + k;
+    const float* om = a.mask == nullptr ? nullptr : a.mask + cm * a.HoWo + a.p0;
+    float* gy_out = goff + 2 * cm * a.HoWo + a.p0;
+    float* gx_out = gy_out + a.HoWo;
+    float* gm_out = gmask == nullptr ? nullptr : gmask + cm * a.HoWo + a.p0;
+    for (int64_t q = 0; q < n; q += 16) {
+      const __mmask16 lanes = lanes_of(q, n);
+      const Taps t = taps(a, coords(a, k, q, lanes), lanes);
+      const __m512 m = om == nullptr ? _mm512_set1_ps(1.0f) : _mm512_maskz_loadu_ps(lanes, om + q);
+      // Value weights (0 where the point does not sample the plane) and coordinate-gradient
+      // weights d weight / d y, d weight / d x of each neighbour.
+      const __m512 w0 = _mm512_maskz_mul_ps(t.sampled, t.hy, t.hx);
+      const __m512 w1 = _mm512_maskz_mul_ps(t.sampled, t.hy, t.lx);
+      const __m512 w2 = _mm512_maskz_mul_ps(t.sampled, t.ly, t.hx);
+      const __m512 w3 = _mm512_maskz_mul_ps(t.sampled, t.ly, t.lx);
+      // A point whose neighbours are all outside and whose coordinates are not NaN has no
+      // coordinate gradient at all (the scalar path skips it): only `active` lanes accumulate.
+      const __mmask16 active = t.inside | (lanes & _mm512_cmp_ps_mask(t.poison, t.poison, _CMP_UNORD_Q));
+      const __m512i o0 = t.o, o1 = _mm512_add_epi32(t.o, one_i), o2 = _mm512_add_epi32(t.o, W_i),
+                    o3 = _mm512_add_epi32(t.o, W1_i);
+      _mm512_store_si512(o, t.o);
+      __m512 acc_y = zero, acc_x = zero, acc_m = zero;
+      const float* plane = a.input;
+      float* gplane = gin;
+      const float* gc = grad_col + k * n + q;
+      float* vr = val + k * n + q;
+      for (int64_t c = 0; c < a.channels; ++c, plane += a.HW, gplane += a.HW, gc += kk * n, vr += kk * n) {
+        const __m512 x0 = _mm512_mask_i32gather_ps(zero, t.valid[0], o0, plane, 4);
+        const __m512 x1 = _mm512_mask_i32gather_ps(zero, t.valid[1], o1, plane, 4);
+        const __m512 x2 = _mm512_mask_i32gather_ps(zero, t.valid[2], o2, plane, 4);
+        const __m512 x3 = _mm512_mask_i32gather_ps(zero, t.valid[3], o3, plane, 4);
+        __m512 v = _mm512_mul_ps(w0, x0);
+        v = _mm512_fmadd_ps(w1, x1, v);
+        v = _mm512_fmadd_ps(w2, x2, v);
+        v = _mm512_fmadd_ps(w3, x3, v);
+        v = _mm512_mask_blend_ps(t.sampled, t.poison, v);
+        // d sample / d y = hx (x2 - x0) + lx (x3 - x1); d sample / d x = hy (x1 - x0) + ly (x3 - x2).
+        const __m512 dy = _mm512_add_ps(
+            _mm512_fmadd_ps(t.hx, _mm512_sub_ps(x2, x0), _mm512_mul_ps(t.lx, _mm512_sub_ps(x3, x1))), t.poison);
+        const __m512 dx = _mm512_add_ps(
+            _mm512_fmadd_ps(t.hy, _mm512_sub_ps(x1, x0), _mm512_mul_ps(t.ly, _mm512_sub_ps(x3, x2))), t.poison);
+        const __m512 g = _mm512_maskz_loadu_ps(lanes, gc);
+        const __m512 gs = _mm512_mul_ps(g, m);
+        acc_m = _mm512_fmadd_ps(g, v, acc_m);
+        acc_y = _mm512_mask3_fmadd_ps(gs, dy, acc_y, active);
+        acc_x = _mm512_mask3_fmadd_ps(gs, dx, acc_x, active);
+        _mm512_mask_storeu_ps(vr, lanes, _mm512_mul_ps(v, m));
+        // The scatter into grad_input, in order of position then neighbour.
+        __mmask16 todo = t.sampled;
+        if (todo == 0) continue;
+        _mm512_store_ps(s[0], _mm512_mul_ps(gs, w0));
+        _mm512_store_ps(s[1], _mm512_mul_ps(gs, w1));
+        _mm512_store_ps(s[2], _mm512_mul_ps(gs, w2));
+        _mm512_store_ps(s[3], _mm512_mul_ps(gs, w3));
+        while (todo) {
+          const int l = __builtin_ctz(todo);
+          todo &= todo - 1;
+          for (int nb = 0; nb < 4; ++nb)
+            if (t.valid[nb] >> l & 1u) gplane[o[l] + d[nb]] += s[nb][l];
+        }
+      }
+      _mm512_mask_storeu_ps(gy_out + q, lanes, acc_y);
+      _mm512_mask_storeu_ps(gx_out + q, lanes, acc_x);
+      if (gm_out != nullptr) _mm512_mask_storeu_ps(gm_out + q, lanes, acc_m);
+    }
+  }
+}
+
+}  // namespace avx512
+}  // namespace deform_conv2d
+}  // namespace vsr_kernels
+#endif

@@ -1,0 +1,50 @@
+// The AVX-512 per-tile kernels of deform_conv2d on CPU (float32): what the launcher
+// (deform_conv2d.cpp) hands them and their entry points. Only deform_conv2d_avx512.cpp is
+// compiled for AVX-512 (#pragma GCC target), so the extension still loads on any x86-64 CPU;
+// elsewhere, and for the other dtypes, the launcher's scalar code runs. Torch-free.
+//
+// Vectorised across output positions: 16 consecutive positions of a tile at once. For one
+// kernel point the 16 sample points' bilinear neighbours (base offset, four weights, four
+// masks of neighbours inside the plane) are computed once, in registers, and reused for every
+// channel of the offset group: per channel four masked gathers (a neighbour outside the plane
+// is not read, as the scalar rule says) and the weighted sum. Same semantics as
+// common/bilinear.h (torchvision's rule, NaN coordinates, the -1 edge); the arithmetic may
+// contract into fused multiply-adds, so results can differ from the scalar path in the last bits.
+//
+// Index arithmetic is int32 here: the launcher takes this path only where every plane offset
+// and every sample coordinate's integer part fits (fits_int32 in deform_conv2d.cpp).
+#pragma once
+
+#include <cstdint>
+
+namespace vsr_kernels {
+namespace deform_conv2d {
+namespace avx512 {
+
+// One tile of n positions [p0, p0 + n) of one batch element and one offset group og.
+struct TileArgs {
+  const float* offset;  // the batch element's offset, (2 G kk, HoWo) contiguous
+  const float* mask;    // its mask, (G kk, HoWo), or null (all ones)
+  const float* input;   // the offset group's first input plane; its channels HW apart
+  const int32_t* ybase;  // [q]: ho s_h - p_h of position p0 + q
+  const int32_t* xbase;  // [q]: wo s_w - p_w
+  int64_t HoWo, HW, p0, n, channels, og;
+  int32_t H, W, kh, kw, dil_h, dil_w;
+};
+
+// col[(c kk + k) n + q] = the modulated sample of kernel point k at position p0 + q in channel
+// c of the group (the forward's column buffer rows of the group).
+void forward_columns(const TileArgs& a, float* col);
+
+// The backward of one tile for the offset group: from grad_col[(c kk + k) n + q] (the column
+// gradient, weightᵀ · grad_out), writes val[(c kk + k) n + q] = the modulated sample (for the
+// weight gradient), grad_offset's (dy, dx) channels of the group's kernel points at the tile's
+// positions (goff: the batch element's grad_offset, (2 G kk, HoWo)), grad_mask's (gmask: the
+// batch element's, or null), and adds the bilinear scatter into grad_input's planes of the
+// group (gin: the group's first plane), in a fixed order: kernel point, block of 16
+// positions, channel, position, neighbour.
+void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin);
+
+}  // namespace avx512
+}  // namespace deform_conv2d
+}  // namespace vsr_kernels
