@@ -6,7 +6,7 @@
 // Vectorised across output positions: 16 consecutive positions of a tile at once. For one
 // kernel point the 16 sample points' bilinear neighbours (base offset, four weights, four
 // masks of neighbours inside the plane) are computed once, in registers, and reused for every
-// channel of the offset group: per channel four masked gathers (a neighbour outside the plane
+// channel of the offset group: per channel masked gathers of the neighbours (one outside the plane
 // is not read, as the scalar rule says) and the weighted sum. Same semantics as
 // common/bilinear.h (torchvision's rule, NaN coordinates, the -1 edge); the arithmetic may
 // contract into fused multiply-adds, so results can differ from the scalar path in the last bits.
