@@ -208,7 +208,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   at::parallel_for(0, g.B * tiles, 1, [&](int64_t begin, int64_t end) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
     at::Tensor col_buffer = at::empty({rows * P}, acc);
-    at::Tensor out_buffer = at::empty({g.Cout * P}, acc);
+    at::Tensor out_buffer = vectorised ? at::Tensor() : at::empty({g.Cout * P}, acc);
     std::vector<Tap<acc_t>> taps;
     std::vector<int32_t> ybase, xbase;
     for (int64_t task = begin; task < end; ++task) {
@@ -227,6 +227,16 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
         }
         forward_taps<acc_t>(g, off_b, msk_b, og, p0, n, taps);
         gather_group(taps.data(), in_b + og * cpg * HW, HW, cpg, kk, col + og * cpg * kk * n, n);
+      }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorised) {  // out = w · columns + bias, straight into the output, per group
+          for (int64_t gr = 0; gr < g.groups; ++gr)
+            avx512::gemm(cout_g, n, cin_g * kk, w.const_data_ptr<float>() + gr * cout_g * cin_g * kk, cin_g * kk, 1,
+                         col + gr * cin_g * kk * n, n,
+                         out_acc_all.data_ptr<float>() + (b * g.Cout + gr * cout_g) * HoWo + p0, HoWo,
+                         bias_acc.defined() ? bias_acc.const_data_ptr<float>() + gr * cout_g : nullptr, false);
+          continue;
+        }
       }
       const at::Tensor cols = col_buffer.narrow(0, 0, rows * n).view({g.C * kk, n});
       at::Tensor tile = out_buffer.narrow(0, 0, g.Cout * n).view({g.Cout, n});
@@ -296,6 +306,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
       const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
       const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorised) {
+          avx512::gemm(ncols, n, cout_g, w.const_data_ptr<float>() + gr * cout_g * cin_g * kk + cols0, 1, cin_g * kk,
+                       go_b.const_data_ptr<float>() + gr * cout_g * HoWo + p0, HoWo,
+                       grad_col.data_ptr<float>() + (c0 - c_begin) * kk * n, n, nullptr, false);
+          c0 = c1;
+          continue;
+        }
+      }
       at::Tensor gc = grad_col.narrow(0, (c0 - c_begin) * kk, ncols);
       at::mm_out(gc, w.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols).t(),
                  go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n));
@@ -308,6 +327,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
       const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
       const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorised) {
+          avx512::gemm_dot_accumulate(cout_g, ncols, n, go_b.const_data_ptr<float>() + gr * cout_g * HoWo + p0, HoWo,
+                                      val.const_data_ptr<float>() + (c0 - c_begin) * kk * n, n,
+                                      gw_b.data_ptr<float>() + gr * cout_g * cin_g * kk + cols0, cin_g * kk);
+          c0 = c1;
+          continue;
+        }
+      }
       at::Tensor gw = gw_b.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols);
       gw.addmm_(go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n), val.narrow(0, (c0 - c_begin) * kk, ncols).t());
       c0 = c1;

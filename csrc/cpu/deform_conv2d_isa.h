@@ -45,6 +45,16 @@ void forward_columns(const TileArgs& a, float* col);
 // positions, channel, position, neighbour.
 void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin);
 
+// C[m ldc + j] (=, or += where accumulate) sum over k < K of A[m a_m + k a_k] B[k ldb + j]
+// (+ bias[m] where bias is not null), for m < M, j < N: the reduction in increasing k.
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_m, int64_t a_k, const float* B, int64_t ldb,
+          float* C, int64_t ldc, const float* bias, bool accumulate);
+
+// C[m ldc + j] += sum over q < Q of A[m lda + q] B[j ldb + q] (products of rows), for m < M,
+// j < N: 16-lane partial sums in increasing q, then reduced across the lanes in a fixed order.
+void gemm_dot_accumulate(int64_t M, int64_t N, int64_t Q, const float* A, int64_t lda, const float* B, int64_t ldb,
+                         float* C, int64_t ldc);
+
 }  // namespace avx512
 }  // namespace deform_conv2d
 }  // namespace vsr_kernels
