@@ -288,8 +288,8 @@ void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* 
   const int64_t kk = int64_t(a.kh) * a.kw, n = a.n;
   const __m512 zero = _mm512_setzero_ps();
   alignas(64) float s[4][16];
-  alignas(64) int32_t o[16];
-  const int64_t d[4] = {0, 1, a.W, int64_t(a.W) + 1};
+  alignas(64) int64_t o[16];  // each point's neighbour (y0, x0), widened
+  const int64_t W = a.W, d[4] = {0, 1, W, W + 1};
   for (int64_t k = 0; k < kk; ++k) {
     const int64_t cm = a.og * kk + k;
     const float* om = a.mask == nullptr ? nullptr : a.mask + cm * a.HoWo + a.p0;
@@ -310,7 +310,9 @@ void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* 
       // coordinate gradient at all (the scalar path skips it): only `active` lanes accumulate.
       const __mmask16 active = t.inside | (lanes & _mm512_cmp_ps_mask(t.poison, t.poison, _CMP_UNORD_Q));
       const Pairs pr = pairs_of(t.o, t.valid, a.W);
-      _mm512_store_si512(o, t.o);
+      const unsigned full = t.sampled & t.valid[0] & t.valid[1] & t.valid[2] & t.valid[3];
+      _mm512_storeu_si512(o, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(t.o)));
+      _mm512_storeu_si512(o + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(t.o, 1)));
       __m512 acc_y = zero, acc_x = zero, acc_m = zero;
       const float* plane = a.input;
       float* gplane = gin;
@@ -336,7 +338,8 @@ void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* 
         acc_y = _mm512_mask3_fmadd_ps(gs, dy, acc_y, active);
         acc_x = _mm512_mask3_fmadd_ps(gs, dx, acc_x, active);
         _mm512_mask_storeu_ps(vr, lanes, _mm512_mul_ps(v, m));
-        // The scatter into grad_input, in order of position then neighbour.
+        // The scatter into grad_input, in order of position then neighbour; a point with all
+        // four neighbours in the plane (most of them) without a test per neighbour.
         __mmask16 todo = t.sampled;
         if (todo == 0) continue;
         _mm512_store_ps(s[0], _mm512_mul_ps(gs, w0));
@@ -346,6 +349,14 @@ void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* 
         while (todo) {
           const int l = __builtin_ctz(todo);
           todo &= todo - 1;
+          if (full >> l & 1u) {  // then o[l] >= 0
+            float* at = gplane + o[l];
+            at[0] += s[0][l];
+            at[1] += s[1][l];
+            at[W] += s[2][l];
+            at[W + 1] += s[3][l];
+            continue;
+          }
           for (int nb = 0; nb < 4; ++nb)
             if (t.valid[nb] >> l & 1u) gplane[o[l] + d[nb]] += s[nb][l];
         }
