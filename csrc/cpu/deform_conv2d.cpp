@@ -1,7 +1,10 @@
 // CPU launchers of deform_conv2d. No im2col buffer of the whole image: the output positions
 // are cut into tiles of P consecutive positions (P chosen so a tile's column buffer stays in
 // cache), each tile's bilinear samples are gathered into a (C kh kw, P) column buffer and
-// multiplied by the weight with at::mm, one GEMM per group.
+// multiplied by the weight with at::mm, one GEMM per group. float32 on AVX-512 CPUs (and
+// planes whose offsets fit int32) takes the vectorised tile kernels and GEMMs of
+// deform_conv2d_isa.h instead, in the same tiles and tasks; VSR_KERNELS_CPU_ISA=base forces
+// the scalar path (cpu/isa.h).
 //
 // Backward, deterministic without atomics: one task per (batch element b, offset group og).
 // A task owns input channels [og C/G, (og + 1) C/G) of batch element b, so no two tasks write

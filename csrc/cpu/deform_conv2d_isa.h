@@ -6,10 +6,13 @@
 // Vectorised across output positions: 16 consecutive positions of a tile at once. For one
 // kernel point the 16 sample points' bilinear neighbours (base offset, four weights, four
 // masks of neighbours inside the plane) are computed once, in registers, and reused for every
-// channel of the offset group: per channel masked gathers of the neighbours (one outside the plane
-// is not read, as the scalar rule says) and the weighted sum. Same semantics as
-// common/bilinear.h (torchvision's rule, NaN coordinates, the -1 edge); the arithmetic may
-// contract into fused multiply-adds, so results can differ from the scalar path in the last bits.
+// channel of the offset group: per channel masked gathers of the neighbours (a row's two
+// neighbours in one 8-byte lane; one outside the plane is not read, as the scalar rule says)
+// and the weighted sum. Same semantics as common/bilinear.h (torchvision's rule, NaN
+// coordinates, the -1 edge); the arithmetic may contract into fused multiply-adds, so results
+// can differ from the scalar path in the last bits. The tiles' GEMMs are here too (MKL's sgemm
+// runs AVX2 code on AMD CPUs), with a fixed reduction order, so the results do not depend on
+// the number of threads.
 //
 // Index arithmetic is int32 here: the launcher takes this path only where every plane offset
 // and every sample coordinate's integer part fits (fits_int32 in deform_conv2d.cpp).
