@@ -347,6 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::parallel_for(0, g.B * G, 1, [&](int64_t begin, int64_t end) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
     std::vector<int32_t> ybase, xbase;
+    std::vector<float> scratch(vectorised ? cpg * 64 : 0);  // the AVX-512 scatter's values
     at::Tensor val_buffer = at::empty({cpg * kk * P}, acc);
     at::Tensor grad_col_buffer = at::empty({cpg * kk * P}, acc);
     std::vector<Sample<acc_t>> samples;
@@ -370,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             column_gradient(grad_col, go_b, c_begin, p0, n);
             avx512::backward_tile(tile_args(g, off_b, msk_b, in_b + c_begin * HW, og, p0, n, ybase, xbase),
                                   grad_col.const_data_ptr<float>(), val.data_ptr<float>(), goff_b, gmsk_b,
-                                  gin_b + c_begin * HW);
+                                  gin_b + c_begin * HW, scratch.data());
             weight_gradient(gw_b, go_b, val, c_begin, p0, n);
             continue;
           }

@@ -284,10 +284,10 @@ void forward_columns(const TileArgs& a, float* col) {
   }
 }
 
-void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin) {
+void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin,
+                   float* scratch) {
   const int64_t kk = int64_t(a.kh) * a.kw, n = a.n;
   const __m512 zero = _mm512_setzero_ps();
-  alignas(64) float s[4][16];
   alignas(64) int64_t o[16];  // each point's neighbour (y0, x0), widened
   const int64_t W = a.W, d[4] = {0, 1, W, W + 1};
   for (int64_t k = 0; k < kk; ++k) {
@@ -315,10 +315,9 @@ void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* 
       _mm512_storeu_si512(o + 8, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(t.o, 1)));
       __m512 acc_y = zero, acc_x = zero, acc_m = zero;
       const float* plane = a.input;
-      float* gplane = gin;
       const float* gc = grad_col + k * n + q;
       float* vr = val + k * n + q;
-      for (int64_t c = 0; c < a.channels; ++c, plane += a.HW, gplane += a.HW, gc += kk * n, vr += kk * n) {
+      for (int64_t c = 0; c < a.channels; ++c, plane += a.HW, gc += kk * n, vr += kk * n) {
         __m512 x[4];
         read_neighbours(pr, plane, x);
         const __m512 x0 = x[0], x1 = x[1], x2 = x[2], x3 = x[3];
@@ -338,28 +337,35 @@ void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* 
         acc_y = _mm512_mask3_fmadd_ps(gs, dy, acc_y, active);
         acc_x = _mm512_mask3_fmadd_ps(gs, dx, acc_x, active);
         _mm512_mask_storeu_ps(vr, lanes, _mm512_mul_ps(v, m));
-        // The scatter into grad_input, in order of position then neighbour; a point with all
-        // four neighbours in the plane (most of them) without a test per neighbour.
-        __mmask16 todo = t.sampled;
-        if (todo == 0) continue;
-        _mm512_store_ps(s[0], _mm512_mul_ps(gs, w0));
-        _mm512_store_ps(s[1], _mm512_mul_ps(gs, w1));
-        _mm512_store_ps(s[2], _mm512_mul_ps(gs, w2));
-        _mm512_store_ps(s[3], _mm512_mul_ps(gs, w3));
-        while (todo) {
-          const int l = __builtin_ctz(todo);
-          todo &= todo - 1;
-          if (full >> l & 1u) {  // then o[l] >= 0
-            float* at = gplane + o[l];
-            at[0] += s[0][l];
-            at[1] += s[1][l];
-            at[W] += s[2][l];
-            at[W + 1] += s[3][l];
-            continue;
+        // The scatter's values of this channel; added below, after every channel's.
+        if (t.sampled == 0) continue;
+        float* sc = scratch + c * 64;
+        _mm512_storeu_ps(sc, _mm512_mul_ps(gs, w0));
+        _mm512_storeu_ps(sc + 16, _mm512_mul_ps(gs, w1));
+        _mm512_storeu_ps(sc + 32, _mm512_mul_ps(gs, w2));
+        _mm512_storeu_ps(sc + 48, _mm512_mul_ps(gs, w3));
+      }
+      // The scatter into grad_input: per plane in order of position then neighbour, the
+      // planes of the group interleaved per position, so that two read-modify-writes of one
+      // element (a point's right neighbour is often the next point's left one) have the other
+      // channels' between them instead of waiting on each other. A point with all four
+      // neighbours in the plane (most of them) adds its values without tests.
+      for (unsigned todo = t.sampled; todo != 0; todo &= todo - 1) {
+        const int l = __builtin_ctz(todo);
+        const float* sc = scratch + l;
+        if (full >> l & 1u) {  // then o[l] >= 0
+          float* at = gin + o[l];
+          for (int64_t c = 0; c < a.channels; ++c, at += a.HW, sc += 64) {
+            at[0] += sc[0];
+            at[1] += sc[16];
+            at[W] += sc[32];
+            at[W + 1] += sc[48];
           }
-          for (int nb = 0; nb < 4; ++nb)
-            if (t.valid[nb] >> l & 1u) gplane[o[l] + d[nb]] += s[nb][l];
+          continue;
         }
+        for (int64_t c = 0; c < a.channels; ++c, sc += 64)
+          for (int nb = 0; nb < 4; ++nb)
+            if (t.valid[nb] >> l & 1u) gin[c * a.HW + o[l] + d[nb]] += sc[16 * nb];
       }
       _mm512_mask_storeu_ps(gy_out + q, lanes, acc_y);
       _mm512_mask_storeu_ps(gx_out + q, lanes, acc_x);

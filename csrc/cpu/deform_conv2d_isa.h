@@ -44,9 +44,11 @@ void forward_columns(const TileArgs& a, float* col);
 // weight gradient), grad_offset's (dy, dx) channels of the group's kernel points at the tile's
 // positions (goff: the batch element's grad_offset, (2 G kk, HoWo)), grad_mask's (gmask: the
 // batch element's, or null), and adds the bilinear scatter into grad_input's planes of the
-// group (gin: the group's first plane), in a fixed order: kernel point, block of 16
-// positions, channel, position, neighbour.
-void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin);
+// group (gin: the group's first plane), in a fixed order per element: kernel point, block of
+// 16 positions, position, neighbour (the group's planes interleaved per position).
+// scratch: 64 channels floats.
+void backward_tile(const TileArgs& a, const float* grad_col, float* val, float* goff, float* gmask, float* gin,
+                   float* scratch);
 
 // C[m ldc + j] (=, or += where accumulate) sum over k < K of A[m a_m + k a_k] B[k ldb + j]
 // (+ bias[m] where bias is not null), for m < M, j < N: the reduction in increasing k.
