@@ -351,10 +351,7 @@ def test_nan_offset_and_nan_pixel(backend):
     H.assert_same(got, want, **FLOAT64)
 
 
-@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
-def test_minus_one_edge_reads_nothing(backend):
-    """A point exactly on the -1 edge (y == -1 or x == -1) samples 0 without reading the plane:
-    its in-plane neighbours have weight 0, so a NaN there must not leak in (0 * NaN)."""
+def _minus_one_edge_case():
     B, C, Hh, Ww = 1, 2, 4, 5
     input = torch.randn(B, C, Hh, Ww, dtype=torch.float64)
     input[:, :, 0, :] = float("nan")  # row 0: the neighbours of y == -1
@@ -366,7 +363,14 @@ def test_minus_one_edge_reads_nothing(backend):
     offset[0, 1] = torch.where(wo < 2, 0.25, -1.0 - wo)  # else x == -1
     weight = torch.randn(3, C, 1, 1, dtype=torch.float64)
     mask = torch.rand(B, 1, Hh, Ww, dtype=torch.float64)
-    tensors, geometry = [input, offset, weight, mask, None], (1, 0, 1)
+    return [input, offset, weight, mask, None], (1, 0, 1)
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
+def test_minus_one_edge_reads_nothing(backend):
+    """A point exactly on the -1 edge (y == -1 or x == -1) samples 0 without reading the plane:
+    its in-plane neighbours have weight 0, so a NaN there must not leak in (0 * NaN)."""
+    tensors, geometry = _minus_one_edge_case()
     want = _reference(*geometry)(*tensors)
     got = _forward(backend, *geometry)(*[t.to(backend.device) if t is not None else None
                                          for t in tensors]).cpu()
@@ -410,3 +414,108 @@ def test_backward_is_deterministic(backend):
     runs = [_run(_forward(backend, *geometry), _leaves(tensors)) for _ in range(2)]
     for a, b in zip(H._flatten(runs[0]), H._flatten(runs[1])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu",)))
+def test_forward_and_backward_same_bits_for_any_thread_count(backend):
+    """The tiles and tasks do not depend on the number of threads: same bits for 1, 2 and 3."""
+    case = (2, 16, 8, 19, 23, (3, 3), 2, 4, 1, 1, 1, True, "mixed")  # several tiles per task
+    tensors, geometry = _tensors(make_case(case, seed=5, dtype=torch.float32))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run(_forward(backend, *geometry), _leaves(tensors)))
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for a, b in zip(H._flatten(runs[0]), H._flatten(run)):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------
+# The CPU backend's AVX-512 float32 tile kernels (csrc/cpu/deform_conv2d_avx512.cpp):
+# VSR_KERNELS_CPU_ISA forces the scalar path ("base") or them. Both, in float32, against each
+# other and the float64 reference on the same float32 inputs: the whole sweep (boundaries,
+# integers, points outside, the -1 edge, groups, stride/padding/dilation), tails of the
+# 16-position blocks, NaN.
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+_HAS_AVX512 = {"avx512f", "fma"} <= _cpu_flags()
+needs_avx512 = pytest.mark.skipif(not _HAS_AVX512, reason="CPU lacks avx512f")
+FLOAT32 = dict(rtol=1e-4, atol=1e-4)
+
+
+def _float32_run(backend, args, isa, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    tensors, geometry = _tensors(args)
+    want = _run(_reference(*geometry), _leaves(tensors))
+    grad_outputs = [g.float() for g in H.upstream_grads(want[0])]
+    got = _run(_forward(backend, *geometry), _leaves(tensors, dtype=torch.float32), grad_outputs)
+    return [t.double() for t in H._flatten(got)], want
+
+
+@needs_avx512
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu",)))
+@pytest.mark.parametrize("index", range(len(SWEEP)))
+def test_cpu_avx512_float32_matches_scalar_path(backend, index, monkeypatch):
+    """Same float32 sample coordinates on both paths, so the same bilinear cases (an edge or an
+    integer crossed by float32 rounding is crossed by both): results within float32 rounding."""
+    args = tuple(a.float().double() if isinstance(a, torch.Tensor) else a
+                 for a in make_case(SWEEP[index], seed=index))
+    scalar, _ = _float32_run(backend, args, "base", monkeypatch)
+    vector, _ = _float32_run(backend, args, "avx512", monkeypatch)
+    H.assert_same(vector, scalar, **FLOAT32)
+
+
+@needs_avx512
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu",)))
+@pytest.mark.parametrize("case", [
+    (1, 8, 8, 9, 7, (3, 3), 1, 2, 1, 1, 1, True, "random"),      # 63 positions: a 15-lane tail
+    (1, 4, 6, 17, 16, (3, 3), 2, 1, 1, 1, 1, False, "random"),   # 272: full blocks only
+    (2, 6, 4, 11, 13, (1, 3), 1, 3, 2, 1, (1, 2), True, "random"),
+    (1, 4, 4, 40, 40, (5, 5), 1, 4, 1, 2, 1, True, "random"),    # several tiles
+], ids=case_id)
+def test_cpu_avx512_float32_matches_reference(backend, case, monkeypatch):
+    args = tuple(a.float().double() if isinstance(a, torch.Tensor) else a for a in make_case(case, seed=3))
+    got, want = _float32_run(backend, args, "avx512", monkeypatch)
+    H.assert_same(got, want, **FLOAT32)
+
+
+@needs_avx512
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu",)))
+def test_cpu_avx512_float32_nan(backend, monkeypatch):
+    """NaN offset, NaN mask and NaN pixel: the output has NaN exactly where the reference has it,
+    and every gradient NaN exactly where the scalar path has it (which documents the gradient
+    at a NaN coordinate in common/bilinear.h: NaN, where the reference's is 0)."""
+    args = list(_tiny(seed=2, kind="random"))
+    args[1][0, 4, 1, 2] = float("nan")  # dy of kernel point 2 of offset group 0 at one output
+    args[1][1, 9, 0, 3] = float("nan")  # dx of kernel point 4 of offset group 0
+    args[0][1, 3, 2, 2] = float("nan")  # one pixel of the second batch element
+    args[7][0, 10, 3, 1] = float("nan")  # a mask value
+    args = tuple(a.float().double() if isinstance(a, torch.Tensor) else a for a in args)
+    scalar, want = _float32_run(backend, args, "base", monkeypatch)
+    vector, _ = _float32_run(backend, args, "avx512", monkeypatch)
+    assert all(torch.isnan(t).any() for t in vector[:5])  # out and the four gradients but bias
+    H.assert_same(vector[0], H._flatten(want)[0], **FLOAT32)
+    H.assert_same(vector, scalar, **FLOAT32)
+
+
+@needs_avx512
+@pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu",)))
+def test_cpu_avx512_minus_one_edge_reads_nothing(backend, monkeypatch):
+    """The -1 edge in float32 through the AVX-512 kernels (exact there too: integer offsets)."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "avx512")
+    tensors, geometry = _minus_one_edge_case()
+    got = _forward(backend, *geometry)(*[None if t is None else t.float() for t in tensors])
+    assert torch.equal(got, torch.zeros_like(got))

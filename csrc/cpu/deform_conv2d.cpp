@@ -1,7 +1,10 @@
 // CPU launchers of deform_conv2d. No im2col buffer of the whole image: the output positions
 // are cut into tiles of P consecutive positions (P chosen so a tile's column buffer stays in
 // cache), each tile's bilinear samples are gathered into a (C kh kw, P) column buffer and
-// multiplied by the weight with at::mm, one GEMM per group.
+// multiplied by the weight with at::mm, one GEMM per group. float32 on AVX-512 CPUs (and
+// planes whose offsets fit int32) takes the vectorised tile kernels and GEMMs of
+// deform_conv2d_isa.h instead, in the same tiles and tasks; VSR_KERNELS_CPU_ISA=base forces
+// the scalar path (cpu/isa.h).
 //
 // Backward, deterministic without atomics: one task per (batch element b, offset group og).
 // A task owns input channels [og C/G, (og + 1) C/G) of batch element b, so no two tasks write
@@ -24,13 +27,71 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../glue/deform_conv2d.h"
+#include "deform_conv2d_isa.h"
+#include "isa.h"
 
 namespace vsr_kernels {
 namespace deform_conv2d {
 namespace {
+
+constexpr char kForwardOp[] = "deform_conv2d";
+constexpr char kBackwardOp[] = "deform_conv2d_backward";
+
+// The AVX-512 tile kernels (deform_conv2d_isa.h) take float32 and int32 index arithmetic:
+// every plane offset (at most H W + W) and every sample coordinate's integer part
+// (|ho s_h - p_h + i d_h| <= Ho s_h + p_h + kh d_h) must fit, with room to spare.
+bool fits_int32(const Geometry& g) {
+  constexpr int64_t kLimit = int64_t(1) << 30;
+  return g.H < kLimit && g.W < kLimit && g.H * g.W + g.W < kLimit &&
+         g.Ho * g.stride_h + g.pad_h + int64_t(g.kh) * g.dil_h < kLimit &&
+         g.Wo * g.stride_w + g.pad_w + int64_t(g.kw) * g.dil_w < kLimit;
+}
+
+template <typename scalar_t>
+bool use_avx512(const Geometry& g, const char* op) {
+  return std::is_same_v<scalar_t, float> && cpu::select_isa(op) == cpu::Isa::kAvx512 && fits_int32(g);
+}
+
+// The tile kernels' arguments for positions [p0, p0 + n) of offset group og; ybase/xbase
+// (n long) are filled with ho s_h - p_h and wo s_w - p_w of each position.
+avx512::TileArgs tile_args(const Geometry& g, const float* offset_b, const float* mask_b, const float* planes,
+                           int64_t og, int64_t p0, int64_t n, std::vector<int32_t>& ybase,
+                           std::vector<int32_t>& xbase) {
+  ybase.resize(n);
+  xbase.resize(n);
+  int64_t ho = p0 / g.Wo, wo = p0 % g.Wo;
+  for (int64_t q = 0; q < n; ++q) {
+    ybase[q] = static_cast<int32_t>(ho * g.stride_h - g.pad_h);
+    xbase[q] = static_cast<int32_t>(wo * g.stride_w - g.pad_w);
+    if (++wo == g.Wo) {
+      wo = 0;
+      ++ho;
+    }
+  }
+  avx512::TileArgs a;
+  a.offset = offset_b;
+  a.mask = mask_b;
+  a.input = planes;
+  a.ybase = ybase.data();
+  a.xbase = xbase.data();
+  a.HoWo = g.positions();
+  a.HW = g.H * g.W;
+  a.p0 = p0;
+  a.n = n;
+  a.channels = g.offset_group_in();
+  a.og = og;
+  a.H = static_cast<int32_t>(g.H);
+  a.W = static_cast<int32_t>(g.W);
+  a.kh = g.kh;
+  a.kw = g.kw;
+  a.dil_h = g.dil_h;
+  a.dil_w = g.dil_w;
+  return a;
+}
 
 // Positions per tile: the column buffer (C kh kw rows of P values) holds about this many bytes.
 constexpr int64_t kColumnBytes = 256 * 1024;
@@ -146,11 +207,13 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   const scalar_t* off = offset.const_data_ptr<scalar_t>();
   const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+  const bool vectorised = use_avx512<scalar_t>(g, kForwardOp);
   at::parallel_for(0, g.B * tiles, 1, [&](int64_t begin, int64_t end) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
     at::Tensor col_buffer = at::empty({rows * P}, acc);
-    at::Tensor out_buffer = at::empty({g.Cout * P}, acc);
+    at::Tensor out_buffer = vectorised ? at::Tensor() : at::empty({g.Cout * P}, acc);
     std::vector<Tap<acc_t>> taps;
+    std::vector<int32_t> ybase, xbase;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles, p0 = task % tiles * P, n = std::min(P, HoWo - p0);
       acc_t* col = col_buffer.data_ptr<acc_t>();
@@ -158,8 +221,25 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
       const scalar_t* off_b = off + b * 2 * g.offset_groups * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * g.offset_groups * kk * HoWo;
       for (int64_t og = 0; og < g.offset_groups; ++og) {
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (vectorised) {
+            avx512::forward_columns(tile_args(g, off_b, msk_b, in_b + og * cpg * HW, og, p0, n, ybase, xbase),
+                                    col + og * cpg * kk * n);
+            continue;
+          }
+        }
         forward_taps<acc_t>(g, off_b, msk_b, og, p0, n, taps);
         gather_group(taps.data(), in_b + og * cpg * HW, HW, cpg, kk, col + og * cpg * kk * n, n);
+      }
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorised) {  // out = w · columns + bias, straight into the output, per group
+          for (int64_t gr = 0; gr < g.groups; ++gr)
+            avx512::gemm(cout_g, n, cin_g * kk, w.const_data_ptr<float>() + gr * cout_g * cin_g * kk, cin_g * kk, 1,
+                         col + gr * cin_g * kk * n, n,
+                         out_acc_all.data_ptr<float>() + (b * g.Cout + gr * cout_g) * HoWo + p0, HoWo,
+                         bias_acc.defined() ? bias_acc.const_data_ptr<float>() + gr * cout_g : nullptr, false);
+          continue;
+        }
       }
       const at::Tensor cols = col_buffer.narrow(0, 0, rows * n).view({g.C * kk, n});
       at::Tensor tile = out_buffer.narrow(0, 0, g.Cout * n).view({g.Cout, n});
@@ -221,8 +301,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const scalar_t* in = input.const_data_ptr<scalar_t>();
   const scalar_t* off = offset.const_data_ptr<scalar_t>();
   const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
+  const bool vectorised = use_avx512<scalar_t>(g, kBackwardOp);
+  // The channels [c_begin, c_begin + cpg) of an offset group, cut where a weight group ends:
+  // per segment, its column gradient wᵀ · grad_out (a GEMM split along K) ...
+  const auto column_gradient = [&](at::Tensor& grad_col, const at::Tensor& go_b, int64_t c_begin, int64_t p0,
+                                   int64_t n) {
+    for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
+      const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
+      const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorised) {
+          avx512::gemm(ncols, n, cout_g, w.const_data_ptr<float>() + gr * cout_g * cin_g * kk + cols0, 1, cin_g * kk,
+                       go_b.const_data_ptr<float>() + gr * cout_g * HoWo + p0, HoWo,
+                       grad_col.data_ptr<float>() + (c0 - c_begin) * kk * n, n, nullptr, false);
+          c0 = c1;
+          continue;
+        }
+      }
+      at::Tensor gc = grad_col.narrow(0, (c0 - c_begin) * kk, ncols);
+      at::mm_out(gc, w.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols).t(),
+                 go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n));
+      c0 = c1;
+    }
+  };
+  // ... and its weight gradient grad_out · (mask val)ᵀ, added to gw_b.
+  const auto weight_gradient = [&](at::Tensor& gw_b, const at::Tensor& go_b, const at::Tensor& val, int64_t c_begin,
+                                   int64_t p0, int64_t n) {
+    for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
+      const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
+      const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (vectorised) {
+          avx512::gemm_dot_accumulate(cout_g, ncols, n, go_b.const_data_ptr<float>() + gr * cout_g * HoWo + p0, HoWo,
+                                      val.const_data_ptr<float>() + (c0 - c_begin) * kk * n, n,
+                                      gw_b.data_ptr<float>() + gr * cout_g * cin_g * kk + cols0, cin_g * kk);
+          c0 = c1;
+          continue;
+        }
+      }
+      at::Tensor gw = gw_b.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols);
+      gw.addmm_(go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n), val.narrow(0, (c0 - c_begin) * kk, ncols).t());
+      c0 = c1;
+    }
+  };
   at::parallel_for(0, g.B * G, 1, [&](int64_t begin, int64_t end) {
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKeySet{c10::DispatchKey::AutocastCPU});
+    std::vector<int32_t> ybase, xbase;
+    std::vector<float> scratch(vectorised ? cpg * 64 : 0);  // the AVX-512 scatter's values
     at::Tensor val_buffer = at::empty({cpg * kk * P}, acc);
     at::Tensor grad_col_buffer = at::empty({cpg * kk * P}, acc);
     std::vector<Sample<acc_t>> samples;
@@ -239,9 +364,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       const at::Tensor go_b = go[b];
       for (int64_t p0 = 0; p0 < HoWo; p0 += P) {
         const int64_t n = std::min(P, HoWo - p0);
-        sample_tile<acc_t>(g, off_b, msk_b, og, p0, n, samples);
         at::Tensor val = val_buffer.narrow(0, 0, cpg * kk * n).view({cpg * kk, n});
         at::Tensor grad_col = grad_col_buffer.narrow(0, 0, cpg * kk * n).view({cpg * kk, n});
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (vectorised) {
+            column_gradient(grad_col, go_b, c_begin, p0, n);
+            avx512::backward_tile(tile_args(g, off_b, msk_b, in_b + c_begin * HW, og, p0, n, ybase, xbase),
+                                  grad_col.const_data_ptr<float>(), val.data_ptr<float>(), goff_b, gmsk_b,
+                                  gin_b + c_begin * HW, scratch.data());
+            weight_gradient(gw_b, go_b, val, c_begin, p0, n);
+            continue;
+          }
+        }
+        sample_tile<acc_t>(g, off_b, msk_b, og, p0, n, samples);
         acc_t* v = val.data_ptr<acc_t>();
         for (int64_t c = 0; c < cpg; ++c) {
           const scalar_t* plane = in_b + (c_begin + c) * HW;
@@ -251,16 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             for (int64_t q = 0; q < n; ++q) row[q] = bilinear_sample<acc_t>(s[q].at, plane);
           }
         }
-        // The channels of og, cut where a weight group ends: per segment, its column gradient
-        // wᵀ · grad_out (GEMM split along K) and its weight gradient grad_out · (mask val)ᵀ.
-        for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
-          const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
-          const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
-          at::Tensor gc = grad_col.narrow(0, (c0 - c_begin) * kk, ncols);
-          at::mm_out(gc, w.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols).t(),
-                     go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n));
-          c0 = c1;
-        }
+        // The column gradient of og's channels (its weight gradient after the scatter).
+        column_gradient(grad_col, go_b, c_begin, p0, n);
         // Offset and mask gradients of the tile, and the scatter into grad_input, in order.
         std::fill(gy.begin(), gy.begin() + kk * n, acc_t(0));
         std::fill(gx.begin(), gx.begin() + kk * n, acc_t(0));
@@ -302,14 +429,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             for (int64_t q = 0; q < n; ++q) om[q] = gm[k * n + q];
           }
         }
-        for (int64_t c0 = c_begin; c0 < c_begin + cpg;) {
-          const int64_t gr = c0 / cin_g, c1 = std::min(c_begin + cpg, (gr + 1) * cin_g);
-          const int64_t cols0 = (c0 - gr * cin_g) * kk, ncols = (c1 - c0) * kk;
-          at::Tensor gw = gw_b.narrow(0, gr * cout_g, cout_g).narrow(1, cols0, ncols);
-          gw.addmm_(go_b.narrow(0, gr * cout_g, cout_g).narrow(1, p0, n),
-                    val.narrow(0, (c0 - c_begin) * kk, ncols).t());
-          c0 = c1;
-        }
+        weight_gradient(gw_b, go_b, val, c_begin, p0, n);
       }
     }
   });

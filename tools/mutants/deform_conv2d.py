@@ -14,6 +14,7 @@ SAMPLER = "csrc/common/bilinear.h"
 MATH = "csrc/kernels/deform_conv2d.h"
 GLUE = "csrc/glue/deform_conv2d.h"
 CPU = "csrc/cpu/deform_conv2d.cpp"
+AVX512 = "csrc/cpu/deform_conv2d_avx512.cpp"
 
 MUTANTS = [
     # Python checks and autograd.
@@ -58,4 +59,16 @@ MUTANTS = [
     Mutant("cpp-drop-scatter", CPU, "                if (sq.at.valid >> nb & 1u) gplane[sq.at.offset[nb]] += gs * sq.at.weight[nb];",
            "                if (nb < 3 && (sq.at.valid >> nb & 1u)) gplane[sq.at.offset[nb]] += gs * sq.at.weight[nb];",
            "cpu", "dropped gradient"),
+    # The AVX-512 float32 tile kernels (killed by the float32 tests that force them).
+    Mutant("cpp-avx512-edge-rule", AVX512,
+           "  t.sampled = t.inside & _mm512_cmp_ps_mask(y, minus1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, minus1, _CMP_GT_OQ);",
+           "  t.sampled = t.inside & _mm512_cmp_ps_mask(y, minus1, _CMP_GT_OQ);", "cpu", "tie rule"),
+    Mutant("cpp-avx512-edge-reads", AVX512, "  if (p.any_edge)", "  if (false)", "cpu", "dropped mask",
+           "skips the points with one neighbour of a row outside the plane"),
+    Mutant("cpp-avx512-scatter-edge", AVX512,
+           "            if (t.valid[nb] >> l & 1u) gplane[o[l] + d[nb]] += s[nb][l];",
+           "            if (nb < 3 && (t.valid[nb] >> l & 1u)) gplane[o[l] + d[nb]] += s[nb][l];", "cpu",
+           "dropped gradient"),
+    Mutant("cpp-avx512-gemm-strides", AVX512, "      const __m512 a = _mm512_set1_ps(A[r * a_m + k * a_k]);",
+           "      const __m512 a = _mm512_set1_ps(A[r * a_k + k * a_m]);", "cpu", "swapped stride"),
 ]
