@@ -1,22 +1,29 @@
-// CPU launchers of deform_kernel_conv2d (depthwise deformable-kernel convolution). Nothing of
-// the size of the output times the taps is ever built: every pass walks output rows, builds
-// the sampling taps of a row once per (kernel group, offset group) and reuses them across the
-// group's channels; every channel's kernel scope is read from a zero-padded copy (a few dozen
-// values, in L1) so that a kernel sample is four unconditional loads.
+// CPU launchers of deform_kernel_conv2d (depthwise deformable-kernel convolution).
 //
-// Forward: one task per (batch element b, output row). Per channel, the row is accumulated
-// tap by tap over the output pixels of the row (unit stride along W: vectorisable).
+// Layout: the work runs channels-last. The input (and, in the backward, grad_out) is copied
+// once into a (B, pixels, C) buffer in the accumulation dtype, and every channel's kernel
+// scope into a zero-padded, transposed (scope position, C) table. A sampling tap (its two
+// bilinear samplers, common/bilinear.h) is then built once per (position, tap, group) and
+// applied to all channels of its group by unit-stride loops over the channels (vectorised by
+// the compiler: no gathers), reading four neighbour rows of the scope table and four of the
+// input buffer; a neighbour outside the input or the scope reads a row of zeros. Nothing of
+// the size of the output times the taps is ever built.
+//
+// Forward: one task per (batch element b, output row); a row's (Wo, C) accumulator stays in
+// cache and is written out channels-first.
 //
 // Backward, deterministic without atomics, recomputing both samplings (nothing is stored per
 // output position between forward and backward):
-// - pass A, one task per (b, output row): the per-position reductions over channels, i.e. the
+// - pass A, one task per (b, output row): the per-position reductions over channels: the
 //   kernel-offset gradient (over the kernel group's channels), the input-offset and mask
 //   gradients (over the offset group's channels). Each element is written by its row's task
-//   only, after a sum over channels in increasing order.
-// - pass B, one task per (b, block of channels sharing a kernel group and an offset group): the
-//   input gradient (a bilinear scatter within the channel's plane, in fixed order (row, tap,
-//   column)) and the per-(b, c) partials of the weight (a scatter into the channel's padded
-//   scope) and bias gradients; both are summed over b = 0, 1, ... at the end.
+//   only, after a sum over the channels in a fixed order (per-lane partial sums over blocks
+//   of kLanes channels, then the lanes in order).
+// - pass B, one task per (b, block of channels sharing a kernel group and an offset group):
+//   the input gradient (a bilinear scatter into the block's channels of a channels-last
+//   buffer, in fixed order (row, column, tap, neighbour)) and the per-(b, c) partials of the
+//   weight (a scatter into the block's columns of the padded scope table) and bias
+//   gradients; both are summed over b = 0, 1, ... at the end.
 // So every gradient is bitwise identical run to run, whatever the number of threads.
 // float16 and bfloat16 are computed in float32 and rounded once to the input dtype.
 #include <ATen/Dispatch.h>
@@ -36,55 +43,95 @@ namespace vsr_kernels {
 namespace deform_kernel_conv2d {
 namespace {
 
-// A channel's kernel scope copied into a zero border: (Sh + 2) rows of Sw + 2, then a zero tail.
-// The neighbours of a scope point with floor (y0, x0), y0 in [-1, Sh - 1], x0 in [-1, Sw - 1],
-// lie at base + {0, 1, row, row + 1}, base = (y0 + 1) row + x0 + 1, all inside the copy; a
-// neighbour outside the scope reads a zero of the border. `zero` is a base whose four
-// neighbours are all zeros of the tail (a point that samples nothing).
+// Tasks per thread chunk: at least about kMinWork (channel, tap, position) terms, so that a
+// small call runs on the calling thread (waking a busy thread pool costs milliseconds).
+constexpr int64_t kMinWork = int64_t(1) << 16;
+
+int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task)); }
+
+// A channel's kernel scope in a zero border: (Sh + 2) rows of Sw + 2 positions, then a zero
+// tail. The neighbours of a scope point with floor (y0, x0), y0 in [-1, Sh - 1], x0 in
+// [-1, Sw - 1], lie at positions base + {0, 1, row, row + 1}, base = (y0 + 1) row + x0 + 1,
+// all inside; a neighbour outside the scope reads a zero of the border. `zero` is a base whose
+// four neighbours are all zeros of the tail (a point that samples nothing).
 struct ScopeLayout {
   int64_t row, size, zero;
-  explicit ScopeLayout(const Geometry& g) : row(g.Sw + 2), size((g.Sh + 2) * (g.Sw + 2) + g.Sw + 4),
-                                            zero((g.Sh + 2) * (g.Sw + 2)) {}
-  int64_t neighbour(int n) const { return (n >> 1) * row + (n & 1); }
+  explicit ScopeLayout(const Geometry& g)
+      : row(g.Sw + 2), size((g.Sh + 2) * (g.Sw + 2) + g.Sw + 4), zero((g.Sh + 2) * (g.Sw + 2)) {}
 };
 
-// The padded scopes of every channel, in acc_t: scopes[c * size + ...].
+// The padded scopes of every channel, transposed: table[position * C + c], in acc_t.
 template <typename acc_t, typename T>
-std::vector<acc_t> padded_scopes(const Geometry& g, const ScopeLayout& L, const T* weight) {
-  std::vector<acc_t> scopes(g.C * L.size, acc_t(0));
+std::vector<acc_t> scope_table(const Geometry& g, const ScopeLayout& L, const T* weight) {
+  std::vector<acc_t> table(L.size * g.C, acc_t(0));
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t y = 0; y < g.Sh; ++y)
       for (int64_t x = 0; x < g.Sw; ++x)
-        scopes[c * L.size + (y + 1) * L.row + x + 1] =
-            vsr_kernels::convert<acc_t>(weight[(c * g.Sh + y) * g.Sw + x]);
-  return scopes;
+        table[((y + 1) * L.row + x + 1) * g.C + c] = vsr_kernels::convert<acc_t>(weight[(c * g.Sh + y) * g.Sw + x]);
+  return table;
 }
 
-// A kernel-scope sample in the padded scope: base, the bilinear weights (0 when the point
-// samples nothing) and, for the backward, their coordinate derivatives; poison is NaN for a
-// NaN coordinate. The shared sampler (common/bilinear.h) computes everything but the base.
-// value_base is base where the point samples the scope, else `zero`: a point on the -1 edge
-// has weights 0 but in-scope neighbours, which its value must not read (0 * NaN).
+// dst[b, p, c] = src[b, c, p] in acc_t: (B, C, P) -> (B, P, C), in blocks of pixels.
+template <typename acc_t, typename T>
+void to_channels_last(const T* src, acc_t* dst, int64_t B, int64_t C, int64_t P) {
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (P + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks, grain(kBlock * C), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, p0 = task % blocks * kBlock, p1 = std::min(P, p0 + kBlock);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* s = src + (b * C + c) * P;
+        acc_t* d = dst + b * P * C + c;
+        for (int64_t p = p0; p < p1; ++p) d[p * C] = vsr_kernels::convert<acc_t>(s[p]);
+      }
+    }
+  });
+}
+
+// dst[b, c, p] = src[b, p, c]: (B, P, C) -> (B, C, P).
+template <typename acc_t>
+void from_channels_last(const acc_t* src, acc_t* dst, int64_t B, int64_t C, int64_t P) {
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (P + kBlock - 1) / kBlock;
+  at::parallel_for(0, B * blocks, grain(kBlock * C), [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, p0 = task % blocks * kBlock, p1 = std::min(P, p0 + kBlock);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* s = src + b * P * C + c;
+        acc_t* d = dst + (b * C + c) * P;
+        for (int64_t p = p0; p < p1; ++p) d[p] = s[p * C];
+      }
+    }
+  });
+}
+
+// A kernel-scope sample in the padded scope: base (for the coordinate gradients),
+// value_base (base where the point samples the scope, else `zero`: a point on the -1 edge has
+// weights 0 but in-scope neighbours, which its value must not read, since 0 * NaN = NaN), the
+// bilinear weights (0 where the point samples nothing) and their coordinate derivatives;
+// poison is NaN for a NaN coordinate. The shared sampler computes everything but the bases.
 template <typename acc_t>
 struct KernelTap {
-  int32_t base, value_base;
+  int64_t base, value_base;
   bool sampled;
   acc_t weight[4], grad_y[4], grad_x[4], poison;
 };
 
-template <typename acc_t>
-KernelTap<acc_t> kernel_tap(const Geometry& g, const ScopeLayout& L, int64_t k, acc_t dky, acc_t dkx) {
+template <typename acc_t, typename T>
+KernelTap<acc_t> kernel_tap(const Geometry& g, const ScopeLayout& L, const T* kernel_offset_b, int64_t gk, int64_t k,
+                            int64_t p) {
+  const T* o = kernel_offset_b + pair_channel(g, gk, k) * g.positions() + p;
   acc_t ky, kx;
-  kernel_point(g, k, dky, dkx, &ky, &kx);
+  kernel_point(g, k, vsr_kernels::convert<acc_t>(o[0]), vsr_kernels::convert<acc_t>(o[g.positions()]), &ky, &kx);
   const Bilinear<acc_t> b = scope_sampler(g, ky, kx);
   KernelTap<acc_t> t;
   t.sampled = b.sampled;
   t.poison = b.poison;
   // valid != 0 exactly when the point lies in [-1, Sh) x [-1, Sw) (the sampled region and its -1 edge).
-  t.base = static_cast<int32_t>(
-      b.valid != 0u ? (static_cast<int64_t>(floor_of(ky)) + 1) * L.row + static_cast<int64_t>(floor_of(kx)) + 1
-                    : L.zero);
-  t.value_base = b.sampled ? t.base : static_cast<int32_t>(L.zero);
+  t.base = b.valid != 0u
+               ? (static_cast<int64_t>(floor_of(ky)) + 1) * L.row + static_cast<int64_t>(floor_of(kx)) + 1
+               : L.zero;
+  t.value_base = b.sampled ? t.base : L.zero;
   for (int n = 0; n < 4; ++n) {
     t.weight[n] = b.weight[n];
     t.grad_y[n] = b.grad_y[n];
@@ -93,120 +140,159 @@ KernelTap<acc_t> kernel_tap(const Geometry& g, const ScopeLayout& L, int64_t k, 
   return t;
 }
 
-// The forward's kernel tap: base and weights with the poison folded in (a NaN coordinate
-// makes every weight NaN, and the sample NaN).
+// An input sample in a channels-last batch element: the pixel of each neighbour (-1 where it
+// is absent: it reads a row of zeros) for the value and for the coordinate gradient (a point
+// on the -1 edge reads no value, but its neighbours inside give the one-sided gradient), the
+// weights and their coordinate derivatives, the poison and the mask value.
 template <typename acc_t>
-struct ForwardKernelTap {
-  int32_t base;
-  acc_t weight[4];
+struct InputSample {
+  int64_t pixel[4];        // for the value
+  int64_t grad_pixel[4];   // for the coordinate gradient
+  acc_t weight[4], grad_y[4], grad_x[4], poison, mask;
+  bool scatter;  // the point samples the input: its value's gradient reaches the input
 };
 
-// The forward's input tap: the four neighbours' plane offsets (0, in bounds, for one that is
-// absent) and weights with the mask and the poison folded in; bit n of `valid`: neighbour n
-// is read (an absent neighbour reads 0, whatever its weight).
-template <typename acc_t>
-struct ForwardInputTap {
-  int64_t offset[4];
-  acc_t weight[4];
-  unsigned valid;
-};
-
-// Tasks per thread chunk: at least about kMinWork (channel, tap, position) terms, so that a
-// small call runs on the calling thread (waking a busy thread pool costs milliseconds).
-constexpr int64_t kMinWork = int64_t(1) << 16;
-
-int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task)); }
-
-// Per (tap k, column q) of a row: the mask value at (k, q) of offset group og (1 without mask).
 template <typename acc_t, typename T>
-acc_t mask_value(const Geometry& g, const T* mask_b, int64_t og, int64_t k, int64_t p) {
-  return mask_b == nullptr ? acc_t(1)
-                           : vsr_kernels::convert<acc_t>(mask_b[mask_channel(g, og, k) * g.positions() + p]);
-}
-
-// The input taps of offset group og at output row ho, with the mask: sampler (shared) and mask.
-template <typename acc_t, typename T>
-void input_row(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og, int64_t ho,
-               std::vector<InputTap<acc_t>>& taps, std::vector<acc_t>& masks) {
-  const int64_t kk = g.kernel_points(), Wo = g.Wo, HoWo = g.positions();
-  taps.resize(kk * Wo);
-  masks.resize(kk * Wo);
-  for (int64_t k = 0; k < kk; ++k) {
-    const T* oy = offset_b == nullptr ? nullptr : offset_b + pair_channel(g, og, k) * HoWo + ho * Wo;
-    for (int64_t q = 0; q < Wo; ++q) {
-      const acc_t dy = oy == nullptr ? acc_t(0) : vsr_kernels::convert<acc_t>(oy[q]);
-      const acc_t dx = oy == nullptr ? acc_t(0) : vsr_kernels::convert<acc_t>(oy[HoWo + q]);
-      taps[k * Wo + q] = input_tap(g, oy != nullptr, k, ho, q, dy, dx);
-      masks[k * Wo + q] = mask_value<acc_t>(g, mask_b, og, k, ho * Wo + q);
+InputSample<acc_t> input_sample_at(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og, int64_t k,
+                                   int64_t ho, int64_t wo) {
+  const int64_t HoWo = g.positions(), p = ho * g.Wo + wo;
+  InputSample<acc_t> s;
+  s.mask = mask_b == nullptr ? acc_t(1) : vsr_kernels::convert<acc_t>(mask_b[mask_channel(g, og, k) * HoWo + p]);
+  acc_t dy = acc_t(0), dx = acc_t(0);
+  if (offset_b != nullptr) {
+    const T* o = offset_b + pair_channel(g, og, k) * HoWo + p;
+    dy = vsr_kernels::convert<acc_t>(o[0]);
+    dx = vsr_kernels::convert<acc_t>(o[HoWo]);
+  }
+  const InputTap<acc_t> t = input_tap(g, offset_b != nullptr, k, ho, wo, dy, dx);
+  if (!t.deformed) {  // the grid pixel itself, or nothing
+    s.pixel[0] = s.grad_pixel[0] = t.grid;
+    s.weight[0] = acc_t(1);
+    for (int n = 1; n < 4; ++n) {
+      s.pixel[n] = s.grad_pixel[n] = -1;
+      s.weight[n] = acc_t(0);
     }
+    for (int n = 0; n < 4; ++n) s.grad_y[n] = s.grad_x[n] = acc_t(0);
+    s.poison = acc_t(0);
+    s.scatter = t.grid >= 0;
+    return s;
+  }
+  s.poison = t.at.poison;
+  s.scatter = t.at.sampled;
+  for (int n = 0; n < 4; ++n) {
+    const bool valid = t.at.valid >> n & 1u;
+    // bilinear() gives offset y * W + x, i.e. the pixel, for a row stride W and a column stride 1.
+    s.grad_pixel[n] = valid ? t.at.offset[n] : -1;
+    s.pixel[n] = valid && t.at.sampled ? t.at.offset[n] : -1;
+    s.weight[n] = t.at.weight[n];
+    s.grad_y[n] = t.at.grad_y[n];
+    s.grad_x[n] = t.at.grad_x[n];
+  }
+  return s;
+}
+
+// The row of channels-last data of `pixel` (from the group's first channel), or zeros.
+template <typename acc_t>
+const acc_t* pixel_row(const acc_t* x_b, const acc_t* zeros, int64_t C, int64_t pixel) {
+  return pixel < 0 ? zeros : x_b + pixel * C;
+}
+
+// ---------------------------------------------------------------------------------------
+// The channel loops (unit stride; __restrict lets the compiler vectorise them).
+
+// acc[c] += (sum_n kw[n] s_n[c]) * (sum_n xw[n] x_n[c]) for c < n.
+template <typename acc_t>
+void forward_channels(int64_t n, acc_t* __restrict acc, const acc_t* __restrict s0, const acc_t* __restrict s1,
+                      const acc_t* __restrict s2, const acc_t* __restrict s3, const acc_t* kw,
+                      const acc_t* __restrict x0, const acc_t* __restrict x1, const acc_t* __restrict x2,
+                      const acc_t* __restrict x3, const acc_t* xw) {
+  const acc_t k0 = kw[0], k1 = kw[1], k2 = kw[2], k3 = kw[3];
+  const acc_t w0 = xw[0], w1 = xw[1], w2 = xw[2], w3 = xw[3];
+  for (int64_t c = 0; c < n; ++c)
+    acc[c] += (k0 * s0[c] + k1 * s1[c] + k2 * s2[c] + k3 * s3[c]) * (w0 * x0[c] + w1 * x1[c] + w2 * x2[c] + w3 * x3[c]);
+}
+
+constexpr int kLanes = 16;
+
+// Pass A's per-channel terms, summed over c < n in per-lane partials (lane c % kLanes), then
+// the lanes in order: sums[0..4] += (kernel-offset y, x; input-offset y, x; mask) gradients.
+template <typename acc_t>
+void point_grad_channels(int64_t n, const acc_t* __restrict go, const acc_t* const* v, const acc_t* const* s,
+                         const KernelTap<acc_t>& kt, const acc_t* const* xv, const acc_t* const* xg,
+                         const InputSample<acc_t>& xs, acc_t* sums) {
+  acc_t lanes[5][kLanes];
+  for (int q = 0; q < 5; ++q)
+    for (int l = 0; l < kLanes; ++l) lanes[q][l] = acc_t(0);
+  const acc_t* __restrict v0 = v[0], * __restrict v1 = v[1], * __restrict v2 = v[2], * __restrict v3 = v[3];
+  const acc_t* __restrict s0 = s[0], * __restrict s1 = s[1], * __restrict s2 = s[2], * __restrict s3 = s[3];
+  const acc_t* __restrict a0 = xv[0], * __restrict a1 = xv[1], * __restrict a2 = xv[2], * __restrict a3 = xv[3];
+  const acc_t* __restrict g0 = xg[0], * __restrict g1 = xg[1], * __restrict g2 = xg[2], * __restrict g3 = xg[3];
+  const acc_t m = xs.mask;
+  auto term = [&](int64_t c, int l) {
+    const acc_t kv = kt.weight[0] * v0[c] + kt.weight[1] * v1[c] + kt.weight[2] * v2[c] + kt.weight[3] * v3[c] + kt.poison;
+    const acc_t dky = kt.grad_y[0] * s0[c] + kt.grad_y[1] * s1[c] + kt.grad_y[2] * s2[c] + kt.grad_y[3] * s3[c] + kt.poison;
+    const acc_t dkx = kt.grad_x[0] * s0[c] + kt.grad_x[1] * s1[c] + kt.grad_x[2] * s2[c] + kt.grad_x[3] * s3[c] + kt.poison;
+    const acc_t xv_ = xs.weight[0] * a0[c] + xs.weight[1] * a1[c] + xs.weight[2] * a2[c] + xs.weight[3] * a3[c] + xs.poison;
+    const acc_t dy = xs.grad_y[0] * g0[c] + xs.grad_y[1] * g1[c] + xs.grad_y[2] * g2[c] + xs.grad_y[3] * g3[c] + xs.poison;
+    const acc_t dx = xs.grad_x[0] * g0[c] + xs.grad_x[1] * g1[c] + xs.grad_x[2] * g2[c] + xs.grad_x[3] * g3[c] + xs.poison;
+    const TapGrad<acc_t> d = tap_grad(go[c], kv, m, xv_);
+    lanes[0][l] += d.kernel * dky;
+    lanes[1][l] += d.kernel * dkx;
+    lanes[2][l] += d.input * dy;
+    lanes[3][l] += d.input * dx;
+    lanes[4][l] += d.mask;
+  };
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= n; c0 += kLanes)
+    for (int l = 0; l < kLanes; ++l) term(c0 + l, l);
+  for (int l = 0; c0 + l < n; ++l) term(c0 + l, l);
+  for (int q = 0; q < 5; ++q) {
+    acc_t total = acc_t(0);
+    for (int l = 0; l < kLanes; ++l) total += lanes[q][l];
+    sums[q] += total;
   }
 }
 
-template <typename acc_t, typename T>
-void kernel_row(const Geometry& g, const ScopeLayout& L, const T* kernel_offset_b, int64_t gk, int64_t ho,
-                std::vector<KernelTap<acc_t>>& taps) {
-  const int64_t kk = g.kernel_points(), Wo = g.Wo, HoWo = g.positions();
-  taps.resize(kk * Wo);
-  for (int64_t k = 0; k < kk; ++k) {
-    const T* ky = kernel_offset_b + pair_channel(g, gk, k) * HoWo + ho * Wo;
-    for (int64_t q = 0; q < Wo; ++q)
-      taps[k * Wo + q] = kernel_tap<acc_t>(g, L, k, vsr_kernels::convert<acc_t>(ky[q]),
-                                           vsr_kernels::convert<acc_t>(ky[HoWo + q]));
+// Pass B's scatter of one (position, tap) over the block's n channels.
+template <typename acc_t>
+void plane_grad_channels(int64_t n, const acc_t* __restrict go, const KernelTap<acc_t>& kt, const acc_t* const* v,
+                         acc_t* const* gs, const InputSample<acc_t>& xs, const acc_t* const* xv, acc_t* const* gx,
+                         acc_t* __restrict d_input, acc_t* __restrict d_kernel) {
+  const acc_t* __restrict v0 = v[0], * __restrict v1 = v[1], * __restrict v2 = v[2], * __restrict v3 = v[3];
+  const acc_t* __restrict a0 = xv[0], * __restrict a1 = xv[1], * __restrict a2 = xv[2], * __restrict a3 = xv[3];
+  const acc_t m = xs.mask;
+  for (int64_t c = 0; c < n; ++c) {
+    const acc_t kv = kt.weight[0] * v0[c] + kt.weight[1] * v1[c] + kt.weight[2] * v2[c] + kt.weight[3] * v3[c] + kt.poison;
+    const acc_t xv_ = xs.weight[0] * a0[c] + xs.weight[1] * a1[c] + xs.weight[2] * a2[c] + xs.weight[3] * a3[c] + xs.poison;
+    const TapGrad<acc_t> d = tap_grad(go[c], kv, m, xv_);
+    d_input[c] = d.input;
+    d_kernel[c] = d.kernel;
   }
+  if (kt.sampled)
+    for (int nb = 0; nb < 4; ++nb) {
+      acc_t* __restrict dst = gs[nb];
+      const acc_t w = kt.weight[nb];
+      for (int64_t c = 0; c < n; ++c) dst[c] += d_kernel[c] * w;
+    }
+  if (xs.scatter)  // outside, or on the -1 edge: a coordinate gradient only
+    for (int nb = 0; nb < 4; ++nb) {
+      if (gx[nb] == nullptr) continue;
+      acc_t* __restrict dst = gx[nb];
+      const acc_t w = xs.weight[nb];
+      for (int64_t c = 0; c < n; ++c) dst[c] += d_input[c] * w;
+    }
+}
+
+// The channels that share one kernel group and one offset group: blocks of `block` channels.
+int64_t common_block(const Geometry& g) {
+  const int64_t cgk = g.kernel_group_channels(), cog = g.offset_group_channels();
+  int64_t block = std::min(cgk, cog);
+  while (cgk % block != 0 || cog % block != 0) --block;
+  return block;
 }
 
 // ---------------------------------------------------------------------------------------
 // Forward.
-
-template <typename acc_t, typename T>
-void forward_kernel_row(const Geometry& g, const ScopeLayout& L, const T* kernel_offset_b, int64_t gk, int64_t ho,
-                        std::vector<ForwardKernelTap<acc_t>>& taps) {
-  const int64_t kk = g.kernel_points(), Wo = g.Wo, HoWo = g.positions();
-  taps.resize(kk * Wo);
-  for (int64_t k = 0; k < kk; ++k) {
-    const T* ky = kernel_offset_b + pair_channel(g, gk, k) * HoWo + ho * Wo;
-    for (int64_t q = 0; q < Wo; ++q) {
-      const KernelTap<acc_t> t = kernel_tap<acc_t>(g, L, k, vsr_kernels::convert<acc_t>(ky[q]),
-                                                   vsr_kernels::convert<acc_t>(ky[HoWo + q]));
-      ForwardKernelTap<acc_t>& f = taps[k * Wo + q];
-      f.base = t.value_base;
-      for (int n = 0; n < 4; ++n) f.weight[n] = t.weight[n] + t.poison;
-    }
-  }
-}
-
-template <typename acc_t, typename T>
-void forward_input_row(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og, int64_t ho,
-                       std::vector<ForwardInputTap<acc_t>>& taps) {
-  const int64_t kk = g.kernel_points(), Wo = g.Wo, HoWo = g.positions();
-  taps.resize(kk * Wo);
-  for (int64_t k = 0; k < kk; ++k) {
-    const T* oy = offset_b == nullptr ? nullptr : offset_b + pair_channel(g, og, k) * HoWo + ho * Wo;
-    for (int64_t q = 0; q < Wo; ++q) {
-      const acc_t m = mask_value<acc_t>(g, mask_b, og, k, ho * Wo + q);
-      ForwardInputTap<acc_t>& f = taps[k * Wo + q];
-      if (oy == nullptr) {  // the grid point itself
-        const InputTap<acc_t> t = input_tap<acc_t>(g, false, k, ho, q, acc_t(0), acc_t(0));
-        f.valid = t.grid >= 0 ? 1u : 0u;
-        f.offset[0] = t.grid >= 0 ? t.grid : 0;
-        f.weight[0] = m;
-        for (int n = 1; n < 4; ++n) {
-          f.offset[n] = 0;
-          f.weight[n] = acc_t(0);
-        }
-        continue;
-      }
-      const InputTap<acc_t> t =
-          input_tap<acc_t>(g, true, k, ho, q, vsr_kernels::convert<acc_t>(oy[q]), vsr_kernels::convert<acc_t>(oy[HoWo + q]));
-      // Not sampled (outside, or on the -1 edge): nothing read, the sample is the poison (0 or NaN).
-      f.valid = t.at.sampled ? t.at.valid : 0u;
-      for (int n = 0; n < 4; ++n) {
-        f.offset[n] = t.at.offset[n];
-        f.weight[n] = m * t.at.weight[n] + t.at.poison;
-      }
-    }
-  }
-}
 
 template <typename scalar_t>
 at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
@@ -216,64 +302,58 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   at::Tensor out = at::empty({g.B, g.C, g.Ho, g.Wo}, input.options());
   if (out.numel() == 0) return out;
   const ScopeLayout L(g);
-  const std::vector<acc_t> scopes = padded_scopes<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
-  const int64_t kk = g.kernel_points(), HoWo = g.positions(), HW = g.H * g.W, Wo = g.Wo;
-  const int64_t cgk = g.kernel_group_channels(), cog = g.offset_group_channels();
-  const scalar_t zero_pixel = scalar_t(0);  // the plane of an empty (H W = 0) input: never read at weight != 0
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const int64_t kk = g.kernel_points(), HoWo = g.positions(), HW = g.H * g.W, Wo = g.Wo, C = g.C;
+  const int64_t G = g.offset_groups, Gk = g.kernel_groups, block = common_block(g);
+  const std::vector<acc_t> table = scope_table<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
+  const std::vector<acc_t> zeros(C, acc_t(0));
+  std::vector<acc_t> x_cl(g.B * HW * C);
+  to_channels_last(input.const_data_ptr<scalar_t>(), x_cl.data(), g.B, C, HW);
   const scalar_t* ko = kernel_offset.const_data_ptr<scalar_t>();
   const scalar_t* off = offset.defined() ? offset.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* bi = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
-  const int64_t G = g.offset_groups, Gk = g.kernel_groups;
   const int64_t row = L.row;
-  at::parallel_for(0, g.B * g.Ho, grain(g.C * kk * Wo), [&](int64_t begin, int64_t end) {
-    std::vector<ForwardKernelTap<acc_t>> ktaps;
-    std::vector<ForwardInputTap<acc_t>> xtaps;
-    std::vector<acc_t> acc(Wo);
+  at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(Wo * C);
+    std::vector<acc_t> kweights(Gk * 4), xweights(G * 4);
+    std::vector<const acc_t*> kbase(Gk), xrows(G * 4);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Ho, ho = task % g.Ho;
       const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
       const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
-      int64_t built_gk = -1, built_og = -1;
-      for (int64_t c = 0; c < g.C; ++c) {
-        const int64_t gk = c / cgk, og = c / cog;
-        if (gk != built_gk) {
-          forward_kernel_row<acc_t>(g, L, ko_b, gk, ho, ktaps);
-          built_gk = gk;
-        }
-        if (og != built_og) {
-          forward_input_row<acc_t>(g, off_b, msk_b, og, ho, xtaps);
-          built_og = og;
-        }
-        const acc_t* scope = scopes.data() + c * L.size;
-        const scalar_t* plane = HW == 0 ? &zero_pixel : in + (b * g.C + c) * HW;
-        for (int64_t q = 0; q < Wo; ++q) acc[q] = acc_t(0);
+      const acc_t* x_b = x_cl.data() + b * HW * C;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        acc_t* acc_q = acc.data() + wo * C;
         for (int64_t k = 0; k < kk; ++k) {
-          const ForwardKernelTap<acc_t>* kt = ktaps.data() + k * Wo;
-          const ForwardInputTap<acc_t>* xt = xtaps.data() + k * Wo;
-          for (int64_t q = 0; q < Wo; ++q) {
-            const ForwardKernelTap<acc_t>& a = kt[q];
-            const ForwardInputTap<acc_t>& t = xt[q];
-            const acc_t* s = scope + a.base;
-            const acc_t kv = a.weight[0] * s[0] + a.weight[1] * s[1] + a.weight[2] * s[row] +
-                             a.weight[3] * s[row + 1];
-            const acc_t x0 = vsr_kernels::convert<acc_t>(plane[t.offset[0]]);
-            const acc_t x1 = vsr_kernels::convert<acc_t>(plane[t.offset[1]]);
-            const acc_t x2 = vsr_kernels::convert<acc_t>(plane[t.offset[2]]);
-            const acc_t x3 = vsr_kernels::convert<acc_t>(plane[t.offset[3]]);
-            const acc_t xv = t.weight[0] * (t.valid & 1u ? x0 : acc_t(0)) +
-                             t.weight[1] * (t.valid & 2u ? x1 : acc_t(0)) +
-                             t.weight[2] * (t.valid & 4u ? x2 : acc_t(0)) +
-                             t.weight[3] * (t.valid & 8u ? x3 : acc_t(0));
-            acc[q] += kv * xv;
+          for (int64_t gk = 0; gk < Gk; ++gk) {
+            const KernelTap<acc_t> t = kernel_tap<acc_t>(g, L, ko_b, gk, k, ho * Wo + wo);
+            kbase[gk] = table.data() + t.value_base * C;
+            for (int n = 0; n < 4; ++n) kweights[gk * 4 + n] = t.weight[n] + t.poison;
+          }
+          for (int64_t og = 0; og < G; ++og) {
+            const InputSample<acc_t> s = input_sample_at<acc_t>(g, off_b, msk_b, og, k, ho, wo);
+            for (int n = 0; n < 4; ++n) {
+              xrows[og * 4 + n] = pixel_row(x_b, zeros.data(), C, s.pixel[n]);
+              // The mask and the poison (NaN for a NaN coordinate) folded into the weights.
+              xweights[og * 4 + n] = s.mask * s.weight[n] + s.poison;
+            }
+          }
+          for (int64_t c0 = 0; c0 < C; c0 += block) {
+            const int64_t gk = g.kernel_group_of(c0), og = g.offset_group_of(c0);
+            const acc_t* s0 = kbase[gk] + c0;
+            const acc_t* const* x = xrows.data() + og * 4;
+            forward_channels(block, acc_q + c0, s0, s0 + C, s0 + row * C, s0 + (row + 1) * C, kweights.data() + gk * 4,
+                             x[0] + c0, x[1] + c0, x[2] + c0, x[3] + c0, xweights.data() + og * 4);
           }
         }
+      }
+      for (int64_t c = 0; c < C; ++c) {
         const acc_t add = bi == nullptr ? acc_t(0) : vsr_kernels::convert<acc_t>(bi[c]);
-        scalar_t* dst = o + ((b * g.C + c) * g.Ho + ho) * Wo;
-        for (int64_t q = 0; q < Wo; ++q) dst[q] = static_cast<scalar_t>(acc[q] + add);
+        scalar_t* dst = o + ((b * C + c) * g.Ho + ho) * Wo;
+        for (int64_t wo = 0; wo < Wo; ++wo) dst[wo] = static_cast<scalar_t>(acc[wo * C + c] + add);
       }
     }
   });
@@ -289,167 +369,149 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& kernel_offset, const at::Tensor& offset, const at::Tensor& mask) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const int64_t kk = g.kernel_points(), HoWo = g.positions(), HW = g.H * g.W, Wo = g.Wo;
-  const int64_t G = g.offset_groups, Gk = g.kernel_groups;
-  const int64_t cgk = g.kernel_group_channels(), cog = g.offset_group_channels();
+  const int64_t kk = g.kernel_points(), HoWo = g.positions(), HW = g.H * g.W, Wo = g.Wo, C = g.C;
+  const int64_t G = g.offset_groups, Gk = g.kernel_groups, block = common_block(g);
   const bool deformed = offset.defined(), masked = mask.defined();
-  at::Tensor grad_input = at::zeros({g.B, g.C, g.H, g.W}, acc_options);
+  at::Tensor grad_input = at::zeros({g.B, C, g.H, g.W}, acc_options);
   at::Tensor grad_kernel_offset = at::zeros({g.B, 2 * Gk * kk, g.Ho, g.Wo}, acc_options);
   at::Tensor grad_offset = deformed ? at::zeros({g.B, 2 * G * kk, g.Ho, g.Wo}, acc_options) : at::zeros({0}, acc_options);
   at::Tensor grad_mask = masked ? at::zeros({g.B, G * kk, g.Ho, g.Wo}, acc_options) : at::zeros({0}, acc_options);
-  at::Tensor grad_weight = at::zeros({g.C, 1, g.Sh, g.Sw}, acc_options);
-  at::Tensor grad_bias = at::zeros({g.C}, acc_options);
+  at::Tensor grad_weight = at::zeros({C, 1, g.Sh, g.Sw}, acc_options);
+  at::Tensor grad_bias = at::zeros({C}, acc_options);
   if (g.B == 0) return {grad_input, grad_weight, grad_kernel_offset, grad_offset, grad_mask, grad_bias};
 
   const ScopeLayout L(g);
-  const std::vector<acc_t> scopes = padded_scopes<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
-  const scalar_t zero_pixel = scalar_t(0);
-  const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
-  const scalar_t* in = input.const_data_ptr<scalar_t>();
+  const int64_t row = L.row;
+  const std::vector<acc_t> table = scope_table<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
+  const std::vector<acc_t> zeros(C, acc_t(0));
+  std::vector<acc_t> x_cl(g.B * HW * C), go_cl(g.B * HoWo * C);
+  to_channels_last(input.const_data_ptr<scalar_t>(), x_cl.data(), g.B, C, HW);
+  to_channels_last(grad_out.const_data_ptr<scalar_t>(), go_cl.data(), g.B, C, HoWo);
   const scalar_t* ko = kernel_offset.const_data_ptr<scalar_t>();
   const scalar_t* off = deformed ? offset.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* msk = masked ? mask.const_data_ptr<scalar_t>() : nullptr;
-  const int64_t row = L.row;
 
   // Pass A: kernel-offset, offset and mask gradients, one task per (b, output row).
   acc_t* gko = grad_kernel_offset.mutable_data_ptr<acc_t>();
   acc_t* goff = deformed ? grad_offset.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* gmsk = masked ? grad_mask.mutable_data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, g.B * g.Ho, grain(g.C * kk * Wo), [&](int64_t begin, int64_t end) {
-    std::vector<KernelTap<acc_t>> ktaps;
-    std::vector<InputTap<acc_t>> xtaps;
-    std::vector<acc_t> masks;
+  at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo), [&](int64_t begin, int64_t end) {
+    std::vector<KernelTap<acc_t>> ktaps(Gk);
+    std::vector<InputSample<acc_t>> xtaps(G);
+    std::vector<acc_t> ksums(Gk * 2), xsums(G * 3);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Ho, ho = task % g.Ho;
       const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
       const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
-      acc_t* gko_b = gko + b * 2 * Gk * kk * HoWo + ho * Wo;
-      acc_t* goff_b = goff == nullptr ? nullptr : goff + b * 2 * G * kk * HoWo + ho * Wo;
-      acc_t* gmsk_b = gmsk == nullptr ? nullptr : gmsk + b * G * kk * HoWo + ho * Wo;
-      int64_t built_gk = -1, built_og = -1;
-      for (int64_t c = 0; c < g.C; ++c) {
-        const int64_t gk = c / cgk, og = c / cog;
-        if (gk != built_gk) {
-          kernel_row<acc_t>(g, L, ko_b, gk, ho, ktaps);
-          built_gk = gk;
-        }
-        if (og != built_og) {
-          input_row<acc_t>(g, off_b, msk_b, og, ho, xtaps, masks);
-          built_og = og;
-        }
-        const acc_t* scope = scopes.data() + c * L.size;
-        const scalar_t* plane = HW == 0 ? &zero_pixel : in + (b * g.C + c) * HW;
-        const scalar_t* go_row = go + ((b * g.C + c) * g.Ho + ho) * Wo;
+      const acc_t* x_b = x_cl.data() + b * HW * C;
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        const int64_t p = ho * Wo + wo;
+        const acc_t* go = go_cl.data() + (b * HoWo + p) * C;
         for (int64_t k = 0; k < kk; ++k) {
-          acc_t* gky = gko_b + pair_channel(g, gk, k) * HoWo;
-          acc_t* gkx = gky + HoWo;
-          acc_t* gy = goff_b == nullptr ? nullptr : goff_b + pair_channel(g, og, k) * HoWo;
-          acc_t* gm = gmsk_b == nullptr ? nullptr : gmsk_b + mask_channel(g, og, k) * HoWo;
-          for (int64_t q = 0; q < Wo; ++q) {
-            const KernelTap<acc_t>& a = ktaps[k * Wo + q];
-            const InputTap<acc_t>& t = xtaps[k * Wo + q];
-            const acc_t m = masks[k * Wo + q];
-            const acc_t* s = scope + a.base;
-            const acc_t* v = scope + a.value_base;
-            const acc_t s0 = s[0], s1 = s[1], s2 = s[row], s3 = s[row + 1];
-            const acc_t kv =
-                a.weight[0] * v[0] + a.weight[1] * v[1] + a.weight[2] * v[row] + a.weight[3] * v[row + 1] + a.poison;
-            const acc_t dky = a.grad_y[0] * s0 + a.grad_y[1] * s1 + a.grad_y[2] * s2 + a.grad_y[3] * s3 + a.poison;
-            const acc_t dkx = a.grad_x[0] * s0 + a.grad_x[1] * s1 + a.grad_x[2] * s2 + a.grad_x[3] * s3 + a.poison;
-            const acc_t xv = input_sample<acc_t>(t, plane);
-            const TapGrad<acc_t> d = tap_grad(vsr_kernels::convert<acc_t>(go_row[q]), kv, m, xv);
-            gky[q] += d.kernel * dky;
-            gkx[q] += d.kernel * dkx;
-            if (gm != nullptr) gm[q] += d.mask;
-            if (gy != nullptr) {
-              acc_t dy, dx;
-              bilinear_coordinate_grad<acc_t>(t.at, plane, &dy, &dx);
-              gy[q] += d.input * dy;
-              gy[HoWo + q] += d.input * dx;
+          for (int64_t gk = 0; gk < Gk; ++gk) ktaps[gk] = kernel_tap<acc_t>(g, L, ko_b, gk, k, p);
+          for (int64_t og = 0; og < G; ++og) xtaps[og] = input_sample_at<acc_t>(g, off_b, msk_b, og, k, ho, wo);
+          std::fill(ksums.begin(), ksums.end(), acc_t(0));
+          std::fill(xsums.begin(), xsums.end(), acc_t(0));
+          for (int64_t c0 = 0; c0 < C; c0 += block) {
+            const int64_t gk = g.kernel_group_of(c0), og = g.offset_group_of(c0);
+            const KernelTap<acc_t>& kt = ktaps[gk];
+            const InputSample<acc_t>& xs = xtaps[og];
+            const acc_t* v[4];
+            const acc_t* s[4];
+            const acc_t* xv[4];
+            const acc_t* xg[4];
+            for (int n = 0; n < 4; ++n) {
+              const int64_t rel = (n >> 1) * row + (n & 1);
+              v[n] = table.data() + (kt.value_base + rel) * C + c0;
+              s[n] = table.data() + (kt.base + rel) * C + c0;
+              xv[n] = pixel_row(x_b, zeros.data(), C, xs.pixel[n]) + c0;
+              xg[n] = pixel_row(x_b, zeros.data(), C, xs.grad_pixel[n]) + c0;
             }
+            acc_t sums[5] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+            point_grad_channels(block, go + c0, v, s, kt, xv, xg, xs, sums);
+            ksums[gk * 2] += sums[0];
+            ksums[gk * 2 + 1] += sums[1];
+            xsums[og * 3] += sums[2];
+            xsums[og * 3 + 1] += sums[3];
+            xsums[og * 3 + 2] += sums[4];
+          }
+          for (int64_t gk = 0; gk < Gk; ++gk) {
+            acc_t* o = gko + (b * 2 * Gk * kk + pair_channel(g, gk, k)) * HoWo + p;
+            o[0] = ksums[gk * 2];
+            o[HoWo] = ksums[gk * 2 + 1];
+          }
+          for (int64_t og = 0; og < G; ++og) {
+            if (goff != nullptr) {
+              acc_t* o = goff + (b * 2 * G * kk + pair_channel(g, og, k)) * HoWo + p;
+              o[0] = xsums[og * 3];
+              o[HoWo] = xsums[og * 3 + 1];
+            }
+            if (gmsk != nullptr) gmsk[(b * G * kk + mask_channel(g, og, k)) * HoWo + p] = xsums[og * 3 + 2];
           }
         }
       }
     }
   });
 
-  // Pass B: input gradient and the per-(b, c) weight and bias partials, one task per (b, block
-  // of channels in one kernel group and one offset group).
-  int64_t block = std::min(cgk, cog);
-  while (cgk % block != 0 || cog % block != 0) --block;  // the channels of one kernel and one offset group
-  const int64_t chunk = std::min<int64_t>(block, 8);
-  const int64_t chunks_per_block = (block + chunk - 1) / chunk;
-  const int64_t blocks = g.C / block;
-  std::vector<acc_t> weight_partial(g.B * g.C * L.size, acc_t(0));
-  std::vector<acc_t> bias_partial(g.B * g.C, acc_t(0));
-  acc_t* gin = grad_input.mutable_data_ptr<acc_t>();
-  at::parallel_for(0, g.B * blocks * chunks_per_block, grain(chunk * kk * HoWo), [&](int64_t begin, int64_t end) {
-    std::vector<KernelTap<acc_t>> ktaps;
-    std::vector<InputTap<acc_t>> xtaps;
-    std::vector<acc_t> masks;
+  // Pass B: input gradient and the per-(b, c) weight and bias partials, one task per (b, chunk
+  // of a block of channels in one kernel group and one offset group).
+  const int64_t chunk = std::min<int64_t>(block, kLanes);
+  const int64_t chunks = C / block * ((block + chunk - 1) / chunk);
+  std::vector<acc_t> gin_cl(g.B * HW * C, acc_t(0));
+  std::vector<acc_t> weight_partial(g.B * L.size * C, acc_t(0));
+  std::vector<acc_t> bias_partial(g.B * C, acc_t(0));
+  at::parallel_for(0, g.B * chunks, grain(chunk * kk * HoWo), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> d_input(chunk), d_kernel(chunk);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (blocks * chunks_per_block), rest = task % (blocks * chunks_per_block);
-      const int64_t c0 = rest / chunks_per_block * block + rest % chunks_per_block * chunk;
-      const int64_t c1 = std::min(c0 + chunk, (rest / chunks_per_block + 1) * block);
-      const int64_t gk = c0 / cgk, og = c0 / cog;
+      const int64_t b = task / chunks, rest = task % chunks, per_block = (block + chunk - 1) / chunk;
+      const int64_t c0 = rest / per_block * block + rest % per_block * chunk;
+      const int64_t n = std::min(chunk, (rest / per_block + 1) * block - c0);
+      const int64_t gk = g.kernel_group_of(c0), og = g.offset_group_of(c0);
       const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
       const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
-      for (int64_t ho = 0; ho < g.Ho; ++ho) {
-        kernel_row<acc_t>(g, L, ko_b, gk, ho, ktaps);
-        input_row<acc_t>(g, off_b, msk_b, og, ho, xtaps, masks);
-        for (int64_t c = c0; c < c1; ++c) {
-          const acc_t* scope = scopes.data() + c * L.size;
-          acc_t* gscope = weight_partial.data() + (b * g.C + c) * L.size;
-          const scalar_t* plane = HW == 0 ? &zero_pixel : in + (b * g.C + c) * HW;
-          acc_t* gplane = gin + (b * g.C + c) * HW;
-          const scalar_t* go_row = go + ((b * g.C + c) * g.Ho + ho) * Wo;
-          acc_t bias_sum = acc_t(0);
-          for (int64_t q = 0; q < Wo; ++q) bias_sum += vsr_kernels::convert<acc_t>(go_row[q]);
-          bias_partial[b * g.C + c] += bias_sum;
-          for (int64_t k = 0; k < kk; ++k) {
-            for (int64_t q = 0; q < Wo; ++q) {
-              const KernelTap<acc_t>& a = ktaps[k * Wo + q];
-              const InputTap<acc_t>& t = xtaps[k * Wo + q];
-              const acc_t m = masks[k * Wo + q];
-              const acc_t* s = scope + a.value_base;
-              const acc_t kv =
-                  a.weight[0] * s[0] + a.weight[1] * s[1] + a.weight[2] * s[row] + a.weight[3] * s[row + 1] + a.poison;
-              const acc_t xv = input_sample<acc_t>(t, plane);
-              const TapGrad<acc_t> d = tap_grad(vsr_kernels::convert<acc_t>(go_row[q]), kv, m, xv);
-              if (a.sampled) {
-                acc_t* gs = gscope + a.value_base;
-                gs[0] += d.kernel * a.weight[0];
-                gs[1] += d.kernel * a.weight[1];
-                gs[row] += d.kernel * a.weight[2];
-                gs[row + 1] += d.kernel * a.weight[3];
-              }
-              if (t.deformed) {
-                if (!t.at.sampled) continue;  // outside, or on the -1 edge: a coordinate gradient only
-                for (int nb = 0; nb < 4; ++nb)
-                  if (t.at.valid >> nb & 1u) gplane[t.at.offset[nb]] += d.input * t.at.weight[nb];
-              } else if (t.grid >= 0) {
-                gplane[t.grid] += d.input;
-              }
-            }
+      const acc_t* x_b = x_cl.data() + b * HW * C;
+      acc_t* gin_b = gin_cl.data() + b * HW * C;
+      acc_t* gscope = weight_partial.data() + b * L.size * C;
+      acc_t* bias_sum = bias_partial.data() + b * C + c0;
+      for (int64_t p = 0; p < HoWo; ++p) {
+        const int64_t ho = p / Wo, wo = p % Wo;
+        const acc_t* go = go_cl.data() + (b * HoWo + p) * C + c0;
+        for (int64_t c = 0; c < n; ++c) bias_sum[c] += go[c];
+        for (int64_t k = 0; k < kk; ++k) {
+          const KernelTap<acc_t> kt = kernel_tap<acc_t>(g, L, ko_b, gk, k, p);
+          const InputSample<acc_t> xs = input_sample_at<acc_t>(g, off_b, msk_b, og, k, ho, wo);
+          const acc_t* v[4];
+          acc_t* gs[4];
+          const acc_t* xv[4];
+          acc_t* gx[4];
+          for (int nb = 0; nb < 4; ++nb) {
+            const int64_t rel = (nb >> 1) * row + (nb & 1);
+            v[nb] = table.data() + (kt.value_base + rel) * C + c0;
+            gs[nb] = gscope + (kt.value_base + rel) * C + c0;
+            xv[nb] = pixel_row(x_b, zeros.data(), C, xs.pixel[nb]) + c0;
+            gx[nb] = xs.pixel[nb] < 0 ? nullptr : gin_b + xs.pixel[nb] * C + c0;
           }
+          plane_grad_channels(n, go, kt, v, gs, xs, xv, gx, d_input.data(), d_kernel.data());
         }
       }
     }
   });
-  // Weight and bias gradients: the per-batch-element partials summed in order b = 0, 1, ...
+  // Back to channels-first; the weight and bias gradients: the per-batch-element partials
+  // summed in order b = 0, 1, ...
+  from_channels_last(gin_cl.data(), grad_input.mutable_data_ptr<acc_t>(), g.B, C, HW);
   acc_t* gw = grad_weight.mutable_data_ptr<acc_t>();
   acc_t* gb = grad_bias.mutable_data_ptr<acc_t>();
-  for (int64_t c = 0; c < g.C; ++c) {
+  for (int64_t c = 0; c < C; ++c) {
     for (int64_t y = 0; y < g.Sh; ++y)
       for (int64_t x = 0; x < g.Sw; ++x) {
         acc_t sum = acc_t(0);
-        for (int64_t b = 0; b < g.B; ++b) sum += weight_partial[(b * g.C + c) * L.size + (y + 1) * row + x + 1];
+        for (int64_t b = 0; b < g.B; ++b) sum += weight_partial[(b * L.size + (y + 1) * row + x + 1) * C + c];
         gw[(c * g.Sh + y) * g.Sw + x] = sum;
       }
     acc_t sum = acc_t(0);
-    for (int64_t b = 0; b < g.B; ++b) sum += bias_partial[b * g.C + c];
+    for (int64_t b = 0; b < g.B; ++b) sum += bias_partial[b * C + c];
     gb[c] = sum;
   }
   return {grad_input, grad_weight, grad_kernel_offset, grad_offset, grad_mask, grad_bias};
