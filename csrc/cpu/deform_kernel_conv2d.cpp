@@ -117,12 +117,31 @@ struct KernelTap {
   acc_t weight[4], grad_y[4], grad_x[4], poison;
 };
 
+// Tap k = i kw + j: its row and column, computed once per call (no division per point).
+struct Tap {
+  int64_t k, i, j;
+};
+
+std::vector<Tap> taps_of(const Geometry& g) {
+  std::vector<Tap> taps;
+  for (int64_t i = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j) taps.push_back({i * g.kw + j, i, j});
+  return taps;
+}
+
+#if defined(__GNUC__)
+#define VSR_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define VSR_ALWAYS_INLINE inline
+#endif
+
 template <typename acc_t, typename T>
-KernelTap<acc_t> kernel_tap(const Geometry& g, const ScopeLayout& L, const T* kernel_offset_b, int64_t gk, int64_t k,
-                            int64_t p) {
-  const T* o = kernel_offset_b + pair_channel(g, gk, k) * g.positions() + p;
+VSR_ALWAYS_INLINE KernelTap<acc_t> kernel_tap(const Geometry& g, const ScopeLayout& L, const T* kernel_offset_b,
+                                              int64_t gk, const Tap& tap, int64_t p) {
+  const T* o = kernel_offset_b + pair_channel(g, gk, tap.k) * g.positions() + p;
   acc_t ky, kx;
-  kernel_point(g, k, vsr_kernels::convert<acc_t>(o[0]), vsr_kernels::convert<acc_t>(o[g.positions()]), &ky, &kx);
+  kernel_point(g, tap.i, tap.j, vsr_kernels::convert<acc_t>(o[0]), vsr_kernels::convert<acc_t>(o[g.positions()]), &ky,
+               &kx);
   const Bilinear<acc_t> b = scope_sampler(g, ky, kx);
   KernelTap<acc_t> t;
   t.sampled = b.sampled;
@@ -153,9 +172,9 @@ struct InputSample {
 };
 
 template <typename acc_t, typename T>
-InputSample<acc_t> input_sample_at(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og, int64_t k,
-                                   int64_t ho, int64_t wo) {
-  const int64_t HoWo = g.positions(), p = ho * g.Wo + wo;
+VSR_ALWAYS_INLINE InputSample<acc_t> input_sample_at(const Geometry& g, const T* offset_b, const T* mask_b, int64_t og,
+                                                     const Tap& tap, int64_t ho, int64_t wo) {
+  const int64_t HoWo = g.positions(), p = ho * g.Wo + wo, k = tap.k;
   InputSample<acc_t> s;
   s.mask = mask_b == nullptr ? acc_t(1) : vsr_kernels::convert<acc_t>(mask_b[mask_channel(g, og, k) * HoWo + p]);
   acc_t dy = acc_t(0), dx = acc_t(0);
@@ -164,7 +183,7 @@ InputSample<acc_t> input_sample_at(const Geometry& g, const T* offset_b, const T
     dy = vsr_kernels::convert<acc_t>(o[0]);
     dx = vsr_kernels::convert<acc_t>(o[HoWo]);
   }
-  const InputTap<acc_t> t = input_tap(g, offset_b != nullptr, k, ho, wo, dy, dx);
+  const InputTap<acc_t> t = input_tap(g, offset_b != nullptr, tap.i, tap.j, ho, wo, dy, dx);
   if (!t.deformed) {  // the grid pixel itself, or nothing
     s.pixel[0] = s.grad_pixel[0] = t.grid;
     s.weight[0] = acc_t(1);
@@ -306,6 +325,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   const int64_t G = g.offset_groups, Gk = g.kernel_groups, block = common_block(g);
   const std::vector<acc_t> table = scope_table<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
   const std::vector<acc_t> zeros(C, acc_t(0));
+  const std::vector<Tap> taps = taps_of(g);
   std::vector<acc_t> x_cl(g.B * HW * C);
   to_channels_last(input.const_data_ptr<scalar_t>(), x_cl.data(), g.B, C, HW);
   const scalar_t* ko = kernel_offset.const_data_ptr<scalar_t>();
@@ -327,14 +347,14 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t wo = 0; wo < Wo; ++wo) {
         acc_t* acc_q = acc.data() + wo * C;
-        for (int64_t k = 0; k < kk; ++k) {
+        for (const Tap& tap : taps) {
           for (int64_t gk = 0; gk < Gk; ++gk) {
-            const KernelTap<acc_t> t = kernel_tap<acc_t>(g, L, ko_b, gk, k, ho * Wo + wo);
+            const KernelTap<acc_t> t = kernel_tap<acc_t>(g, L, ko_b, gk, tap, ho * Wo + wo);
             kbase[gk] = table.data() + t.value_base * C;
             for (int n = 0; n < 4; ++n) kweights[gk * 4 + n] = t.weight[n] + t.poison;
           }
           for (int64_t og = 0; og < G; ++og) {
-            const InputSample<acc_t> s = input_sample_at<acc_t>(g, off_b, msk_b, og, k, ho, wo);
+            const InputSample<acc_t> s = input_sample_at<acc_t>(g, off_b, msk_b, og, tap, ho, wo);
             for (int n = 0; n < 4; ++n) {
               xrows[og * 4 + n] = pixel_row(x_b, zeros.data(), C, s.pixel[n]);
               // The mask and the poison (NaN for a NaN coordinate) folded into the weights.
@@ -384,6 +404,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t row = L.row;
   const std::vector<acc_t> table = scope_table<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
   const std::vector<acc_t> zeros(C, acc_t(0));
+  const std::vector<Tap> taps = taps_of(g);
   std::vector<acc_t> x_cl(g.B * HW * C), go_cl(g.B * HoWo * C);
   to_channels_last(input.const_data_ptr<scalar_t>(), x_cl.data(), g.B, C, HW);
   to_channels_last(grad_out.const_data_ptr<scalar_t>(), go_cl.data(), g.B, C, HoWo);
@@ -408,9 +429,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t wo = 0; wo < Wo; ++wo) {
         const int64_t p = ho * Wo + wo;
         const acc_t* go = go_cl.data() + (b * HoWo + p) * C;
-        for (int64_t k = 0; k < kk; ++k) {
-          for (int64_t gk = 0; gk < Gk; ++gk) ktaps[gk] = kernel_tap<acc_t>(g, L, ko_b, gk, k, p);
-          for (int64_t og = 0; og < G; ++og) xtaps[og] = input_sample_at<acc_t>(g, off_b, msk_b, og, k, ho, wo);
+        for (const Tap& tap : taps) {
+          const int64_t k = tap.k;
+          for (int64_t gk = 0; gk < Gk; ++gk) ktaps[gk] = kernel_tap<acc_t>(g, L, ko_b, gk, tap, p);
+          for (int64_t og = 0; og < G; ++og) xtaps[og] = input_sample_at<acc_t>(g, off_b, msk_b, og, tap, ho, wo);
           std::fill(ksums.begin(), ksums.end(), acc_t(0));
           std::fill(xsums.begin(), xsums.end(), acc_t(0));
           for (int64_t c0 = 0; c0 < C; c0 += block) {
@@ -475,13 +497,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       acc_t* gin_b = gin_cl.data() + b * HW * C;
       acc_t* gscope = weight_partial.data() + b * L.size * C;
       acc_t* bias_sum = bias_partial.data() + b * C + c0;
-      for (int64_t p = 0; p < HoWo; ++p) {
-        const int64_t ho = p / Wo, wo = p % Wo;
+      for (int64_t p = 0, ho = 0, wo = 0; p < HoWo; ++p, wo = wo + 1 == Wo ? 0 : wo + 1, ho += wo == 0) {
         const acc_t* go = go_cl.data() + (b * HoWo + p) * C + c0;
         for (int64_t c = 0; c < n; ++c) bias_sum[c] += go[c];
-        for (int64_t k = 0; k < kk; ++k) {
-          const KernelTap<acc_t> kt = kernel_tap<acc_t>(g, L, ko_b, gk, k, p);
-          const InputSample<acc_t> xs = input_sample_at<acc_t>(g, off_b, msk_b, og, k, ho, wo);
+        for (const Tap& tap : taps) {
+          const KernelTap<acc_t> kt = kernel_tap<acc_t>(g, L, ko_b, gk, tap, p);
+          const InputSample<acc_t> xs = input_sample_at<acc_t>(g, off_b, msk_b, og, tap, ho, wo);
           const acc_t* v[4];
           acc_t* gs[4];
           const acc_t* xv[4];

@@ -49,29 +49,36 @@ VSR_HOST_DEVICE int64_t mask_channel(const Geometry& g, int64_t group, int64_t k
   return group * g.kernel_points() + k;
 }
 
-// Where tap k = i kw + j reads the kernel scope, displaced by (dky, dkx):
+// Where tap (i, j) reads the kernel scope, displaced by (dky, dkx):
 // (i + (Sh - kh) / 2 + dky, j + (Sw - kw) / 2 + dkx); a half-integer centre when Sh - kh is odd.
 template <typename acc_t>
-VSR_HOST_DEVICE void kernel_point(const Geometry& g, int64_t k, acc_t dky, acc_t dkx, acc_t* ky, acc_t* kx) {
-  const int64_t i = k / g.kw, j = k % g.kw;
+VSR_HOST_DEVICE void kernel_point(const Geometry& g, int64_t i, int64_t j, acc_t dky, acc_t dkx, acc_t* ky,
+                                  acc_t* kx) {
   *ky = (acc_t(i) + acc_t(g.Sh - g.kh) * acc_t(0.5)) + dky;
   *kx = (acc_t(j) + acc_t(g.Sw - g.kw) * acc_t(0.5)) + dkx;
 }
 
-// The grid point of tap k at output (ho, wo), before any input offset.
-VSR_HOST_DEVICE int64_t grid_y(const Geometry& g, int64_t k, int64_t ho) {
-  return ho * g.stride_h - g.pad_h + (k / g.kw) * g.dil_h;
-}
-VSR_HOST_DEVICE int64_t grid_x(const Geometry& g, int64_t k, int64_t wo) {
-  return wo * g.stride_w - g.pad_w + (k % g.kw) * g.dil_w;
+// The same for tap k = i kw + j.
+template <typename acc_t>
+VSR_HOST_DEVICE void kernel_point(const Geometry& g, int64_t k, acc_t dky, acc_t dkx, acc_t* ky, acc_t* kx) {
+  kernel_point(g, k / g.kw, k % g.kw, dky, dkx, ky, kx);
 }
 
-// The input point of tap k at output (ho, wo), displaced by (dy, dx).
+// The grid point of tap row i at output row ho (grid_y) and of tap column j at output column
+// wo (grid_x), before any input offset.
+VSR_HOST_DEVICE int64_t grid_y(const Geometry& g, int64_t i, int64_t ho) {
+  return ho * g.stride_h - g.pad_h + i * g.dil_h;
+}
+VSR_HOST_DEVICE int64_t grid_x(const Geometry& g, int64_t j, int64_t wo) {
+  return wo * g.stride_w - g.pad_w + j * g.dil_w;
+}
+
+// The input point of tap (i, j) at output (ho, wo), displaced by (dy, dx).
 template <typename acc_t>
-VSR_HOST_DEVICE void input_point(const Geometry& g, int64_t k, int64_t ho, int64_t wo, acc_t dy, acc_t dx, acc_t* y,
-                                 acc_t* x) {
-  *y = acc_t(grid_y(g, k, ho)) + dy;
-  *x = acc_t(grid_x(g, k, wo)) + dx;
+VSR_HOST_DEVICE void input_point(const Geometry& g, int64_t i, int64_t j, int64_t ho, int64_t wo, acc_t dy, acc_t dx,
+                                 acc_t* y, acc_t* x) {
+  *y = acc_t(grid_y(g, i, ho)) + dy;
+  *x = acc_t(grid_x(g, j, wo)) + dx;
 }
 
 // The kernel-scope sample of one tap at one output position: the bilinear neighbours in an
@@ -89,22 +96,30 @@ struct InputTap {
   bool deformed;
 };
 
+// The input tap of tap (i, j) at output (ho, wo), displaced by (dy, dx) when deformed.
 template <typename acc_t>
-VSR_HOST_DEVICE InputTap<acc_t> input_tap(const Geometry& g, bool deformed, int64_t k, int64_t ho, int64_t wo,
-                                          acc_t dy, acc_t dx) {
+VSR_HOST_DEVICE InputTap<acc_t> input_tap(const Geometry& g, bool deformed, int64_t i, int64_t j, int64_t ho,
+                                          int64_t wo, acc_t dy, acc_t dx) {
   InputTap<acc_t> t;
   t.deformed = deformed;
   t.grid = -1;
   t.at = Bilinear<acc_t>{};
   if (deformed) {
     acc_t y, x;
-    input_point(g, k, ho, wo, dy, dx, &y, &x);
+    input_point(g, i, j, ho, wo, dy, dx, &y, &x);
     t.at = bilinear(y, x, g.H, g.W, g.W, 1);
   } else {
-    const int64_t y = grid_y(g, k, ho), x = grid_x(g, k, wo);
+    const int64_t y = grid_y(g, i, ho), x = grid_x(g, j, wo);
     if (y >= 0 && y < g.H && x >= 0 && x < g.W) t.grid = y * g.W + x;
   }
   return t;
+}
+
+// The same for tap k = i kw + j.
+template <typename acc_t>
+VSR_HOST_DEVICE InputTap<acc_t> input_tap(const Geometry& g, bool deformed, int64_t k, int64_t ho, int64_t wo,
+                                          acc_t dy, acc_t dx) {
+  return input_tap(g, deformed, k / g.kw, k % g.kw, ho, wo, dy, dx);
 }
 
 // The input sample of tap t in the plane `plane` (an (H, W) channel, row-major).
