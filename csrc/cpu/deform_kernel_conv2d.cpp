@@ -131,9 +131,26 @@ std::vector<Tap> taps_of(const Geometry& g) {
 
 #if defined(__GNUC__)
 #define VSR_ALWAYS_INLINE inline __attribute__((always_inline))
+#define VSR_INLINE_LAMBDA __attribute__((always_inline))
 #else
 #define VSR_ALWAYS_INLINE inline
+#define VSR_INLINE_LAMBDA
 #endif
+
+// The row loops run in a copy per instruction set, chosen once at load time by the dynamic
+// linker (GCC's target_clones, an ifunc): AVX-512 (x86-64-v4), AVX2 + FMA (x86-64-v3) or the
+// baseline. The loop bodies are always_inline lambdas, so each copy compiles them (and the
+// samplers they inline) for its instruction set. Elsewhere: one copy.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VSR_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VSR_CPU_CLONES
+#endif
+
+template <typename Body>
+VSR_CPU_CLONES void run_tasks(const Body& body, int64_t begin, int64_t end) {
+  body(begin, end);
+}
 
 template <typename acc_t, typename T>
 VSR_ALWAYS_INLINE KernelTap<acc_t> kernel_tap(const Geometry& g, const ScopeLayout& L, const T* kernel_offset_b,
@@ -221,7 +238,7 @@ const acc_t* pixel_row(const acc_t* x_b, const acc_t* zeros, int64_t C, int64_t 
 
 // acc[c] += (sum_n kw[n] s_n[c]) * (sum_n xw[n] x_n[c]) for c < n.
 template <typename acc_t>
-void forward_channels(int64_t n, acc_t* __restrict acc, const acc_t* __restrict s0, const acc_t* __restrict s1,
+VSR_ALWAYS_INLINE void forward_channels(int64_t n, acc_t* __restrict acc, const acc_t* __restrict s0, const acc_t* __restrict s1,
                       const acc_t* __restrict s2, const acc_t* __restrict s3, const acc_t* kw,
                       const acc_t* __restrict x0, const acc_t* __restrict x1, const acc_t* __restrict x2,
                       const acc_t* __restrict x3, const acc_t* xw) {
@@ -236,7 +253,7 @@ constexpr int kLanes = 16;
 // Pass A's per-channel terms, summed over c < n in per-lane partials (lane c % kLanes), then
 // the lanes in order: sums[0..4] += (kernel-offset y, x; input-offset y, x; mask) gradients.
 template <typename acc_t>
-void point_grad_channels(int64_t n, const acc_t* __restrict go, const acc_t* const* v, const acc_t* const* s,
+VSR_ALWAYS_INLINE void point_grad_channels(int64_t n, const acc_t* __restrict go, const acc_t* const* v, const acc_t* const* s,
                          const KernelTap<acc_t>& kt, const acc_t* const* xv, const acc_t* const* xg,
                          const InputSample<acc_t>& xs, acc_t* sums) {
   acc_t lanes[5][kLanes];
@@ -274,7 +291,7 @@ void point_grad_channels(int64_t n, const acc_t* __restrict go, const acc_t* con
 
 // Pass B's scatter of one (position, tap) over the block's n channels.
 template <typename acc_t>
-void plane_grad_channels(int64_t n, const acc_t* __restrict go, const KernelTap<acc_t>& kt, const acc_t* const* v,
+VSR_ALWAYS_INLINE void plane_grad_channels(int64_t n, const acc_t* __restrict go, const KernelTap<acc_t>& kt, const acc_t* const* v,
                          acc_t* const* gs, const InputSample<acc_t>& xs, const acc_t* const* xv, acc_t* const* gx,
                          acc_t* __restrict d_input, acc_t* __restrict d_kernel) {
   const acc_t* __restrict v0 = v[0], * __restrict v1 = v[1], * __restrict v2 = v[2], * __restrict v3 = v[3];
@@ -334,7 +351,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   const scalar_t* bi = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   const int64_t row = L.row;
-  at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo), [&](int64_t begin, int64_t end) {
+  const auto rows = [&](int64_t begin, int64_t end) VSR_INLINE_LAMBDA {
     std::vector<acc_t> acc(Wo * C);
     std::vector<acc_t> kweights(Gk * 4), xweights(G * 4);
     std::vector<const acc_t*> kbase(Gk), xrows(G * 4);
@@ -376,7 +393,9 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
         for (int64_t wo = 0; wo < Wo; ++wo) dst[wo] = static_cast<scalar_t>(acc[wo * C + c] + add);
       }
     }
-  });
+  };
+  at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo),
+                   [&](int64_t begin, int64_t end) { run_tasks(rows, begin, end); });
   return out;
 }
 
@@ -416,7 +435,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   acc_t* gko = grad_kernel_offset.mutable_data_ptr<acc_t>();
   acc_t* goff = deformed ? grad_offset.mutable_data_ptr<acc_t>() : nullptr;
   acc_t* gmsk = masked ? grad_mask.mutable_data_ptr<acc_t>() : nullptr;
-  at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo), [&](int64_t begin, int64_t end) {
+  const auto point_rows = [&](int64_t begin, int64_t end) VSR_INLINE_LAMBDA {
     std::vector<KernelTap<acc_t>> ktaps(Gk);
     std::vector<InputSample<acc_t>> xtaps(G);
     std::vector<acc_t> ksums(Gk * 2), xsums(G * 3);
@@ -474,7 +493,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
     }
-  });
+  };
+  at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo),
+                   [&](int64_t begin, int64_t end) { run_tasks(point_rows, begin, end); });
 
   // Pass B: input gradient and the per-(b, c) weight and bias partials, one task per (b, chunk
   // of a block of channels in one kernel group and one offset group).
@@ -483,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<acc_t> gin_cl(g.B * HW * C, acc_t(0));
   std::vector<acc_t> weight_partial(g.B * L.size * C, acc_t(0));
   std::vector<acc_t> bias_partial(g.B * C, acc_t(0));
-  at::parallel_for(0, g.B * chunks, grain(chunk * kk * HoWo), [&](int64_t begin, int64_t end) {
+  const auto plane_chunks = [&](int64_t begin, int64_t end) VSR_INLINE_LAMBDA {
     std::vector<acc_t> d_input(chunk), d_kernel(chunk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / chunks, rest = task % chunks, per_block = (block + chunk - 1) / chunk;
@@ -518,7 +539,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         }
       }
     }
-  });
+  };
+  at::parallel_for(0, g.B * chunks, grain(chunk * kk * HoWo),
+                   [&](int64_t begin, int64_t end) { run_tasks(plane_chunks, begin, end); });
   // Back to channels-first; the weight and bias gradients: the per-batch-element partials
   // summed in order b = 0, 1, ...
   from_channels_last(gin_cl.data(), grad_input.mutable_data_ptr<acc_t>(), g.B, C, HW);
