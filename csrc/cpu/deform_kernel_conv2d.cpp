@@ -499,7 +499,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   // Pass B: input gradient and the per-(b, c) weight and bias partials, one task per (b, chunk
   // of a block of channels in one kernel group and one offset group).
-  const int64_t chunk = std::min<int64_t>(block, kLanes);
+  // A chunk's taps are rebuilt for each chunk: chunks as large as the threads allow. The
+  // chunking changes no result (every channel's arithmetic is its own).
+  const int64_t per_thread = (C + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t chunk = std::min<int64_t>(block, std::max<int64_t>(kLanes, (per_thread + kLanes - 1) / kLanes * kLanes));
   const int64_t chunks = C / block * ((block + chunk - 1) / chunk);
   std::vector<acc_t> gin_cl(g.B * HW * C, acc_t(0));
   std::vector<acc_t> weight_partial(g.B * L.size * C, acc_t(0));
