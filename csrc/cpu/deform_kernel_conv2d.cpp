@@ -343,8 +343,11 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   const std::vector<acc_t> table = scope_table<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
   const std::vector<acc_t> zeros(C, acc_t(0));
   const std::vector<Tap> taps = taps_of(g);
-  std::vector<acc_t> x_cl(g.B * HW * C);
-  to_channels_last(input.const_data_ptr<scalar_t>(), x_cl.data(), g.B, C, HW);
+  // Uninitialised (a std::vector would zero it first: one more pass over memory).
+  const auto acc_options = input.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor x_cl_buffer = at::empty({g.B * HW * C}, acc_options);
+  acc_t* x_cl = x_cl_buffer.mutable_data_ptr<acc_t>();
+  to_channels_last(input.const_data_ptr<scalar_t>(), x_cl, g.B, C, HW);
   const scalar_t* ko = kernel_offset.const_data_ptr<scalar_t>();
   const scalar_t* off = offset.defined() ? offset.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* msk = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
@@ -360,7 +363,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
       const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
       const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
-      const acc_t* x_b = x_cl.data() + b * HW * C;
+      const acc_t* x_b = x_cl + b * HW * C;
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t wo = 0; wo < Wo; ++wo) {
         acc_t* acc_q = acc.data() + wo * C;
@@ -424,9 +427,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const std::vector<acc_t> table = scope_table<acc_t>(g, L, weight.const_data_ptr<scalar_t>());
   const std::vector<acc_t> zeros(C, acc_t(0));
   const std::vector<Tap> taps = taps_of(g);
-  std::vector<acc_t> x_cl(g.B * HW * C), go_cl(g.B * HoWo * C);
-  to_channels_last(input.const_data_ptr<scalar_t>(), x_cl.data(), g.B, C, HW);
-  to_channels_last(grad_out.const_data_ptr<scalar_t>(), go_cl.data(), g.B, C, HoWo);
+  const at::Tensor x_cl_buffer = at::empty({g.B * HW * C}, acc_options);
+  const at::Tensor go_cl_buffer = at::empty({g.B * HoWo * C}, acc_options);
+  acc_t* x_cl = x_cl_buffer.mutable_data_ptr<acc_t>();
+  acc_t* go_cl = go_cl_buffer.mutable_data_ptr<acc_t>();
+  to_channels_last(input.const_data_ptr<scalar_t>(), x_cl, g.B, C, HW);
+  to_channels_last(grad_out.const_data_ptr<scalar_t>(), go_cl, g.B, C, HoWo);
   const scalar_t* ko = kernel_offset.const_data_ptr<scalar_t>();
   const scalar_t* off = deformed ? offset.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* msk = masked ? mask.const_data_ptr<scalar_t>() : nullptr;
@@ -444,10 +450,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
       const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
-      const acc_t* x_b = x_cl.data() + b * HW * C;
+      const acc_t* x_b = x_cl + b * HW * C;
       for (int64_t wo = 0; wo < Wo; ++wo) {
         const int64_t p = ho * Wo + wo;
-        const acc_t* go = go_cl.data() + (b * HoWo + p) * C;
+        const acc_t* go = go_cl + (b * HoWo + p) * C;
         for (const Tap& tap : taps) {
           const int64_t k = tap.k;
           for (int64_t gk = 0; gk < Gk; ++gk) ktaps[gk] = kernel_tap<acc_t>(g, L, ko_b, gk, tap, p);
@@ -517,12 +523,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
       const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
       const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
-      const acc_t* x_b = x_cl.data() + b * HW * C;
+      const acc_t* x_b = x_cl + b * HW * C;
       acc_t* gin_b = gin_cl.data() + b * HW * C;
       acc_t* gscope = weight_partial.data() + b * L.size * C;
       acc_t* bias_sum = bias_partial.data() + b * C + c0;
       for (int64_t p = 0, ho = 0, wo = 0; p < HoWo; ++p, wo = wo + 1 == Wo ? 0 : wo + 1, ho += wo == 0) {
-        const acc_t* go = go_cl.data() + (b * HoWo + p) * C + c0;
+        const acc_t* go = go_cl + (b * HoWo + p) * C + c0;
         for (int64_t c = 0; c < n; ++c) bias_sum[c] += go[c];
         for (const Tap& tap : taps) {
           const KernelTap<acc_t> kt = kernel_tap<acc_t>(g, L, ko_b, gk, tap, p);
