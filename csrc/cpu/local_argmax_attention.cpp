@@ -230,6 +230,30 @@ void load_row(Isa isa, const Frames<const scalar_t>& f, int64_t t, int64_t chann
   }
 }
 
+// GCC 12 at -O3 drops __builtin_prefetch in these loops (its addresses come from run-time
+// strides), so on x86 the instruction is written out.
+inline void prefetch_line(const char* p) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Asks for the cache lines of channels [0, channels) of row y, columns [x0, x0 + n) of frame t
+// of `f`, one row ahead of its transposition: 64+ channel planes a power of two apart are more
+// streams than the hardware prefetchers follow.
+template <typename scalar_t>
+void prefetch_row(const Frames<const scalar_t>& f, int64_t t, int64_t channels, int64_t row_start, int64_t n) {
+  if (n == 0) return;
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t c = 0; c < channels; ++c) {
+    const char* first = reinterpret_cast<const char*>(f.data + t * f.stride.frame + c * f.stride.channel + row_start);
+    for (int64_t offset = 0; offset < bytes; offset += 64) prefetch_line(first + offset);
+    prefetch_line(first + bytes - 1);
+  }
+}
+
 template <typename scalar_t, typename T>
 void backward_tile(const BackwardProblem<scalar_t, T>& pb, int64_t b, int64_t y0, int64_t y1, int64_t x0,
                    int64_t x1) {
@@ -277,6 +301,14 @@ void backward_tile(const BackwardProblem<scalar_t, T>& pb, int64_t b, int64_t y0
           std::fill_n(gkring.data() + sl * We * pitch, We * pitch, T(0));
           std::fill_n(gvring.data() + sl * We * vpitch, We * vpitch, T(0));
         }
+      }
+      if (const int64_t next = y + std::min(reach, H) + 1; next < ye1) {
+        prefetch_row(vf, t, Cv, next * W + xe0, We);
+        prefetch_row(kf, t, C, next * W + xe0, We);
+      }
+      if (y + 1 < ye1) {
+        prefetch_row(gof, t, Cv, (y + 1) * W + xe0, We);
+        prefetch_row(qf, 0, C, (y + 1) * W + xe0, We);
       }
       const bool own_row = y >= y0 && y < y1;
       // The selections of row y this tile needs, in increasing x.
