@@ -382,6 +382,46 @@ def test_cpu_isa_low_precision_index_matches_reference(backend, isa, dtype, monk
         H.assert_same(got[:2], tuple(w.to(dtype) for w in want[:2]), rtol=0, atol=0)
 
 
+# The CPU backward's tiles (backward_cpu in csrc/cpu/local_argmax_attention.cpp): column tiles
+# of at most 64 pixels and row bands chosen from the thread count, each owning its pixels and
+# visiting a halo of r * dilation around them, through rings of 2 * r * dilation + 1 rows (the
+# whole extended tile where that is shorter). Per ISA, against the reference and with the same
+# bits for 1, 2 and 3 threads, on: W above one tile and no multiple of any vector width (2 and 3
+# column tiles), channels no multiple of it (padded channel pitch), K = 1, dilation within and
+# beyond the frame (halo wider than a band), both borders, T = 1 and B = 2, non-contiguous inputs.
+BACKWARD_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
+    ((1, 2, 5, 3, 7, 70), (3, 1), "exclude"), ((2, 1, 17, 9, 6, 131), (5, 2), "zeros"),
+    ((1, 1, 3, 2, 5, 66), (1, 1), "exclude"), ((1, 2, 4, 2, 4, 65), (3, 40), "zeros"),
+    ((1, 3, 2, 18, 11, 129), (7, 1), "exclude"), ((1, 1, 16, 16, 9, 16), (9, 1), "zeros"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", BACKWARD_TILE_CASES, ids=_case_id)
+def test_cpu_backward_tiles_match_reference_with_the_same_bits_for_any_thread_count(backend, isa, case,
+                                                                                       monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    shape, window, border = case
+    seed = zlib.crc32(repr(case).encode())
+    q, k, v = make_inputs(*shape, seed=seed)
+    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border == "zeros")
+    go, gs = H.upstream_grads([out, score])
+    args = (go, gs, q, k, v, score, index, *window, 0.5, border == "zeros")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(torch.ops.vsr_kernels.local_argmax_attention_backward(*args))
+            check_against_reference(backend, shape, window, 0.5, border, seed + n, canary=True)
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second)
+
+
 def test_cpu_isa_switch_rejects_unknown_and_unsupported(monkeypatch):
     if not HAS_CPU_OP:
         pytest.skip("no cpu backend")

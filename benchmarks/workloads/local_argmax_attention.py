@@ -27,6 +27,11 @@ NAME = "local_argmax_attention"
 # (B, T, C, Cv, H, W, kernel_size): the issues' shapes, and BENCH_QUICK's.
 SHAPES = {"cpu": (1, 7, 64, 64, 64, 64, 9), "cuda": (4, 7, 64, 64, 180, 320, 9)}
 QUICK_SHAPES = {"cpu": (1, 3, 16, 16, 24, 24, 5), "cuda": (1, 3, 32, 32, 64, 64, 5)}
+# A real VSR frame on CPU (issue 6's second target shape), against the careful baseline only:
+# the reference's unfold at this shape needs ~8 GB and minutes per call. Its rows carry the frame
+# size in their dtype label ("float32, 180×320") so that the report pairs them with their own
+# baseline, and have no error columns (the accuracy is checked at the main shape).
+FRAME_SHAPES = {"cpu": (1, 7, 64, 64, 180, 320, 9)}
 DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16")}
 # The op's own backends meant for each device type. Triton on CPU tensors is its
 # interpreter, a test tool, not something to time.
@@ -133,16 +138,26 @@ class Attention(Case):
 
     @property
     def id(self):
-        return super().id + (f"-{self.formulation}" if self.formulation else "")
+        return (super().id + (f"-{self.formulation}" if self.formulation else "")
+                + (f"-{self.H}x{self.W}" if self.frame else ""))
 
     def shape(self):
         return {name: value for name, value in super().shape().items() if name != "formulation"}
 
+    @property
+    def frame(self):
+        """True for the FRAME_SHAPES case of this device."""
+        shape = FRAME_SHAPES.get(self.device)
+        return shape is not None and (self.B, self.T, self.C, self.Cv, self.H, self.W, self.kernel_size) == shape
+
     def describe(self):
-        # The report keys its rows by backend: a forced formulation is a row of its own.
+        # The report keys its rows by (dtype, backend): a forced formulation is a row of its
+        # own, and so is the frame shape (see FRAME_SHAPES).
         record = super().describe()
         if self.formulation:
             record["backend"] = f"{self.backend}-{self.formulation}"
+        if self.frame:
+            record["dtype"] = f"{self.dtype}, {self.H}×{self.W}"
         return record
 
     def run(self, inputs):
@@ -190,7 +205,7 @@ class Attention(Case):
     def errors(self, inputs):
         """Max abs error of each result of a forward+backward pass against the oracle, and how
         many indices differ from it; None for the forward pass (the same numbers)."""
-        if not self.backward:
+        if not self.backward or self.frame:
             return None
         return argmax_errors(RESULTS, self.run(inputs), _oracle(dataclasses.replace(self, backend="reference")))
 
@@ -230,7 +245,10 @@ def cases(device, quick):
     return [Attention(device, dtype, backend, pass_name, *shape)
             for pass_name in PASSES for dtype in DTYPES[device] for backend in backends] + [
         Attention(device, dtype, "triton", pass_name, *shape, formulation=formulation)
-        for pass_name in PASSES for dtype in DTYPES[device] for formulation in FORMULATIONS[device]]
+        for pass_name in PASSES for dtype in DTYPES[device] for formulation in FORMULATIONS[device]] + [
+        Attention(device, dtype, backend, pass_name, *FRAME_SHAPES[device])
+        for pass_name in PASSES for dtype in DTYPES[device] for backend in ("careful", *BACKENDS[device])
+        if device in FRAME_SHAPES and not quick]
 
 
 def shape_line(record):

@@ -37,12 +37,48 @@ struct RowArgs {
   bool row_inside;   // the candidate row lies inside the frame
 };
 
+// The backward's buffers are channels-last: a pixel's channels are adjacent, padded to a
+// channel pitch that is a multiple of kPitchBytes (every vector width divides it), the padding
+// zero in every input buffer. One selection of a query pixel of the row being processed:
+// - pixel: its slot in the row buffers go and q;
+// - sel: the selected key/value pixel's slot in the ring buffers v, k, gk, gv;
+// - gq: its slot in the gq row buffer, -1 when the pixel is not the tile's own (its query
+//   gradient is another tile's);
+// - own_sel: the selected pixel is the tile's own: its key and value gradients get the terms.
+constexpr int64_t kPitchBytes = 64;
+
+template <typename T>
+struct BackwardItem {
+  int64_t pixel, sel, gq;
+  T grad_score, score;
+  bool own_sel;
+};
+
+// The items of one row, in increasing pixel order: g = scale * (grad_score + <go, v[sel]>);
+// gk[sel] += g * q, gv[sel] += score * go where own_sel; gq += g * k[sel] where gq >= 0.
+template <typename T>
+struct BackwardRowArgs {
+  const BackwardItem<T>* items;
+  int64_t count;
+  const T *go, *q, *v, *k;
+  T *gk, *gv, *gq;
+  int64_t pitch, value_pitch;  // channel pitch of the key-side (q, k, gk, gq) and value-side (go, v, gv) buffers
+  T scale;
+};
+
 // Candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx, folded
-// into best and best_j.
-#define VSR_DECLARE_ISA(ns)                                                             \
-  namespace ns {                                                                        \
-  void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);        \
-  void score_row(const RowArgs<double>& a, int jy, double* best, int64_t* best_j);      \
+// into best and best_j. transpose: dst[x * dst_stride + c] = (or += when add)
+// src[c * src_stride + x] for c < rows, x < cols.
+#define VSR_DECLARE_ISA(ns)                                                                                  \
+  namespace ns {                                                                                             \
+  void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
+  void score_row(const RowArgs<double>& a, int jy, double* best, int64_t* best_j);                           \
+  void backward_row(const BackwardRowArgs<float>& a);                                                        \
+  void backward_row(const BackwardRowArgs<double>& a);                                                       \
+  void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,               \
+                 int64_t dst_stride, bool add);                                                              \
+  void transpose(const double* src, int64_t src_stride, int64_t rows, int64_t cols, double* dst,             \
+                 int64_t dst_stride, bool add);                                                              \
   }
 VSR_DECLARE_ISA(base)
 VSR_DECLARE_ISA(avx2)

@@ -22,8 +22,10 @@
 // keys, multiplied for real, which the zero padding of the key copy does by itself.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #include "local_argmax_attention_isa.h"
 
@@ -179,6 +181,111 @@ struct RowKernel : RowArgs<T> {
     }
   }
 };
+
+// ---------------------------------------------------------------------------------------
+// Backward (see backward_cpu in local_argmax_attention.cpp for the tiles and rings).
+
+// One stage of an in-register transpose of N x N elements held in N vectors r[0 .. N): within
+// every 2H x 2H block, the upper-right and lower-left H x H blocks swap. The stages for
+// H = N/2, ..., 1 together transpose; each is N two-input shuffles with constant masks.
+template <typename S, int H, std::size_t... I>
+inline void transpose_stage(typename S::Vec* r, std::index_sequence<I...>) {
+  using Vec = typename S::Vec;
+  using Mask = typename S::Mask;
+  constexpr int N = S::kLanes;
+  const Mask lo = {static_cast<typename S::Lane>((I & H) ? N + I - H : I)...};
+  const Mask hi = {static_cast<typename S::Lane>((I & H) ? N + I : I + H)...};
+  for (int i = 0; i < N; ++i)
+    if (!(i & H)) {
+      const Vec a = r[i], b = r[i + H];
+      r[i] = __builtin_shuffle(a, b, lo);
+      r[i + H] = __builtin_shuffle(a, b, hi);
+    }
+}
+
+template <typename S, int H>
+inline void transpose_stages(typename S::Vec* r) {
+  if constexpr (H >= 1) {
+    transpose_stage<S, H>(r, std::make_index_sequence<S::kLanes>{});
+    transpose_stages<S, H / 2>(r);
+  }
+}
+
+template <typename T, bool kAdd>
+inline void transpose_impl(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int64_t ds) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  constexpr int N = S::kLanes;
+  auto put = [](T* d, T value) { *d = kAdd ? *d + value : value; };
+  int64_t c0 = 0;
+  for (; c0 + N <= rows; c0 += N) {
+    int64_t x0 = 0;
+    for (; x0 + N <= cols; x0 += N) {
+      Vec r[N];
+      for (int i = 0; i < N; ++i) r[i] = load<Vec>(src + (c0 + i) * ss + x0);
+      transpose_stages<S, N / 2>(r);
+      for (int i = 0; i < N; ++i) {
+        T* d = dst + (x0 + i) * ds + c0;
+        store(d, kAdd ? load<Vec>(d) + r[i] : r[i]);
+      }
+    }
+    for (; x0 < cols; ++x0)
+      for (int i = 0; i < N; ++i) put(dst + x0 * ds + c0 + i, src[(c0 + i) * ss + x0]);
+  }
+  for (; c0 < rows; ++c0)
+    for (int64_t x = 0; x < cols; ++x) put(dst + x * ds + c0, src[c0 * ss + x]);
+}
+
+template <typename T>
+inline void backward_row_impl(const BackwardRowArgs<T>& a) {
+  using S = Simd<T>;
+  using Vec = typename S::Vec;
+  constexpr int N = S::kLanes;
+  const int64_t pitch = a.pitch, vpitch = a.value_pitch;
+  for (int64_t n = 0; n < a.count; ++n) {
+    const BackwardItem<T>& it = a.items[n];
+    const T* go = a.go + it.pixel * vpitch;
+    const T* v = a.v + it.sel * vpitch;
+    Vec acc = Vec{};
+    for (int64_t c = 0; c < vpitch; c += N) acc = S::fma(load<Vec>(go + c), load<Vec>(v + c), acc);
+    T dot = 0;
+    for (int l = 0; l < N; ++l) dot += acc[l];
+    const T g = a.scale * (it.grad_score + dot);
+    const Vec gv = Vec{} + g;
+    if (it.own_sel) {
+      const T* q = a.q + it.pixel * pitch;
+      T* gk = a.gk + it.sel * pitch;
+      for (int64_t c = 0; c < pitch; c += N) store(gk + c, S::fma(gv, load<Vec>(q + c), load<Vec>(gk + c)));
+      const Vec sv = Vec{} + it.score;
+      T* gval = a.gv + it.sel * vpitch;
+      for (int64_t c = 0; c < vpitch; c += N) store(gval + c, S::fma(sv, load<Vec>(go + c), load<Vec>(gval + c)));
+    }
+    if (it.gq >= 0) {
+      const T* k = a.k + it.sel * pitch;
+      T* gq = a.gq + it.gq * pitch;
+      for (int64_t c = 0; c < pitch; c += N) store(gq + c, S::fma(gv, load<Vec>(k + c), load<Vec>(gq + c)));
+    }
+  }
+}
+
+void backward_row(const BackwardRowArgs<float>& a) { backward_row_impl(a); }
+void backward_row(const BackwardRowArgs<double>& a) { backward_row_impl(a); }
+
+void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst, int64_t dst_stride,
+               bool add) {
+  if (add)
+    transpose_impl<float, true>(src, src_stride, rows, cols, dst, dst_stride);
+  else
+    transpose_impl<float, false>(src, src_stride, rows, cols, dst, dst_stride);
+}
+
+void transpose(const double* src, int64_t src_stride, int64_t rows, int64_t cols, double* dst, int64_t dst_stride,
+               bool add) {
+  if (add)
+    transpose_impl<double, true>(src, src_stride, rows, cols, dst, dst_stride);
+  else
+    transpose_impl<double, false>(src, src_stride, rows, cols, dst, dst_stride);
+}
 
 void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j) {
   RowKernel<float>(a).run(jy, best, best_j);
