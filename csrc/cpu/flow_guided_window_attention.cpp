@@ -147,6 +147,67 @@ void forward_simd(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key, 
   (void)C;
 }
 
+// The forward of float32 and float64 inputs with windows of at most kPlaneCells cells: the
+// per-ISA channels-first row kernels (PlaneArgs in flow_guided_window_attention_isa.h) read
+// query, key and value and write out where they lie; per row of pixels the launcher computes
+// the int32 cell indices (rows padded to whole vectors) and writes the NaNs of pixels with
+// non-finite flow after the kernel.
+template <typename T, typename coord_t>
+void forward_planes(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& coords, const at::Tensor& kb, const at::Tensor& vb, const Geometry& g,
+                    double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = query.size(0), HW = g.pixels(), C = g.channels(), cells = g.cells(), W = g.width;
+  const auto qf = channels_first(query), kf = channels_first(key), vf = channels_first(value);
+  const bool biased = kb.defined() || vb.defined();
+  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one
+  if (biased) {
+    kbz = kb.defined() ? kb : at::zeros({cells, C}, query.options());
+    vbz = vb.defined() ? vb : at::zeros({cells, C}, query.options());
+  }
+  const int lanes = isa == cpu::Isa::kAvx512 ? avx512::plane_lanes(T())
+                    : isa == cpu::Isa::kAvx2 ? avx2::plane_lanes(T())
+                                             : base::plane_lanes(T());
+  const int64_t Wp = (W + lanes - 1) / lanes * lanes;
+  const coord_t* f = coords.const_data_ptr<coord_t>();
+  T* lp = lse.mutable_data_ptr<T>();
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cell(cells * Wp, 0);
+    std::vector<int64_t> nonfinite;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.height, y = row % g.height, p0 = y * W;
+      const Frames<const T> qb = frames_at<const T>(qf, b), kk = frames_at<const T>(kf, b),
+                            vv = frames_at<const T>(vf, b);
+      const Frames<T> ob = frames_at<T>(out, b);
+      nonfinite.clear();
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t p = p0 + x;
+        int64_t by, bx;
+        if (window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) {
+          for (int n = 0; n < cells; ++n) cell[n * Wp + x] = static_cast<int32_t>(cell_pixel(g, by, bx, n));
+        } else {
+          for (int n = 0; n < cells; ++n) cell[n * Wp + x] = 0;
+          nonfinite.push_back(x);
+        }
+      }
+      PlaneArgs<T> a{&qb.at(0, 0, p0), kk.data, vv.data, &ob.at(0, 0, p0),
+                     {qb.stride.channel, kk.stride.channel, vv.stride.channel, ob.stride.channel},
+                     biased ? kbz.const_data_ptr<T>() : nullptr, biased ? vbz.const_data_ptr<T>() : nullptr,
+                     cell.data(), Wp, HW, lp + b * g.heads * HW + p0, HW, W, g.heads, g.head_dim, cells,
+                     static_cast<T>(scale)};
+      switch (isa) {
+        case cpu::Isa::kAvx512: avx512::forward_planes_row(a); break;
+        case cpu::Isa::kAvx2: avx2::forward_planes_row(a); break;
+        default: base::forward_planes_row(a); break;
+      }
+      for (const int64_t x : nonfinite) {
+        for (int64_t c = 0; c < C; ++c) ob.at(0, c, p0 + x) = nan;
+        for (int64_t h = 0; h < g.heads; ++h) lp[(b * g.heads + h) * HW + p0 + x] = nan;
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                const at::Tensor& value, const at::Tensor& flow, int64_t window_size,
                                                int64_t num_heads, const std::optional<at::Tensor>& key_bias,
@@ -163,7 +224,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
     const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
     AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "flow_guided_window_attention_cpu", [&] {
       VSR_DISPATCH_COORD(coords, [&] {
-        forward_simd<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
+        // int32 cell indices: frames below 2^31 pixels (always, in practice).
+        if (g.cells() <= kPlaneCells && HW < (int64_t(1) << 31))
+          forward_planes<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
+        else
+          forward_simd<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
       });
     });
     return {out, lse};

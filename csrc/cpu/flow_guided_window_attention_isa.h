@@ -37,10 +37,46 @@ struct RowArgs {
   T scale;
 };
 
-#define VSR_DECLARE_ISA(ns)                  \
-  namespace ns {                             \
-  void forward_row(const RowArgs<float>& a);  \
-  void forward_row(const RowArgs<double>& a); \
+// The channels-first forward (windows of at most kPlaneCells cells): one row of pixels read
+// and written in place on the (B, C, H, W) planes, vectorised across the pixels of the row
+// (a vector holds consecutive pixels; cell values are gathered per lane), so nothing is
+// transposed or copied:
+// - query, key, value, out: the batch element's planes, channel c at c * channel[i]
+//   (i = 0, 1, 2, 3 for query, key, value, out); pixels unit-stride; query and out point at
+//   the row's first pixel, key and value at pixel 0 of the frame;
+// - key_bias, value_bias: (cells, C) unpadded, or null (both given or both null);
+// - cell[n * cell_stride + x]: int32 pixel index (y * W + x) of cell n of pixel x, for
+//   x < width rounded up to the vector (pixels with non-finite flow: any valid index; the
+//   launcher overwrites their results);
+// - plane: H * W; lse[h * lse_head + x]: per head.
+constexpr int64_t kPlaneCells = 9;
+
+template <typename T>
+struct PlaneArgs {
+  const T* query;
+  const T* key;
+  const T* value;
+  T* out;
+  int64_t channel[4];
+  const T* key_bias;
+  const T* value_bias;
+  const int32_t* cell;
+  int64_t cell_stride;
+  int64_t plane;  // pixels per plane (H * W)
+  T* lse;
+  int64_t lse_head;
+  int64_t width, heads, head_dim, cells;
+  T scale;
+};
+
+#define VSR_DECLARE_ISA(ns)                         \
+  namespace ns {                                    \
+  void forward_row(const RowArgs<float>& a);         \
+  void forward_row(const RowArgs<double>& a);        \
+  void forward_planes_row(const PlaneArgs<float>& a);  \
+  void forward_planes_row(const PlaneArgs<double>& a); \
+  int plane_lanes(float);                           \
+  int plane_lanes(double);                          \
   }
 VSR_DECLARE_ISA(base)
 VSR_DECLARE_ISA(avx2)
