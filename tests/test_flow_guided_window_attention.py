@@ -562,3 +562,53 @@ def test_cpu_planes_forward(isa, dtype, index, monkeypatch):
     H.assert_same(torch.nan_to_num(out.double(), nan=7.5), torch.nan_to_num(want, nan=7.5), ["out"], **tol)
     H.assert_same(torch.nan_to_num(lse.double(), nan=7.5), torch.nan_to_num(want_lse, nan=7.5), ["lse"], **tol)
     assert torch.equal(torch.isnan(out), torch.isnan(want))
+
+
+# The channels-first backward (PlaneBackwardArgs, float32/float64, w <= 3): step 1 per ISA
+# kernel, the key/value gather through the ring of transposed source rows (or the planes when
+# a row of key positions draws from more rows than the ring holds: "outside" flow on a tall
+# frame), bias gradients; float32 against the float64 reference.
+
+PLANE_BACKWARD_CASES = PLANE_CASES[:6] + [(1, 12, 40, 9, 2, 2, "both", "outside"), (2, 10, 21, 5, 3, 2, None, "smooth")]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index", range(len(PLANE_BACKWARD_CASES)))
+def test_cpu_planes_backward(isa, dtype, index, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    B, C, H_, W, w, heads, biases, kind = PLANE_BACKWARD_CASES[index]
+    generator = torch.Generator().manual_seed(100 + index)
+    q, k, v = (torch.randn(B, C, H_, W, generator=generator, dtype=torch.float64) for _ in range(3))
+    flow = (_smooth_flow(B, H_, W, generator, torch.float64) if kind == "smooth"
+            else make_flow(kind, B, H_, W, generator))
+    kb, vb = (torch.randn(w * w, C, generator=generator, dtype=torch.float64) for _ in range(2))
+    kb = kb if biases in ("both", "key") else None
+    vb = vb if biases in ("both", "value") else None
+    grad = torch.randn(B, C, H_, W, generator=generator, dtype=torch.float64)
+    want = run(op("reference", w, heads), q, k, v, flow, kb, vb, grad=grad)
+    cast = [None if t is None else t.to(dtype) for t in (q, k, v, flow, kb, vb, grad)]
+    got = run(op("cpu", w, heads), *cast[:6], grad=cast[6])
+    tol = FLOAT64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert_matches((got[0].double(), [None if g is None else g.double() for g in got[1]]), want, **tol)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_planes_backward_deterministic(isa, monkeypatch):
+    """Same bits for 1, 2 and 3 threads (float32, crowded key positions, both biases)."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    tensors = [None if t is None else t.float() for t in _crowded_inputs(small=False)]
+    heads = 3 if tensors[0].shape[1] % 3 == 0 else 2
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(op("cpu", 2, heads), *tensors, grad=torch.ones_like(tensors[0])))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))

@@ -254,7 +254,7 @@ struct Runs {
   using V = typename Plane<T>::Vec;
   using I = typename Plane<T>::Idx;
   static constexpr int L = Plane<T>::kLanes;
-#if VSR_SIMD_BYTES > 16 && !defined(VSR_NO_RUNS)
+#if VSR_SIMD_BYTES > 16
   static constexpr int kMaxRuns = L / 2;
 #else
   static constexpr int kMaxRuns = 0;
@@ -399,6 +399,32 @@ inline Plane<double>::Vec vexp(Plane<double>::Vec x) {
   return x;
 }
 
+constexpr bool kPrefetch = VSR_SIMD_BYTES > 16;
+constexpr bool kWideRows = VSR_SIMD_BYTES == 64;  // a vector's row spans two lines
+
+// Where the next block's key/value rows start (after the block's last pixel's first and last
+// cell), kept inside the plane.
+template <typename T, int kCells>
+inline void prefetch_targets(const int32_t* cell, int64_t cell_stride, int64_t plane, int64_t valid,
+                             int64_t* ahead) {
+  constexpr int L = Plane<T>::kLanes;
+  ahead[0] = cell[valid - 1] + 1;
+  ahead[1] = cell[(kCells - 1) * cell_stride + valid - 1] + 1;
+  for (int i = 0; i < 2; ++i) ahead[i] = ahead[i] + L > plane ? (plane > L ? plane - L : 0) : ahead[i];
+}
+
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* ahead) {
+  constexpr int L = Plane<T>::kLanes;
+  if (!kPrefetch) return;
+  __builtin_prefetch(base + ahead[0], 0, 2);
+  __builtin_prefetch(base + ahead[1], 0, 2);
+  if (kWideRows) {
+    __builtin_prefetch(base + ahead[0] + L - 1, 0, 2);
+    __builtin_prefetch(base + ahead[1] + L - 1, 0, 2);
+  }
+}
+
 template <typename T, int kCells, bool kBiased, bool kFull>
 inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
   using V = typename Plane<T>::Vec;
@@ -417,32 +443,16 @@ inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
   // Software prefetch (into L2) of the next block's lines in every plane this block reads:
   // the block touches ~10 lines in each of the 4 * C planes, more streams than the hardware
   // prefetchers follow. Key and value: the first and last cell's rows, one vector ahead.
-  constexpr bool kPrefetch = VSR_SIMD_BYTES > 16;
-  constexpr bool kWideRows = VSR_SIMD_BYTES == 64;  // a vector's row spans two lines
-  int64_t ahead[2] = {0, 0};
-  if (kPrefetch) {
-    const int32_t* first = a.cell + x0;
-    const int32_t* last = a.cell + (kCells - 1) * a.cell_stride + x0;
-    const int64_t j = kFull ? L - 1 : valid - 1;  // the block's last pixel, then one vector on
-    ahead[0] = first[j] + 1;
-    ahead[1] = last[j] + 1;
-    for (int i = 0; i < 2; ++i) ahead[i] = ahead[i] + L > a.plane ? (a.plane > L ? a.plane - L : 0) : ahead[i];
-  }
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
   for (int64_t h = 0; h < a.heads; ++h) {
     V s[kCells];
     for (int n = 0; n < kCells; ++n) s[n] = V{};
     for (int64_t c = h * D; c < (h + 1) * D; ++c) {
       const V q = load_q(a.query + c * qs + x0);
       const T* k = a.key + c * ks;
-      if (kPrefetch) {
-        __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
-        __builtin_prefetch(k + ahead[0], 0, 2);
-        __builtin_prefetch(k + ahead[1], 0, 2);
-        if (kWideRows) {
-          __builtin_prefetch(k + ahead[0] + L - 1, 0, 2);
-          __builtin_prefetch(k + ahead[1] + L - 1, 0, 2);
-        }
-      }
+      if (kPrefetch) __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
+      prefetch_rows(k, ahead);
       for (int n = 0; n < kCells; ++n) {
         V kv = runs[n].gather(k);
         if (kBiased) kv = kv + a.key_bias[n * C + c];
@@ -466,15 +476,8 @@ inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
     for (int n = 0; n < kCells; ++n) s[n] = s[n] * inv;
     for (int64_t c = h * D; c < (h + 1) * D; ++c) {
       const T* v = a.value + c * vs;
-      if (kPrefetch) {
-        __builtin_prefetch(a.out + c * os + x0 + L, 1, 2);
-        __builtin_prefetch(v + ahead[0], 0, 2);
-        __builtin_prefetch(v + ahead[1], 0, 2);
-        if (kWideRows) {
-          __builtin_prefetch(v + ahead[0] + L - 1, 0, 2);
-          __builtin_prefetch(v + ahead[1] + L - 1, 0, 2);
-        }
-      }
+      if (kPrefetch) __builtin_prefetch(a.out + c * os + x0 + L, 1, 2);
+      prefetch_rows(v, ahead);
       V o = {};
       for (int n = 0; n < kCells; ++n) {
         V vv = runs[n].gather(v);
@@ -497,6 +500,115 @@ inline void planes_row(const PlaneArgs<T>& a) {
   for (; x0 + L <= a.width; x0 += L) planes_block<T, kCells, kBiased, true>(a, x0, L);
   if (x0 < a.width) planes_block<T, kCells, kBiased, false>(a, x0, a.width - x0);
 }
+
+// Step 1 of the backward per head and block, the arithmetic of backward_pixel_rows
+// (kernels/flow_guided_window_attention.h) across the lanes: s_n = scale * <q, k_n + kb_n>,
+// P_n = exp(s_n - lse), dP_n = <g, v_n + vb_n> (channels in increasing order, FMA per lane),
+// delta = sum_n P_n dP_n in n order, dS_n = (scale P_n) (dP_n - delta),
+// grad_query = sum_n dS_n (k_n + kb_n) in n order.
+template <typename T, int kCells, bool kBiased, bool kFull>
+inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid) {
+  using V = typename Plane<T>::Vec;
+  using I = typename Plane<T>::Idx;
+  constexpr int L = Plane<T>::kLanes;
+  const int64_t D = a.head_dim, C = a.heads * D, cells = kCells;
+  const int64_t gs = a.channel[0], qs = a.channel[1], ks = a.channel[2], vs = a.channel[3], os = a.channel[4];
+  auto load_part = [&](const T* p) {
+    if (kFull) return load<V>(p);
+    V v = {};
+    std::memcpy(&v, p, valid * sizeof(T));
+    return v;
+  };
+  Runs<T> runs[kCells];
+  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
+  for (int64_t h = 0; h < a.heads; ++h) {
+    V s[kCells], dp[kCells];
+    for (int n = 0; n < kCells; ++n) s[n] = dp[n] = V{};
+    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
+      const V q = load_part(a.query + c * qs + x0);
+      const V g = load_part(a.grad_out + c * gs + x0);
+      const T* k = a.key + c * ks;
+      const T* v = a.value + c * vs;
+      if (kPrefetch) {
+        __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
+        __builtin_prefetch(a.grad_out + c * gs + x0 + L, 0, 2);
+      }
+      prefetch_rows(k, ahead);
+      prefetch_rows(v, ahead);
+      for (int n = 0; n < kCells; ++n) {
+        V kv = runs[n].gather(k);
+        if (kBiased) kv = kv + a.key_bias[n * C + c];
+        s[n] = pfma(q, kv, s[n]);
+        V vv = runs[n].gather(v);
+        if (kBiased) vv = vv + a.value_bias[n * C + c];
+        dp[n] = pfma(g, vv, dp[n]);
+      }
+    }
+    const V lse = load_part(a.lse + h * a.lse_head + x0);
+    const auto live = __builtin_convertvector(load<I>(a.live + x0), V) != T(0);  // lane masks of T's width
+    V delta = V{};
+    for (int n = 0; n < kCells; ++n) {
+      s[n] = live ? vexp(s[n] * a.scale - lse) : V{};
+      delta = n == 0 ? s[0] * dp[0] : pfma(s[n], dp[n], delta);
+    }
+    for (int n = 0; n < kCells; ++n) dp[n] = live ? (s[n] * a.scale) * (dp[n] - delta) : V{};
+    for (int64_t j = 0; j < (kFull ? L : valid); ++j) {
+      T* prob = a.prob + ((x0 + j) * a.heads + h) * cells;
+      T* dscore = a.dscore + ((x0 + j) * a.heads + h) * cells;
+      for (int n = 0; n < kCells; ++n) {
+        prob[n] = s[n][j];
+        dscore[n] = dp[n][j];
+      }
+    }
+    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
+      const T* k = a.key + c * ks;
+      V o = {};
+      for (int n = 0; n < kCells; ++n) {
+        V kv = runs[n].gather(k);
+        if (kBiased) kv = kv + a.key_bias[n * C + c];
+        o = n == 0 ? dp[0] * kv : pfma(dp[n], kv, o);
+      }
+      T* out = a.grad_query + c * os + x0;
+      if (kFull)
+        store(out, o);
+      else
+        std::memcpy(out, &o, valid * sizeof(T));
+      if (kBiased) {
+        const V q = load_part(a.query + c * qs + x0), g = load_part(a.grad_out + c * gs + x0);
+        for (int n = 0; n < kCells; ++n) {
+          T* pk = a.bias_partial + (n * C + c) * L;
+          T* pv = a.bias_partial + ((kCells + n) * C + c) * L;
+          const auto used = (dp[n] != T(0)) | (s[n] != T(0));
+          store(pk, used ? pfma(dp[n], q, load<V>(pk)) : load<V>(pk));
+          store(pv, used ? pfma(s[n], g, load<V>(pv)) : load<V>(pv));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kCells, bool kBiased>
+inline void planes_backward_row(const PlaneBackwardArgs<T>& a) {
+  constexpr int L = Plane<T>::kLanes;
+  int64_t x0 = 0;
+  for (; x0 + L <= a.width; x0 += L) planes_backward_block<T, kCells, kBiased, true>(a, x0, L);
+  if (x0 < a.width) planes_backward_block<T, kCells, kBiased, false>(a, x0, a.width - x0);
+}
+
+template <typename T>
+inline void backward_planes_row_t(const PlaneBackwardArgs<T>& a) {
+  const bool biased = a.key_bias != nullptr;
+  switch (a.cells) {
+    case 1: return biased ? planes_backward_row<T, 1, true>(a) : planes_backward_row<T, 1, false>(a);
+    case 4: return biased ? planes_backward_row<T, 4, true>(a) : planes_backward_row<T, 4, false>(a);
+    default: return biased ? planes_backward_row<T, 9, true>(a) : planes_backward_row<T, 9, false>(a);
+  }
+}
+
+void backward_planes_row(const PlaneBackwardArgs<float>& a) { backward_planes_row_t<float>(a); }
+void backward_planes_row(const PlaneBackwardArgs<double>& a) { backward_planes_row_t<double>(a); }
 
 template <typename T>
 inline void forward_planes_row_t(const PlaneArgs<T>& a) {
