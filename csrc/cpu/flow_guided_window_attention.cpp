@@ -1,8 +1,11 @@
-// CPU launchers of flow-guided window attention: at::parallel_for over rows of pixels, each
-// pixel computed by the shared per-pixel functions in kernels/flow_guided_window_attention.h.
-// Query, key and value are read channels-last, so the per-cell dot products over head_dim and
-// the value accumulation read contiguous memory and vectorise. float16 and bfloat16 are
-// computed in float32 and rounded once to the input dtype.
+// CPU launchers of flow-guided window attention: at::parallel_for over rows of pixels.
+// - float32 and float64 with w <= 3 (the common case): the per-ISA channels-first kernels
+//   (forward_planes, backward_planes; flow_guided_window_attention_simd.h), vectorised across
+//   the pixels of a row, reading the inputs where they lie (no layout copy).
+// - float32 and float64 with w >= 4: the per-ISA row kernels over padded channels-last key
+//   and value copies (forward_simd) and the generic backward below.
+// - float16 and bfloat16: the shared per-pixel functions of kernels/flow_guided_window_attention.h
+//   over channels-last copies, computed in float32 and rounded once to the input dtype.
 //
 // Backward, deterministic whatever the thread count:
 //   1. per pixel (parallel over rows): probabilities recomputed from lse, dS, grad_query;

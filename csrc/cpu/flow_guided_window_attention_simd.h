@@ -1,10 +1,12 @@
-// The vectorised CPU forward of flow-guided window attention: one row of pixels, compiled
-// once per instruction set. Torch-free, included only by the per-ISA translation units
+// The vectorised CPU kernels of flow-guided window attention: one row of pixels, compiled
+// once per instruction set (two forms: the padded channels-last forward_row described here,
+// and the channels-first forward_planes_row / backward_planes_row further down). Torch-free, included only by the per-ISA translation units
 // (flow_guided_window_attention_{base,avx2,avx512}.cpp), which define
 //   VSR_SIMD_NS   the namespace of this copy (base, avx2, avx512): each copy is its own code,
 //                 so the linker never merges an AVX-512 function into the base path;
-//   VSR_SIMD_FMA  1 where fused multiply-add instructions exist.
-// Vectors are 32 bytes (kGranuleBytes) in every copy (GCC splits them into two SSE2
+//   VSR_SIMD_FMA  1 where fused multiply-add instructions exist;
+//   VSR_SIMD_BYTES the vector width of the channels-first kernels (16, 32, 64).
+// forward_row's vectors are 32 bytes (kGranuleBytes) in every copy (GCC splits them into two SSE2
 // operations in the base copy; AVX-512 runs them as AVX-512VL with 32 registers): head
 // channels are padded to whole vectors, so no loop has a tail or a mask.
 //
@@ -425,8 +427,9 @@ inline void prefetch_rows(const T* base, const int64_t* ahead) {
   }
 }
 
-template <typename T, int kCells, bool kBiased, bool kFull>
-inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
+template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
+inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, const Gather& gather,
+                        const int64_t* ahead) {
   using V = typename Plane<T>::Vec;
   constexpr int L = Plane<T>::kLanes;
   constexpr T inf = std::numeric_limits<T>::infinity();
@@ -438,13 +441,6 @@ inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
     std::memcpy(&v, p, valid * sizeof(T));
     return v;
   };
-  Runs<T> runs[kCells];
-  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
-  // Software prefetch (into L2) of the next block's lines in every plane this block reads:
-  // the block touches ~10 lines in each of the 4 * C planes, more streams than the hardware
-  // prefetchers follow. Key and value: the first and last cell's rows, one vector ahead.
-  int64_t ahead[2];
-  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
   for (int64_t h = 0; h < a.heads; ++h) {
     V s[kCells];
     for (int n = 0; n < kCells; ++n) s[n] = V{};
@@ -454,7 +450,7 @@ inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
       if (kPrefetch) __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
       prefetch_rows(k, ahead);
       for (int n = 0; n < kCells; ++n) {
-        V kv = runs[n].gather(k);
+        V kv = gather(k, n);
         if (kBiased) kv = kv + a.key_bias[n * C + c];
         s[n] = pfma(q, kv, s[n]);
       }
@@ -480,7 +476,7 @@ inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
       prefetch_rows(v, ahead);
       V o = {};
       for (int n = 0; n < kCells; ++n) {
-        V vv = runs[n].gather(v);
+        V vv = gather(v, n);
         if (kBiased) vv = vv + a.value_bias[n * C + c];
         o = n == 0 ? s[0] * vv : pfma(s[n], vv, o);
       }
@@ -491,6 +487,108 @@ inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
         std::memcpy(out, &o, valid * sizeof(T));
     }
   }
+}
+
+// Where every cell's runs are cell 0's shifted by one offset (no cell clamped differently:
+// the interior of the frame), with 1 to 4 runs: the masks and offsets held in registers for
+// the whole block and the loads unrolled (the generic Runs::gather reloads them per load).
+template <typename T, int kCount, int kCells>
+struct SharedRuns {
+  using V = typename Plane<T>::Vec;
+  int64_t off[kCount];
+  int64_t shift[kCells];
+#if VSR_SIMD_BYTES == 64
+  uint32_t mask[kCount];
+#elif VSR_SIMD_BYTES == 32
+  typename Runs<T>::M mask[kCount];
+#endif
+  V operator()(const T* base, int n) const {
+    const T* p = base + shift[n];
+#if VSR_SIMD_BYTES == 64
+    if constexpr (sizeof(T) == 4) {
+      __m512 v = _mm512_loadu_ps(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm512_mask_loadu_ps(v, (__mmask16)mask[r], p + off[r]);
+      return (V)v;
+    } else {
+      __m512d v = _mm512_loadu_pd(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm512_mask_loadu_pd(v, (__mmask8)mask[r], p + off[r]);
+      return (V)v;
+    }
+#elif VSR_SIMD_BYTES == 32
+    if constexpr (sizeof(T) == 4) {
+      __m256 v = _mm256_loadu_ps(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm256_blendv_ps(v, _mm256_loadu_ps(p + off[r]), (__m256)mask[r]);
+      return (V)v;
+    } else {
+      __m256d v = _mm256_loadu_pd(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm256_blendv_pd(v, _mm256_loadu_pd(p + off[r]), (__m256d)mask[r]);
+      return (V)v;
+    }
+#else
+    return load<V>(p);  // never used: the base copy has no runs
+#endif
+  }
+};
+
+// The number of runs when every cell's runs are cell 0's shifted (then shift[n]), else 0.
+template <typename T, int kCells>
+inline int shared_runs(const Runs<T>* runs, int64_t* shift) {
+  const int count = runs[0].count;
+  if (count == 0) return 0;
+  shift[0] = 0;
+  for (int n = 1; n < kCells; ++n) {
+    if (runs[n].count != count) return 0;
+    shift[n] = int64_t(runs[n].off[0]) - runs[0].off[0];
+    for (int r = 0; r < count; ++r) {
+      if (int64_t(runs[n].off[r]) - runs[0].off[r] != shift[n]) return 0;
+#if VSR_SIMD_BYTES > 16
+      if (std::memcmp(&runs[n].mask[r], &runs[0].mask[r], sizeof(runs[0].mask[r])) != 0) return 0;
+#endif
+    }
+  }
+  return count;
+}
+
+template <typename T, int kCount, int kCells>
+inline SharedRuns<T, kCount, kCells> make_shared_runs(const Runs<T>* runs, const int64_t* shift) {
+  SharedRuns<T, kCount, kCells> sr;
+  for (int r = 0; r < kCount; ++r) {
+    sr.off[r] = runs[0].off[r];
+#if VSR_SIMD_BYTES > 16
+    sr.mask[r] = runs[0].mask[r];
+#endif
+  }
+  for (int n = 0; n < kCells; ++n) sr.shift[n] = shift[n];
+  return sr;
+}
+
+template <typename T, int kCells, bool kBiased, bool kFull>
+inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
+  Runs<T> runs[kCells];
+  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
+  // Software prefetch (into L2) of the next block's lines in every plane this block reads:
+  // the block touches ~10 lines in each of the 4 * C planes, more streams than the hardware
+  // prefetchers follow. Key and value: the first and last cell's rows, one vector ahead.
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
+#if VSR_SIMD_BYTES > 16
+  int64_t shift[kCells];
+  switch (shared_runs<T, kCells>(runs, shift)) {
+    case 1: return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 1, kCells>(runs, shift), ahead);
+    case 2: return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 2, kCells>(runs, shift), ahead);
+    case 3:
+      if constexpr (Runs<T>::kMaxRuns >= 3)
+        return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 3, kCells>(runs, shift), ahead);
+      break;
+    case 4:
+      if constexpr (Runs<T>::kMaxRuns >= 4)
+        return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 4, kCells>(runs, shift), ahead);
+      break;
+    default: break;
+  }
+#endif
+  planes_body<T, kCells, kBiased, kFull>(a, x0, valid, [&](const T* base, int n) { return runs[n].gather(base); },
+                                         ahead);
 }
 
 template <typename T, int kCells, bool kBiased>
