@@ -604,8 +604,9 @@ inline void planes_row(const PlaneArgs<T>& a) {
 // P_n = exp(s_n - lse), dP_n = <g, v_n + vb_n> (channels in increasing order, FMA per lane),
 // delta = sum_n P_n dP_n in n order, dS_n = (scale P_n) (dP_n - delta),
 // grad_query = sum_n dS_n (k_n + kb_n) in n order.
-template <typename T, int kCells, bool kBiased, bool kFull>
-inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid) {
+template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
+inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid, const Gather& gather,
+                                 const int64_t* ahead) {
   using V = typename Plane<T>::Vec;
   using I = typename Plane<T>::Idx;
   constexpr int L = Plane<T>::kLanes;
@@ -617,10 +618,6 @@ inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int
     std::memcpy(&v, p, valid * sizeof(T));
     return v;
   };
-  Runs<T> runs[kCells];
-  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
-  int64_t ahead[2];
-  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
   for (int64_t h = 0; h < a.heads; ++h) {
     V s[kCells], dp[kCells];
     for (int n = 0; n < kCells; ++n) s[n] = dp[n] = V{};
@@ -636,10 +633,10 @@ inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int
       prefetch_rows(k, ahead);
       prefetch_rows(v, ahead);
       for (int n = 0; n < kCells; ++n) {
-        V kv = runs[n].gather(k);
+        V kv = gather(k, n);
         if (kBiased) kv = kv + a.key_bias[n * C + c];
         s[n] = pfma(q, kv, s[n]);
-        V vv = runs[n].gather(v);
+        V vv = gather(v, n);
         if (kBiased) vv = vv + a.value_bias[n * C + c];
         dp[n] = pfma(g, vv, dp[n]);
       }
@@ -664,7 +661,7 @@ inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int
       const T* k = a.key + c * ks;
       V o = {};
       for (int n = 0; n < kCells; ++n) {
-        V kv = runs[n].gather(k);
+        V kv = gather(k, n);
         if (kBiased) kv = kv + a.key_bias[n * C + c];
         o = n == 0 ? dp[0] * kv : pfma(dp[n], kv, o);
       }
@@ -685,6 +682,38 @@ inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int
       }
     }
   }
+}
+
+template <typename T, int kCells, bool kBiased, bool kFull>
+inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid) {
+  Runs<T> runs[kCells];
+  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
+#if VSR_SIMD_BYTES > 16
+  int64_t shift[kCells];
+  switch (shared_runs<T, kCells>(runs, shift)) {
+    case 1:
+      return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 1, kCells>(runs, shift),
+                                                             ahead);
+    case 2:
+      return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 2, kCells>(runs, shift),
+                                                             ahead);
+    case 3:
+      if constexpr (Runs<T>::kMaxRuns >= 3)
+        return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid,
+                                                               make_shared_runs<T, 3, kCells>(runs, shift), ahead);
+      break;
+    case 4:
+      if constexpr (Runs<T>::kMaxRuns >= 4)
+        return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid,
+                                                               make_shared_runs<T, 4, kCells>(runs, shift), ahead);
+      break;
+    default: break;
+  }
+#endif
+  planes_backward_body<T, kCells, kBiased, kFull>(
+      a, x0, valid, [&](const T* base, int n) { return runs[n].gather(base); }, ahead);
 }
 
 template <typename T, int kCells, bool kBiased>
