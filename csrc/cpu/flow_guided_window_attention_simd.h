@@ -89,64 +89,6 @@ inline T head_dot(const T* q, const T* k, const T* kb, int64_t o, int64_t vecs) 
   return lane_sum<T>(dot);
 }
 
-// Windows of at most kTwoPassCells cells (w <= 3) take two passes per pixel instead of the
-// online softmax: all logits first, m = their maximum (the online rule: s > m ? s : m),
-// P_n = exp(s_n - m) (0 for s_n = -inf), l = sum P_n in n order,
-// out = sum_n (P_n / l) v_n, lse = m + log l: half the exponentials and no rescaling of the
-// accumulator. The same
-// function (NaN, +-inf logits included) up to rounding.
-constexpr int64_t kTwoPassCells = 9;
-constexpr int64_t kTwoPassHeads = 64;
-
-template <typename T, bool kBiased>
-inline void forward_row_two_pass(const RowArgs<T>& a) {
-  using Vec = typename Simd<T>::Vec;
-  constexpr int L = Simd<T>::kLanes;
-  const int64_t Dp = a.padded_dim, Cp = a.heads * Dp, vecs = Dp / L;
-  T s[kTwoPassCells * kTwoPassHeads];
-  for (int64_t x = 0; x < a.width; ++x) {
-    const int64_t* cell = a.cell + x * a.cells;
-    if (cell[0] < 0) continue;
-    const T* q = a.query + x * Cp;
-    T* acc = a.out + x * Cp;
-    for (int64_t h0 = 0; h0 < a.heads; h0 += kTwoPassHeads) {
-      const int64_t h1 = a.heads - h0 < kTwoPassHeads ? a.heads : h0 + kTwoPassHeads, nh = h1 - h0;
-      for (int64_t n = 0; n < a.cells; ++n) {
-        const T* k = a.key + cell[n] * Cp;
-        const T* kb = kBiased ? a.key_bias + n * Cp : nullptr;
-        for (int64_t h = h0; h < h1; ++h) s[n * nh + h - h0] = a.scale * head_dot<T, kBiased>(q, k, kb, h * Dp, vecs);
-      }
-      for (int64_t h = h0; h < h1; ++h) {
-        T m = -std::numeric_limits<T>::infinity(), l = 0;
-        for (int64_t n = 0; n < a.cells; ++n) {
-          const T v = s[n * nh + h - h0];
-          m = v > m ? v : m;
-        }
-        for (int64_t n = 0; n < a.cells; ++n) {
-          T& v = s[n * nh + h - h0];
-          v = v == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(v - m);
-          l += v;
-        }
-        a.lse[h * a.lse_head + x] = m + std::log(l);
-        const T inv = T(1) / l;
-        for (int64_t n = 0; n < a.cells; ++n) s[n * nh + h - h0] *= inv;
-      }
-      for (int64_t n = 0; n < a.cells; ++n) {
-        const T* v = a.value + cell[n] * Cp;
-        const T* vb = kBiased ? a.value_bias + n * Cp : nullptr;
-        for (int64_t h = h0; h < h1; ++h) {
-          const Vec p = Vec{} + s[n * nh + h - h0];
-          for (int64_t j = 0; j < vecs; ++j) {
-            const int64_t c = h * Dp + j * L;
-            const Vec val = kBiased ? load<Vec>(v + c) + load<Vec>(vb + c) : load<Vec>(v + c);
-            store(acc + c, n == 0 ? p * val : fma(p, val, load<Vec>(acc + c)));
-          }
-        }
-      }
-    }
-  }
-}
-
 template <typename T, bool kBiased>
 inline void forward_row_impl(const RowArgs<T>& a) {
   using Vec = typename Simd<T>::Vec;
@@ -199,14 +141,11 @@ inline void forward_row_impl(const RowArgs<T>& a) {
   }
 }
 
+// (w <= 3 takes the channels-first kernels below; the last session's two-pass softmax for
+// small windows of this form went with it.)
 template <typename T>
 inline void forward_row_t(const RowArgs<T>& a) {
-  if (a.cells <= kTwoPassCells) {
-    if (a.key_bias != nullptr)
-      forward_row_two_pass<T, true>(a);
-    else
-      forward_row_two_pass<T, false>(a);
-  } else if (a.key_bias != nullptr)
+  if (a.key_bias != nullptr)
     forward_row_impl<T, true>(a);
   else
     forward_row_impl<T, false>(a);
