@@ -483,3 +483,132 @@ def test_cpu_isa_switch_rejects_unknown(monkeypatch):
     monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="VSR_KERNELS_CPU_ISA must be base, avx2 or avx512"):
         torch.ops.vsr_kernels.flow_guided_window_attention(q, k, v, f, 2, 1, None, None, 0.5)
+
+
+# The channels-first forward (PlaneArgs: float32 and float64, w <= 3), per instruction set:
+# vectors of 4 / 8 / 16 float32 pixels (base / AVX2 / AVX-512; half as many float64), cell
+# values gathered per lane or as runs of lanes with a common integer offset (smooth flow:
+# few runs; random flow: more runs than the limit, one load per lane; windows clamped at the
+# borders). Edges: W below, at and above a vector width, one pixel wide; head_dim not a
+# multiple of 8; w = 1, 2, 3; biases absent, one or both; non-finite flow; channel-sliced
+# (non-unit channel stride) inputs; float32 against the float64 reference.
+
+def _smooth_flow(B, H, W, generator, dtype):
+    """A flow whose integer part changes by at most one between neighbouring pixels (the
+    benchmark's kind), plus exact integers in one row and border-clamping in another."""
+    ys = torch.linspace(-1, 1, H, dtype=dtype).view(1, 1, H, 1)
+    xs = torch.linspace(-1, 1, W, dtype=dtype).view(1, 1, 1, W)
+    flow = torch.cat([3 * torch.sin(3 * ys + xs).expand(B, 1, H, W), 2 * torch.cos(2 * xs - ys).expand(B, 1, H, W)], 1)
+    flow = flow + torch.rand(B, 2, H, W, generator=generator, dtype=dtype)
+    flow[:, :, 0] = torch.round(flow[:, :, 0])
+    if H > 2:
+        flow[:, 0, 1] += W  # past the right border: every cell clamped
+    return flow
+
+
+def _lse_oracle(q, k, flow, w, heads, kb, scale):
+    """log sum_n exp(logit_n) per (b, head, y, x) in float64 plain PyTorch; NaN where the flow is
+    not finite."""
+    B, C, H_, W = q.shape
+    lo = -((w - 1) // 2)
+    finite = torch.isfinite(flow).all(1)
+    f = torch.where(finite[:, None], flow, torch.zeros((), dtype=flow.dtype))
+    by = (torch.arange(H_, dtype=f.dtype).view(1, H_, 1) + f[:, 1]).clamp(-(w + 1), H_ + w).floor().long()
+    bx = (torch.arange(W, dtype=f.dtype).view(1, 1, W) + f[:, 0]).clamp(-(w + 1), W + w).floor().long()
+    logits = []
+    for a in range(w):
+        for b in range(w):
+            index = ((by + lo + a).clamp(0, H_ - 1) * W + (bx + lo + b).clamp(0, W - 1)).view(B, 1, -1)
+            kn = torch.gather(k.flatten(2), 2, index.expand(B, C, -1)).view(B, C, H_, W)
+            if kb is not None:
+                kn = kn + kb[a * w + b].view(1, C, 1, 1)
+            logits.append((q * kn).view(B, heads, C // heads, H_, W).sum(2) * scale)
+    lse = torch.logsumexp(torch.stack(logits), 0)
+    return torch.where(finite[:, None], lse, torch.full((), float("nan"), dtype=lse.dtype))
+
+
+PLANE_CASES = [  # (B, C, H, W, w, heads, biases ("both", "key", "value", None), flow)
+    (1, 16, 5, 17, 2, 2, "both", "smooth"), (1, 12, 4, 33, 2, 1, None, "smooth"),
+    (2, 30, 3, 16, 3, 3, "both", "smooth"), (1, 9, 6, 1, 2, 1, "key", "random"),
+    (1, 20, 3, 40, 1, 4, "value", "random"), (1, 40, 4, 23, 3, 5, None, "outside"),
+    (1, 24, 7, 8, 2, 2, "both", "nonfinite"), (1, 14, 5, 31, 2, 2, "both", "integer"),
+    (1, 6, 2, 3, 3, 3, "both", "smooth"), (1, 48, 3, 64, 2, 6, "both", "random"),
+]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index", range(len(PLANE_CASES)))
+def test_cpu_planes_forward(isa, dtype, index, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    B, C, H_, W, w, heads, biases, kind = PLANE_CASES[index]
+    generator = torch.Generator().manual_seed(index)
+    q, k, v = (torch.randn(B, C, H_, W, generator=generator, dtype=torch.float64) for _ in range(3))
+    flow = (_smooth_flow(B, H_, W, generator, torch.float64) if kind == "smooth"
+            else make_flow(kind, B, H_, W, generator))
+    kb, vb = (torch.randn(w * w, C, generator=generator, dtype=torch.float64) for _ in range(2))
+    kb = kb if biases in ("both", "key") else None
+    vb = vb if biases in ("both", "value") else None
+    scale = (C // heads) ** -0.5
+    want = reference.flow_guided_window_attention(q, k, v, flow, w, heads, kb, vb)
+    want_lse = _lse_oracle(q, k, flow, w, heads, kb, scale)
+    if index % 2:  # channel-sliced views: a channel stride other than H * W
+        q, k, v = (torch.stack([t, torch.full_like(t, float("nan"))], 2).flatten(1, 2)[:, ::2] if i != 1 else
+                   torch.cat([torch.full_like(t, float("nan")), t], 1)[:, C:] for i, t in enumerate((q, k, v)))
+    args = [None if t is None else t.to(dtype) for t in (q, k, v, flow, kb, vb)]
+    out, lse = torch.ops.vsr_kernels.flow_guided_window_attention(*args[:4], w, heads, *args[4:], scale)
+    tol = FLOAT64 if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
+    H.assert_same(torch.nan_to_num(out.double(), nan=7.5), torch.nan_to_num(want, nan=7.5), ["out"], **tol)
+    H.assert_same(torch.nan_to_num(lse.double(), nan=7.5), torch.nan_to_num(want_lse, nan=7.5), ["lse"], **tol)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+
+
+# The channels-first backward (PlaneBackwardArgs, float32/float64, w <= 3): step 1 per ISA
+# kernel, the key/value gather through the ring of transposed source rows (or the planes when
+# a row of key positions draws from more rows than the ring holds: "outside" flow on a tall
+# frame), bias gradients; float32 against the float64 reference.
+
+PLANE_BACKWARD_CASES = PLANE_CASES[:6] + [(1, 12, 40, 9, 2, 2, "both", "outside"), (2, 10, 21, 5, 3, 2, None, "smooth")]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("index", range(len(PLANE_BACKWARD_CASES)))
+def test_cpu_planes_backward(isa, dtype, index, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    B, C, H_, W, w, heads, biases, kind = PLANE_BACKWARD_CASES[index]
+    generator = torch.Generator().manual_seed(100 + index)
+    q, k, v = (torch.randn(B, C, H_, W, generator=generator, dtype=torch.float64) for _ in range(3))
+    flow = (_smooth_flow(B, H_, W, generator, torch.float64) if kind == "smooth"
+            else make_flow(kind, B, H_, W, generator))
+    kb, vb = (torch.randn(w * w, C, generator=generator, dtype=torch.float64) for _ in range(2))
+    kb = kb if biases in ("both", "key") else None
+    vb = vb if biases in ("both", "value") else None
+    grad = torch.randn(B, C, H_, W, generator=generator, dtype=torch.float64)
+    want = run(op("reference", w, heads), q, k, v, flow, kb, vb, grad=grad)
+    cast = [None if t is None else t.to(dtype) for t in (q, k, v, flow, kb, vb, grad)]
+    got = run(op("cpu", w, heads), *cast[:6], grad=cast[6])
+    tol = FLOAT64 if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert_matches((got[0].double(), [None if g is None else g.double() for g in got[1]]), want, **tol)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpu_planes_backward_deterministic(isa, monkeypatch):
+    """Same bits for 1, 2 and 3 threads (float32, crowded key positions, both biases)."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    tensors = [None if t is None else t.float() for t in _crowded_inputs(small=False)]
+    heads = 3 if tensors[0].shape[1] % 3 == 0 else 2
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(run(op("cpu", 2, heads), *tensors, grad=torch.ones_like(tensors[0])))
+    finally:
+        torch.set_num_threads(threads)
+    for out, grads in results[1:]:
+        assert torch.equal(out, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))

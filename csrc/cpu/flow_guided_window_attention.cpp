@@ -1,8 +1,11 @@
-// CPU launchers of flow-guided window attention: at::parallel_for over rows of pixels, each
-// pixel computed by the shared per-pixel functions in kernels/flow_guided_window_attention.h.
-// Query, key and value are read channels-last, so the per-cell dot products over head_dim and
-// the value accumulation read contiguous memory and vectorise. float16 and bfloat16 are
-// computed in float32 and rounded once to the input dtype.
+// CPU launchers of flow-guided window attention: at::parallel_for over rows of pixels.
+// - float32 and float64 with w <= 3 (the common case): the per-ISA channels-first kernels
+//   (forward_planes, backward_planes; flow_guided_window_attention_simd.h), vectorised across
+//   the pixels of a row, reading the inputs where they lie (no layout copy).
+// - float32 and float64 with w >= 4: the per-ISA row kernels over padded channels-last key
+//   and value copies (forward_simd) and the generic backward below.
+// - float16 and bfloat16: the shared per-pixel functions of kernels/flow_guided_window_attention.h
+//   over channels-last copies, computed in float32 and rounded once to the input dtype.
 //
 // Backward, deterministic whatever the thread count:
 //   1. per pixel (parallel over rows): probabilities recomputed from lse, dS, grad_query;
@@ -20,6 +23,7 @@
 #include <algorithm>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../glue/flow_guided_window_attention.h"
@@ -147,6 +151,115 @@ void forward_simd(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key, 
   (void)C;
 }
 
+// Step 2 of the backward: per batch element, a counting sort of the (pixel, cell) entries
+// e = p * cells + n by the key position they read (sequential, in increasing e); pixels with
+// non-finite flow have no entries. offsets: B * (HW + 1) + 1, entries: B * HW * cells.
+template <typename coord_t>
+void sort_entries(const Geometry& g, const coord_t* f, int64_t B, std::vector<int64_t>& entries,
+                  std::vector<int64_t>& offsets) {
+  const int64_t HW = g.pixels();
+  const int cells = g.cells();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t* off = offsets.data() + b * (HW + 1);
+      std::vector<int64_t> fill(HW, 0);
+      for (int pass = 0; pass < 2; ++pass) {
+        for (int64_t p = 0; p < HW; ++p) {
+          int64_t by, bx;
+          if (!window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) continue;
+          for (int n = 0; n < cells; ++n) {
+            const int64_t t = cell_pixel(g, by, bx, n);
+            if (pass == 0)
+              ++fill[t];
+            else
+              entries[b * HW * cells + off[t] + fill[t]++] = p * cells + n;
+          }
+        }
+        if (pass == 0) {
+          off[0] = 0;
+          for (int64_t t = 0; t < HW; ++t) off[t + 1] = off[t] + fill[t];
+          std::fill(fill.begin(), fill.end(), 0);
+        }
+      }
+    }
+  });
+}
+
+// The int32 cell indices of row y of batch element b (cell[n * Wp + x]; 0 for pixels with
+// non-finite flow, which are listed in `nonfinite`).
+template <typename coord_t>
+void row_cells(const Geometry& g, const coord_t* f, int64_t b, int64_t y, int64_t Wp, int32_t* cell,
+               std::vector<int64_t>& nonfinite) {
+  const int64_t HW = g.pixels(), W = g.width, p0 = y * W;
+  const int cells = g.cells();
+  nonfinite.clear();
+  for (int64_t x = 0; x < W; ++x) {
+    const int64_t p = p0 + x;
+    int64_t by, bx;
+    if (window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) {
+      for (int n = 0; n < cells; ++n) cell[n * Wp + x] = static_cast<int32_t>(cell_pixel(g, by, bx, n));
+    } else {
+      for (int n = 0; n < cells; ++n) cell[n * Wp + x] = 0;
+      nonfinite.push_back(x);
+    }
+  }
+}
+
+int plane_lanes(cpu::Isa isa, bool is_double) {
+  if (isa == cpu::Isa::kAvx512) return is_double ? avx512::plane_lanes(0.0) : avx512::plane_lanes(0.0f);
+  if (isa == cpu::Isa::kAvx2) return is_double ? avx2::plane_lanes(0.0) : avx2::plane_lanes(0.0f);
+  return is_double ? base::plane_lanes(0.0) : base::plane_lanes(0.0f);
+}
+
+// The forward of float32 and float64 inputs with windows of at most kPlaneCells cells: the
+// per-ISA channels-first row kernels (PlaneArgs in flow_guided_window_attention_isa.h) read
+// query, key and value and write out where they lie; per row of pixels the launcher computes
+// the int32 cell indices (rows padded to whole vectors) and writes the NaNs of pixels with
+// non-finite flow after the kernel.
+template <typename T, typename coord_t>
+void forward_planes(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                    const at::Tensor& coords, const at::Tensor& kb, const at::Tensor& vb, const Geometry& g,
+                    double scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = query.size(0), HW = g.pixels(), C = g.channels(), cells = g.cells(), W = g.width;
+  const auto qf = channels_first(query), kf = channels_first(key), vf = channels_first(value);
+  const bool biased = kb.defined() || vb.defined();
+  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one
+  if (biased) {
+    kbz = kb.defined() ? kb : at::zeros({cells, C}, query.options());
+    vbz = vb.defined() ? vb : at::zeros({cells, C}, query.options());
+  }
+  const int lanes = plane_lanes(isa, std::is_same_v<T, double>);
+  const int64_t Wp = (W + lanes - 1) / lanes * lanes;
+  const coord_t* f = coords.const_data_ptr<coord_t>();
+  T* lp = lse.mutable_data_ptr<T>();
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cell(cells * Wp, 0);
+    std::vector<int64_t> nonfinite;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.height, y = row % g.height, p0 = y * W;
+      const Frames<const T> qb = frames_at<const T>(qf, b), kk = frames_at<const T>(kf, b),
+                            vv = frames_at<const T>(vf, b);
+      const Frames<T> ob = frames_at<T>(out, b);
+      row_cells(g, f, b, y, Wp, cell.data(), nonfinite);
+      PlaneArgs<T> a{&qb.at(0, 0, p0), kk.data, vv.data, &ob.at(0, 0, p0),
+                     {qb.stride.channel, kk.stride.channel, vv.stride.channel, ob.stride.channel},
+                     biased ? kbz.const_data_ptr<T>() : nullptr, biased ? vbz.const_data_ptr<T>() : nullptr,
+                     cell.data(), Wp, HW, lp + b * g.heads * HW + p0, HW, W, g.heads, g.head_dim, cells,
+                     static_cast<T>(scale)};
+      switch (isa) {
+        case cpu::Isa::kAvx512: avx512::forward_planes_row(a); break;
+        case cpu::Isa::kAvx2: avx2::forward_planes_row(a); break;
+        default: base::forward_planes_row(a); break;
+      }
+      for (const int64_t x : nonfinite) {
+        for (int64_t c = 0; c < C; ++c) ob.at(0, c, p0 + x) = nan;
+        for (int64_t h = 0; h < g.heads; ++h) lp[(b * g.heads + h) * HW + p0 + x] = nan;
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at::Tensor& key,
                                                const at::Tensor& value, const at::Tensor& flow, int64_t window_size,
                                                int64_t num_heads, const std::optional<at::Tensor>& key_bias,
@@ -163,7 +276,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
     const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
     AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "flow_guided_window_attention_cpu", [&] {
       VSR_DISPATCH_COORD(coords, [&] {
-        forward_simd<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
+        // int32 cell indices: frames below 2^31 pixels (always, in practice).
+        if (g.cells() <= kPlaneCells && HW < (int64_t(1) << 31))
+          forward_planes<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
+        else
+          forward_simd<scalar_t, coord_t>(isa, query, key, value, coords, kb, vb, g, scale, out, lse);
       });
     });
     return {out, lse};
@@ -219,6 +336,170 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& query, const at
   return {out, lse};
 }
 
+// Rows of a frame held channels-last in a ring of kRingRows rows: pixel p = y * W + x at slot
+// y % kRingRows (the caller keeps the rows it reads there).
+constexpr int64_t kRingRows = 16;
+template <typename T>
+struct RingRows {
+  const T* data;
+  int64_t width, channels;
+  T at(int64_t, int64_t c, int64_t p) const {
+    return data[((p / width) % kRingRows * width + p % width) * channels + c];
+  }
+};
+
+// The backward of float32 and float64 inputs with windows of at most kPlaneCells cells, with
+// no layout copy of any input: step 1 by the per-ISA channels-first row kernels
+// (PlaneBackwardArgs), which write grad_query in place; steps 2-4 as in backward_cpu, reading
+// grad_out and query channels-first (a source pixel's channels lie a plane apart; the
+// entries of neighbouring key positions come from neighbouring pixels, so those lines stay
+// in cache). Deterministic: every output element is written by one thread in a fixed order.
+template <typename T, typename coord_t>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_planes(
+    cpu::Isa isa, const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const at::Tensor& coords, const at::Tensor& lse, const at::Tensor& kb,
+    const at::Tensor& vb, const Geometry& g, double scale) {
+  const int64_t B = query.size(0), HW = g.pixels(), C = g.channels(), cells = g.cells(), W = g.width, D = g.head_dim;
+  const auto gf = channels_first(grad_out), qf = channels_first(query), kf = channels_first(key),
+             vf = channels_first(value);
+  const auto ls = lse.contiguous();
+  const bool biased = kb.defined() || vb.defined();
+  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one
+  if (biased) {
+    kbz = kb.defined() ? kb : at::zeros({cells, C}, query.options());
+    vbz = vb.defined() ? vb : at::zeros({cells, C}, query.options());
+  }
+  auto grad_query = at::empty(query.sizes(), query.options());
+  auto prob = at::empty({B, HW, g.heads, cells}, query.options()), dscore = at::empty({B, HW, g.heads, cells}, query.options());
+  const int lanes = plane_lanes(isa, std::is_same_v<T, double>);
+  const int64_t Wp = (W + lanes - 1) / lanes * lanes;
+  const coord_t* f = coords.const_data_ptr<coord_t>();
+  const T* lp = ls.const_data_ptr<T>();
+  T* pp = prob.mutable_data_ptr<T>();
+  T* dp = dscore.mutable_data_ptr<T>();
+  // 1. Per pixel, in groups of rows of at least kBiasChunk pixels (whole rows; fixed by the
+  // shape, not the thread count): with biases, the kernel accumulates the bias gradients
+  // lane-wise over a group's pixels, the lanes are then summed in order into the group's
+  // partial, and the partials in group order below.
+  const int64_t group_rows = std::max<int64_t>(1, (kBiasChunk + W - 1) / W);
+  const int64_t groups_per_frame = (g.height + group_rows - 1) / group_rows, groups = B * groups_per_frame;
+  std::vector<T> group_partial(biased ? groups * 2 * cells * C : 0, T(0));
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> cell(cells * Wp, 0), live(Wp, 0);
+    std::vector<int64_t> nonfinite;
+    std::vector<T> lanes_partial(biased ? 2 * cells * C * lanes : 0);
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t b = group / groups_per_frame, y0 = group % groups_per_frame * group_rows;
+      std::fill(lanes_partial.begin(), lanes_partial.end(), T(0));
+      for (int64_t y = y0; y < std::min(y0 + group_rows, g.height); ++y) {
+        const int64_t p0 = y * W;
+        const Frames<const T> gb = frames_at<const T>(gf, b), qb = frames_at<const T>(qf, b),
+                              kk = frames_at<const T>(kf, b), vv = frames_at<const T>(vf, b);
+        const Frames<T> ob = frames_at<T>(grad_query, b);
+        row_cells(g, f, b, y, Wp, cell.data(), nonfinite);
+        std::fill(live.begin(), live.begin() + W, -1);
+        for (const int64_t x : nonfinite) live[x] = 0;
+        T* prow = pp + (b * HW + p0) * g.heads * cells;
+        T* drow = dp + (b * HW + p0) * g.heads * cells;
+        PlaneBackwardArgs<T> a{&gb.at(0, 0, p0), &qb.at(0, 0, p0), kk.data, vv.data, &ob.at(0, 0, p0),
+                               {gb.stride.channel, qb.stride.channel, kk.stride.channel, vv.stride.channel,
+                                ob.stride.channel},
+                               biased ? kbz.const_data_ptr<T>() : nullptr, biased ? vbz.const_data_ptr<T>() : nullptr,
+                               cell.data(), Wp, HW, lp + b * g.heads * HW + p0, HW, prow, drow, live.data(),
+                               biased ? lanes_partial.data() : nullptr, W, g.heads, D, cells, static_cast<T>(scale)};
+        switch (isa) {
+          case cpu::Isa::kAvx512: avx512::backward_planes_row(a); break;
+          case cpu::Isa::kAvx2: avx2::backward_planes_row(a); break;
+          default: base::backward_planes_row(a); break;
+        }
+        for (const int64_t x : nonfinite)
+          for (int64_t c = 0; c < C; ++c) ob.at(0, c, p0 + x) = T(0);
+      }
+      if (biased) {
+        T* part = group_partial.data() + group * 2 * cells * C;
+        for (int64_t i = 0; i < 2 * cells * C; ++i) {
+          T sum = 0;
+          for (int j = 0; j < lanes; ++j) sum += lanes_partial[i * lanes + j];
+          part[i] = sum;
+        }
+      }
+    }
+  });
+  auto grad_key = at::empty(query.sizes(), query.options()), grad_value = at::empty(query.sizes(), query.options());
+  std::vector<int64_t> entries(B * HW * cells), offsets(B * (HW + 1) + 1, 0);
+  // 2. Counting sort of the entries by target.
+  sort_entries(g, f, B, entries, offsets);
+  // 3. Per key position, a row of positions at a time, into channels-last row buffers
+  // stored transposed. The entries of a row of key positions come from the source rows their
+  // flow points from: those rows of grad_out and query are transposed on demand into a
+  // per-thread ring of kRingRows channels-last rows (row r in slot r % kRingRows), so the
+  // gather reads contiguous channels; a row of key positions whose sources span more rows
+  // than the ring reads the channels-first planes directly (same arithmetic, same order).
+  at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
+    std::vector<T> gk_row(W * C), gv_row(W * C);
+    std::vector<T> ring_q(kRingRows * W * C), ring_g(kRingRows * W * C);
+    std::vector<int64_t> ring_row(kRingRows, -1);  // b * H + y held by each slot
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.height, y = row % g.height;
+      const int64_t* off = offsets.data() + b * (HW + 1);
+      const int64_t* ent = entries.data() + b * HW * cells;
+      const Frames<const T> gb = frames_at<const T>(gf, b), qb = frames_at<const T>(qf, b);
+      int64_t lo = g.height, hi = -1;
+      for (int64_t i = off[y * W]; i < off[y * W + W]; ++i) {
+        const int64_t r = ent[i] / cells / W;
+        lo = std::min(lo, r);
+        hi = std::max(hi, r);
+      }
+      const bool ringed = hi - lo < kRingRows;
+      if (ringed) {
+        for (int64_t r = lo; r <= hi; ++r) {
+          const int64_t slot = r % kRingRows;
+          if (ring_row[slot] == b * g.height + r) continue;
+          ring_row[slot] = b * g.height + r;
+          T* tq = ring_q.data() + slot * W * C;
+          T* tg = ring_g.data() + slot * W * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const T* sq = &qb.at(0, c, r * W);
+            const T* sg = &gb.at(0, c, r * W);
+            for (int64_t x = 0; x < W; ++x) {
+              tq[x * C + c] = sq[x];
+              tg[x * C + c] = sg[x];
+            }
+          }
+        }
+      }
+      const RingRows<T> rq{ring_q.data(), W, C}, rg{ring_g.data(), W, C};
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t t = y * W + x;
+        if (ringed)
+          key_value_grad_target<T, T>(rg, rq, pp + b * HW * g.heads * cells, dp + b * HW * g.heads * cells, ent,
+                                      off[t], off[t + 1], g, gk_row.data() + x * C, gv_row.data() + x * C, 1, 0, C);
+        else
+          key_value_grad_target<T, T>(gb, qb, pp + b * HW * g.heads * cells, dp + b * HW * g.heads * cells, ent,
+                                      off[t], off[t + 1], g, gk_row.data() + x * C, gv_row.data() + x * C, 1, 0, C);
+      }
+      const Frames<T> ok = frames_at<T>(grad_key, b), ov = frames_at<T>(grad_value, b);
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t x = 0; x < W; ++x) {
+          ok.at(0, c, y * W + x) = gk_row[x * C + c];
+          ov.at(0, c, y * W + x) = gv_row[x * C + c];
+        }
+    }
+  });
+  // 4. Bias gradients: the groups' partials (step 1) in group order.
+  auto grad_key_bias = at::zeros({cells, C}, query.options()), grad_value_bias = at::zeros({cells, C}, query.options());
+  if (biased) {
+    T* dkb = grad_key_bias.mutable_data_ptr<T>();
+    T* dvb = grad_value_bias.mutable_data_ptr<T>();
+    for (int64_t group = 0; group < groups; ++group)
+      for (int64_t i = 0; i < cells * C; ++i) {
+        dkb[i] += group_partial[group * 2 * cells * C + i];
+        dvb[i] += group_partial[group * 2 * cells * C + cells * C + i];
+      }
+  }
+  return {grad_query, grad_key, grad_value, grad_key_bias, grad_value_bias};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
     const at::Tensor& flow, const at::Tensor& lse, int64_t window_size, int64_t num_heads,
@@ -234,6 +515,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     return {at::zeros_like(query, at::MemoryFormat::Contiguous), at::zeros_like(key, at::MemoryFormat::Contiguous),
             at::zeros_like(value, at::MemoryFormat::Contiguous), at::zeros({cells, C}, query.options()),
             at::zeros({cells, C}, query.options())};
+  }
+  if ((dtype == at::kFloat || dtype == at::kDouble) && cells <= kPlaneCells && HW < (int64_t(1) << 31)) {
+    const cpu::Isa isa = cpu::select_isa(kBackwardOp);
+    const auto coords = coordinates(flow);
+    const auto kb = bias_or_undefined(key_bias), vb = bias_or_undefined(value_bias);
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> result;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "flow_guided_window_attention_backward_cpu", [&] {
+      VSR_DISPATCH_COORD(coords, [&] {
+        result = backward_planes<scalar_t, coord_t>(isa, grad_out, query, key, value, coords, lse, kb, vb, g, scale);
+      });
+    });
+    return result;
   }
   // Channels-last copies: key and value for the cells (released after step 1, before the key
   // and value gradients are allocated, to keep the peak low), grad_out and query for steps 1
@@ -296,32 +589,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       v.reset();
       grad_key = at::empty(query.sizes(), query.options());
       grad_value = at::empty(query.sizes(), query.options());
-      // 2. Counting sort of the entries by target, per batch element; non-finite pixels
-      // have no entries.
-      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t b = begin; b < end; ++b) {
-          int64_t* off = offsets.data() + b * (HW + 1);
-          std::vector<int64_t> fill(HW, 0);
-          for (int pass = 0; pass < 2; ++pass) {
-            for (int64_t p = 0; p < HW; ++p) {
-              int64_t by, bx;
-              if (!window_base(g, p, f[(b * 2) * HW + p], f[(b * 2 + 1) * HW + p], &by, &bx)) continue;
-              for (int n = 0; n < cells; ++n) {
-                const int64_t t = cell_pixel(g, by, bx, n);
-                if (pass == 0)
-                  ++fill[t];
-                else
-                  entries[b * HW * cells + off[t] + fill[t]++] = p * cells + n;
-              }
-            }
-            if (pass == 0) {
-              off[0] = 0;
-              for (int64_t t = 0; t < HW; ++t) off[t + 1] = off[t] + fill[t];
-              std::fill(fill.begin(), fill.end(), 0);
-            }
-          }
-        }
-      });
+      // 2. Counting sort of the entries by target.
+      sort_entries(g, f, B, entries, offsets);
       // 3. Per key position, a row of positions at a time.
       at::parallel_for(0, B * g.height, kRowsPerTask, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> gk_row(g.width * C), gv_row(g.width * C);

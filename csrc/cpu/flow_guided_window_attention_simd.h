@@ -1,10 +1,12 @@
-// The vectorised CPU forward of flow-guided window attention: one row of pixels, compiled
-// once per instruction set. Torch-free, included only by the per-ISA translation units
+// The vectorised CPU kernels of flow-guided window attention: one row of pixels, compiled
+// once per instruction set (two forms: the padded channels-last forward_row described here,
+// and the channels-first forward_planes_row / backward_planes_row further down). Torch-free, included only by the per-ISA translation units
 // (flow_guided_window_attention_{base,avx2,avx512}.cpp), which define
 //   VSR_SIMD_NS   the namespace of this copy (base, avx2, avx512): each copy is its own code,
 //                 so the linker never merges an AVX-512 function into the base path;
-//   VSR_SIMD_FMA  1 where fused multiply-add instructions exist.
-// Vectors are 32 bytes (kGranuleBytes) in every copy (GCC splits them into two SSE2
+//   VSR_SIMD_FMA  1 where fused multiply-add instructions exist;
+//   VSR_SIMD_BYTES the vector width of the channels-first kernels (16, 32, 64).
+// forward_row's vectors are 32 bytes (kGranuleBytes) in every copy (GCC splits them into two SSE2
 // operations in the base copy; AVX-512 runs them as AVX-512VL with 32 registers): head
 // channels are padded to whole vectors, so no loop has a tail or a mask.
 //
@@ -19,10 +21,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "flow_guided_window_attention_isa.h"
 
-#if VSR_SIMD_FMA
+#if VSR_SIMD_FMA || VSR_SIMD_BYTES > 16
 #include <immintrin.h>
 #endif
 
@@ -86,64 +89,6 @@ inline T head_dot(const T* q, const T* k, const T* kb, int64_t o, int64_t vecs) 
   return lane_sum<T>(dot);
 }
 
-// Windows of at most kTwoPassCells cells (w <= 3) take two passes per pixel instead of the
-// online softmax: all logits first, m = their maximum (the online rule: s > m ? s : m),
-// P_n = exp(s_n - m) (0 for s_n = -inf), l = sum P_n in n order,
-// out = sum_n (P_n / l) v_n, lse = m + log l: half the exponentials and no rescaling of the
-// accumulator. The same
-// function (NaN, +-inf logits included) up to rounding.
-constexpr int64_t kTwoPassCells = 9;
-constexpr int64_t kTwoPassHeads = 64;
-
-template <typename T, bool kBiased>
-inline void forward_row_two_pass(const RowArgs<T>& a) {
-  using Vec = typename Simd<T>::Vec;
-  constexpr int L = Simd<T>::kLanes;
-  const int64_t Dp = a.padded_dim, Cp = a.heads * Dp, vecs = Dp / L;
-  T s[kTwoPassCells * kTwoPassHeads];
-  for (int64_t x = 0; x < a.width; ++x) {
-    const int64_t* cell = a.cell + x * a.cells;
-    if (cell[0] < 0) continue;
-    const T* q = a.query + x * Cp;
-    T* acc = a.out + x * Cp;
-    for (int64_t h0 = 0; h0 < a.heads; h0 += kTwoPassHeads) {
-      const int64_t h1 = a.heads - h0 < kTwoPassHeads ? a.heads : h0 + kTwoPassHeads, nh = h1 - h0;
-      for (int64_t n = 0; n < a.cells; ++n) {
-        const T* k = a.key + cell[n] * Cp;
-        const T* kb = kBiased ? a.key_bias + n * Cp : nullptr;
-        for (int64_t h = h0; h < h1; ++h) s[n * nh + h - h0] = a.scale * head_dot<T, kBiased>(q, k, kb, h * Dp, vecs);
-      }
-      for (int64_t h = h0; h < h1; ++h) {
-        T m = -std::numeric_limits<T>::infinity(), l = 0;
-        for (int64_t n = 0; n < a.cells; ++n) {
-          const T v = s[n * nh + h - h0];
-          m = v > m ? v : m;
-        }
-        for (int64_t n = 0; n < a.cells; ++n) {
-          T& v = s[n * nh + h - h0];
-          v = v == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(v - m);
-          l += v;
-        }
-        a.lse[h * a.lse_head + x] = m + std::log(l);
-        const T inv = T(1) / l;
-        for (int64_t n = 0; n < a.cells; ++n) s[n * nh + h - h0] *= inv;
-      }
-      for (int64_t n = 0; n < a.cells; ++n) {
-        const T* v = a.value + cell[n] * Cp;
-        const T* vb = kBiased ? a.value_bias + n * Cp : nullptr;
-        for (int64_t h = h0; h < h1; ++h) {
-          const Vec p = Vec{} + s[n * nh + h - h0];
-          for (int64_t j = 0; j < vecs; ++j) {
-            const int64_t c = h * Dp + j * L;
-            const Vec val = kBiased ? load<Vec>(v + c) + load<Vec>(vb + c) : load<Vec>(v + c);
-            store(acc + c, n == 0 ? p * val : fma(p, val, load<Vec>(acc + c)));
-          }
-        }
-      }
-    }
-  }
-}
-
 template <typename T, bool kBiased>
 inline void forward_row_impl(const RowArgs<T>& a) {
   using Vec = typename Simd<T>::Vec;
@@ -196,14 +141,11 @@ inline void forward_row_impl(const RowArgs<T>& a) {
   }
 }
 
+// (w <= 3 takes the channels-first kernels below; the last session's two-pass softmax for
+// small windows of this form went with it.)
 template <typename T>
 inline void forward_row_t(const RowArgs<T>& a) {
-  if (a.cells <= kTwoPassCells) {
-    if (a.key_bias != nullptr)
-      forward_row_two_pass<T, true>(a);
-    else
-      forward_row_two_pass<T, false>(a);
-  } else if (a.key_bias != nullptr)
+  if (a.key_bias != nullptr)
     forward_row_impl<T, true>(a);
   else
     forward_row_impl<T, false>(a);
@@ -211,6 +153,543 @@ inline void forward_row_t(const RowArgs<T>& a) {
 
 void forward_row(const RowArgs<float>& a) { forward_row_t<float>(a); }
 void forward_row(const RowArgs<double>& a) { forward_row_t<double>(a); }
+
+// ---------------------------------------------------------------------------------------
+// The channels-first forward (PlaneArgs, w <= 3): vectors of kLanes consecutive pixels of a
+// row, VSR_SIMD_BYTES wide (16 in the base copy, 32 with AVX2, 64 with AVX-512); a cell's
+// key and value are gathered per lane (vgatherdps/pd where the instruction set has it, one
+// load per lane otherwise). Per head h and block of pixels, in this order:
+//   s_n = scale * sum_d q_d * (k_d(cell n) + kb[n]_d)   (d in increasing order, FMA per lane),
+//   m = max_n s_n (the rule s > m ? s : m from -inf), P_n = exp(s_n - m) (0 for s_n = -inf),
+//   l = sum_n P_n in n order, lse = m + log l, out_d = sum_n (P_n / l) (v_d(cell n) + vb[n]_d).
+// float32 exponentials are a vector polynomial (below); float64 takes std::exp per lane.
+
+template <typename T>
+struct Plane;
+template <>
+struct Plane<float> {
+  static constexpr int kLanes = VSR_SIMD_BYTES / 4;
+  typedef float Vec __attribute__((vector_size(VSR_SIMD_BYTES)));
+  typedef int32_t Idx __attribute__((vector_size(VSR_SIMD_BYTES)));
+};
+template <>
+struct Plane<double> {
+  static constexpr int kLanes = VSR_SIMD_BYTES / 8;
+  typedef double Vec __attribute__((vector_size(VSR_SIMD_BYTES)));
+  typedef int32_t Idx __attribute__((vector_size(VSR_SIMD_BYTES / 2)));
+};
+
+// A cell's values for the lanes of a block of pixels: lane j reads base[idx[j]]. Hardware
+// gathers (vgatherdps) measured slower here than one load per lane (AMD Zen 5: 336 vs 129
+// Mcycles per forward call), so lanes are grouped into runs instead: lanes j with the same
+// idx[j] - j read consecutive addresses, one masked vector load at base + (idx[j] - j) serves
+// them all. Adjacent pixels of a smooth flow share their integer offset or differ by one, so
+// a block of 16 pixels has a few runs per cell (4-6 with the benchmark's noisy flow), and
+// the runs are found once per block and cell and reused for every channel of key and value.
+// More than kMaxRuns runs (clamped windows at the frame's border, wild flow), and the base
+// copy: one load per lane. A run is a whole unmasked vector load blended into the result
+// (masked loads measured 2.5x slower than load + blend here), so it must lie inside the
+// plane; else, one load per lane.
+template <typename T>
+struct Runs {
+  using V = typename Plane<T>::Vec;
+  using I = typename Plane<T>::Idx;
+  static constexpr int L = Plane<T>::kLanes;
+#if VSR_SIMD_BYTES > 16
+  static constexpr int kMaxRuns = L / 2;
+#else
+  static constexpr int kMaxRuns = 0;
+#endif
+  int count;  // 0: one load per lane
+  I idx;
+  int32_t off[kMaxRuns > 0 ? kMaxRuns : 1];
+#if VSR_SIMD_BYTES == 64
+  uint32_t mask[kMaxRuns];
+#elif VSR_SIMD_BYTES == 32
+  typedef int64_t Wide __attribute__((vector_size(32)));
+  typedef typename std::conditional<sizeof(T) == 4, I, Wide>::type M;  // lane masks of T's width
+  M mask[kMaxRuns];
+#endif
+
+  // cell: the block's int32 pixel indices; plane: pixels per plane (a run's whole vector must
+  // lie inside it: it is loaded unmasked, then blended).
+  void build(const int32_t* cell, int64_t plane) {
+    idx = load<I>(cell);
+    count = 0;
+    if (kMaxRuns == 0) return;
+    uint32_t bits[kMaxRuns > 0 ? kMaxRuns : 1] = {};
+    for (int j = 0; j < L; ++j) {
+      const int32_t o = idx[j] - j;
+      int r = 0;
+      while (r < count && off[r] != o) ++r;
+      if (r == count) {
+        if (count == kMaxRuns || o < 0 || o + L > plane) {
+          count = 0;
+          return;
+        }
+        off[count++] = o;
+      }
+      bits[r] |= 1u << j;
+    }
+    for (int r = 0; r < count; ++r) {
+#if VSR_SIMD_BYTES == 64
+      mask[r] = bits[r];
+#elif VSR_SIMD_BYTES == 32
+      for (int j = 0; j < L; ++j) mask[r][j] = (bits[r] >> j) & 1 ? -1 : 0;
+#endif
+    }
+  }
+
+  V lanes(const T* base) const {
+    T t[L];
+    for (int j = 0; j < L; ++j) t[j] = base[idx[j]];
+    return load<V>(t);
+  }
+
+  V gather(const T* base) const;
+};
+
+#if VSR_SIMD_BYTES == 64
+template <>
+inline Plane<float>::Vec Runs<float>::gather(const float* base) const {
+  if (count == 0) return lanes(base);
+  __m512 v = _mm512_loadu_ps(base + off[0]);
+  for (int r = 1; r < count; ++r) v = _mm512_mask_blend_ps((__mmask16)mask[r], v, _mm512_loadu_ps(base + off[r]));
+  return (Plane<float>::Vec)v;
+}
+template <>
+inline Plane<double>::Vec Runs<double>::gather(const double* base) const {
+  if (count == 0) return lanes(base);
+  __m512d v = _mm512_loadu_pd(base + off[0]);
+  for (int r = 1; r < count; ++r) v = _mm512_mask_blend_pd((__mmask8)mask[r], v, _mm512_loadu_pd(base + off[r]));
+  return (Plane<double>::Vec)v;
+}
+#elif VSR_SIMD_BYTES == 32
+template <>
+inline Plane<float>::Vec Runs<float>::gather(const float* base) const {
+  if (count == 0) return lanes(base);
+  __m256 v = _mm256_loadu_ps(base + off[0]);
+  for (int r = 1; r < count; ++r) v = _mm256_blendv_ps(v, _mm256_loadu_ps(base + off[r]), (__m256)mask[r]);
+  return (Plane<float>::Vec)v;
+}
+template <>
+inline Plane<double>::Vec Runs<double>::gather(const double* base) const {
+  if (count == 0) return lanes(base);
+  __m256d v = _mm256_loadu_pd(base + off[0]);
+  for (int r = 1; r < count; ++r) v = _mm256_blendv_pd(v, _mm256_loadu_pd(base + off[r]), (__m256d)mask[r]);
+  return (Plane<double>::Vec)v;
+}
+#else
+template <typename T>
+inline typename Plane<T>::Vec Runs<T>::gather(const T* base) const {
+  return lanes(base);
+}
+#endif
+
+// a * b + c, fused where the instruction set has it (the same instruction in every call).
+inline Plane<float>::Vec pfma(Plane<float>::Vec a, Plane<float>::Vec b, Plane<float>::Vec c) {
+#if VSR_SIMD_BYTES == 64
+  return (Plane<float>::Vec)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif VSR_SIMD_BYTES == 32 && VSR_SIMD_FMA
+  return (Plane<float>::Vec)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+inline Plane<double>::Vec pfma(Plane<double>::Vec a, Plane<double>::Vec b, Plane<double>::Vec c) {
+#if VSR_SIMD_BYTES == 64
+  return (Plane<double>::Vec)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif VSR_SIMD_BYTES == 32 && VSR_SIMD_FMA
+  return (Plane<double>::Vec)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#else
+  return a * b + c;
+#endif
+}
+
+// exp(x) for x <= 0 or NaN (x = s - max s): float32 as a vector polynomial (Cody-Waite
+// reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial of r, 2^n built in the
+// exponent bits; about 1 ulp), exactly 0 below -87 (where exp is below the smallest normal
+// float: the weight of such a cell is < 2^-125 of the largest, so out does not change), NaN
+// kept. float64: std::exp per lane.
+inline Plane<float>::Vec vexp(Plane<float>::Vec x) {
+  using V = Plane<float>::Vec;
+  using I = Plane<float>::Idx;
+  const V xc = x < -87.0f ? V{} - 87.0f : x;
+  V fx = xc * 1.44269504088896341f + 0.5f;
+  const I t = __builtin_convertvector(fx, I);
+  V ft = __builtin_convertvector(t, V);
+  ft = ft > fx ? ft - 1.0f : ft;  // floor
+  const I n = __builtin_convertvector(ft, I);
+  V r = xc - ft * 0.693359375f;
+  r = r - ft * -2.12194440e-4f;
+  V y = V{} + 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const I bits = (n + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  y = y * scale;
+  return x >= -87.0f ? y : (x == x ? V{} : x);
+}
+inline Plane<double>::Vec vexp(Plane<double>::Vec x) {
+  for (int j = 0; j < Plane<double>::kLanes; ++j) x[j] = std::exp(x[j]);
+  return x;
+}
+
+constexpr bool kPrefetch = VSR_SIMD_BYTES > 16;
+constexpr bool kWideRows = VSR_SIMD_BYTES == 64;  // a vector's row spans two lines
+
+// Where the next block's key/value rows start (after the block's last pixel's first and last
+// cell), kept inside the plane.
+template <typename T, int kCells>
+inline void prefetch_targets(const int32_t* cell, int64_t cell_stride, int64_t plane, int64_t valid,
+                             int64_t* ahead) {
+  constexpr int L = Plane<T>::kLanes;
+  ahead[0] = cell[valid - 1] + 1;
+  ahead[1] = cell[(kCells - 1) * cell_stride + valid - 1] + 1;
+  for (int i = 0; i < 2; ++i) ahead[i] = ahead[i] + L > plane ? (plane > L ? plane - L : 0) : ahead[i];
+}
+
+template <typename T>
+inline void prefetch_rows(const T* base, const int64_t* ahead) {
+  constexpr int L = Plane<T>::kLanes;
+  if (!kPrefetch) return;
+  __builtin_prefetch(base + ahead[0], 0, 2);
+  __builtin_prefetch(base + ahead[1], 0, 2);
+  if (kWideRows) {
+    __builtin_prefetch(base + ahead[0] + L - 1, 0, 2);
+    __builtin_prefetch(base + ahead[1] + L - 1, 0, 2);
+  }
+}
+
+template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
+inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, const Gather& gather,
+                        const int64_t* ahead) {
+  using V = typename Plane<T>::Vec;
+  constexpr int L = Plane<T>::kLanes;
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  const int64_t D = a.head_dim, C = a.heads * D;
+  const int64_t qs = a.channel[0], ks = a.channel[1], vs = a.channel[2], os = a.channel[3];
+  auto load_q = [&](const T* p) {
+    if (kFull) return load<V>(p);
+    V v = {};
+    std::memcpy(&v, p, valid * sizeof(T));
+    return v;
+  };
+  for (int64_t h = 0; h < a.heads; ++h) {
+    V s[kCells];
+    for (int n = 0; n < kCells; ++n) s[n] = V{};
+    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
+      const V q = load_q(a.query + c * qs + x0);
+      const T* k = a.key + c * ks;
+      if (kPrefetch) __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
+      prefetch_rows(k, ahead);
+      for (int n = 0; n < kCells; ++n) {
+        V kv = gather(k, n);
+        if (kBiased) kv = kv + a.key_bias[n * C + c];
+        s[n] = pfma(q, kv, s[n]);
+      }
+    }
+    V m = V{} - inf;
+    for (int n = 0; n < kCells; ++n) {
+      s[n] = s[n] * a.scale;
+      m = s[n] > m ? s[n] : m;
+    }
+    V l = V{};
+    for (int n = 0; n < kCells; ++n) {
+      const V p = vexp(s[n] - m);
+      s[n] = s[n] == -inf ? V{} : p;
+      l = l + s[n];
+    }
+    T* lse = a.lse + h * a.lse_head + x0;
+    for (int j = 0; j < (kFull ? L : valid); ++j) lse[j] = m[j] + std::log(l[j]);
+    const V inv = (V{} + T(1)) / l;
+    for (int n = 0; n < kCells; ++n) s[n] = s[n] * inv;
+    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
+      const T* v = a.value + c * vs;
+      if (kPrefetch) __builtin_prefetch(a.out + c * os + x0 + L, 1, 2);
+      prefetch_rows(v, ahead);
+      V o = {};
+      for (int n = 0; n < kCells; ++n) {
+        V vv = gather(v, n);
+        if (kBiased) vv = vv + a.value_bias[n * C + c];
+        o = n == 0 ? s[0] * vv : pfma(s[n], vv, o);
+      }
+      T* out = a.out + c * os + x0;
+      if (kFull)
+        store(out, o);
+      else
+        std::memcpy(out, &o, valid * sizeof(T));
+    }
+  }
+}
+
+// Where every cell's runs are cell 0's shifted by one offset (no cell clamped differently:
+// the interior of the frame), with 1 to 4 runs: the masks and offsets held in registers for
+// the whole block and the loads unrolled (the generic Runs::gather reloads them per load).
+template <typename T, int kCount, int kCells>
+struct SharedRuns {
+  using V = typename Plane<T>::Vec;
+  int64_t off[kCount];
+  int64_t shift[kCells];
+#if VSR_SIMD_BYTES == 64
+  uint32_t mask[kCount];
+#elif VSR_SIMD_BYTES == 32
+  typename Runs<T>::M mask[kCount];
+#endif
+  V operator()(const T* base, int n) const {
+    const T* p = base + shift[n];
+#if VSR_SIMD_BYTES == 64
+    if constexpr (sizeof(T) == 4) {
+      __m512 v = _mm512_loadu_ps(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm512_mask_loadu_ps(v, (__mmask16)mask[r], p + off[r]);
+      return (V)v;
+    } else {
+      __m512d v = _mm512_loadu_pd(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm512_mask_loadu_pd(v, (__mmask8)mask[r], p + off[r]);
+      return (V)v;
+    }
+#elif VSR_SIMD_BYTES == 32
+    if constexpr (sizeof(T) == 4) {
+      __m256 v = _mm256_loadu_ps(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm256_blendv_ps(v, _mm256_loadu_ps(p + off[r]), (__m256)mask[r]);
+      return (V)v;
+    } else {
+      __m256d v = _mm256_loadu_pd(p + off[0]);
+      for (int r = 1; r < kCount; ++r) v = _mm256_blendv_pd(v, _mm256_loadu_pd(p + off[r]), (__m256d)mask[r]);
+      return (V)v;
+    }
+#else
+    return load<V>(p);  // never used: the base copy has no runs
+#endif
+  }
+};
+
+// The number of runs when every cell's runs are cell 0's shifted (then shift[n]), else 0.
+template <typename T, int kCells>
+inline int shared_runs(const Runs<T>* runs, int64_t* shift) {
+  const int count = runs[0].count;
+  if (count == 0) return 0;
+  shift[0] = 0;
+  for (int n = 1; n < kCells; ++n) {
+    if (runs[n].count != count) return 0;
+    shift[n] = int64_t(runs[n].off[0]) - runs[0].off[0];
+    for (int r = 0; r < count; ++r) {
+      if (int64_t(runs[n].off[r]) - runs[0].off[r] != shift[n]) return 0;
+#if VSR_SIMD_BYTES > 16
+      if (std::memcmp(&runs[n].mask[r], &runs[0].mask[r], sizeof(runs[0].mask[r])) != 0) return 0;
+#endif
+    }
+  }
+  return count;
+}
+
+template <typename T, int kCount, int kCells>
+inline SharedRuns<T, kCount, kCells> make_shared_runs(const Runs<T>* runs, const int64_t* shift) {
+  SharedRuns<T, kCount, kCells> sr;
+  for (int r = 0; r < kCount; ++r) {
+    sr.off[r] = runs[0].off[r];
+#if VSR_SIMD_BYTES > 16
+    sr.mask[r] = runs[0].mask[r];
+#endif
+  }
+  for (int n = 0; n < kCells; ++n) sr.shift[n] = shift[n];
+  return sr;
+}
+
+template <typename T, int kCells, bool kBiased, bool kFull>
+inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
+  Runs<T> runs[kCells];
+  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
+  // Software prefetch (into L2) of the next block's lines in every plane this block reads:
+  // the block touches ~10 lines in each of the 4 * C planes, more streams than the hardware
+  // prefetchers follow. Key and value: the first and last cell's rows, one vector ahead.
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
+#if VSR_SIMD_BYTES > 16
+  int64_t shift[kCells];
+  switch (shared_runs<T, kCells>(runs, shift)) {
+    case 1: return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 1, kCells>(runs, shift), ahead);
+    case 2: return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 2, kCells>(runs, shift), ahead);
+    case 3:
+      if constexpr (Runs<T>::kMaxRuns >= 3)
+        return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 3, kCells>(runs, shift), ahead);
+      break;
+    case 4:
+      if constexpr (Runs<T>::kMaxRuns >= 4)
+        return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 4, kCells>(runs, shift), ahead);
+      break;
+    default: break;
+  }
+#endif
+  planes_body<T, kCells, kBiased, kFull>(a, x0, valid, [&](const T* base, int n) { return runs[n].gather(base); },
+                                         ahead);
+}
+
+template <typename T, int kCells, bool kBiased>
+inline void planes_row(const PlaneArgs<T>& a) {
+  constexpr int L = Plane<T>::kLanes;
+  int64_t x0 = 0;
+  for (; x0 + L <= a.width; x0 += L) planes_block<T, kCells, kBiased, true>(a, x0, L);
+  if (x0 < a.width) planes_block<T, kCells, kBiased, false>(a, x0, a.width - x0);
+}
+
+// Step 1 of the backward per head and block, the arithmetic of backward_pixel_rows
+// (kernels/flow_guided_window_attention.h) across the lanes: s_n = scale * <q, k_n + kb_n>,
+// P_n = exp(s_n - lse), dP_n = <g, v_n + vb_n> (channels in increasing order, FMA per lane),
+// delta = sum_n P_n dP_n in n order, dS_n = (scale P_n) (dP_n - delta),
+// grad_query = sum_n dS_n (k_n + kb_n) in n order.
+template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
+inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid, const Gather& gather,
+                                 const int64_t* ahead) {
+  using V = typename Plane<T>::Vec;
+  using I = typename Plane<T>::Idx;
+  constexpr int L = Plane<T>::kLanes;
+  const int64_t D = a.head_dim, C = a.heads * D, cells = kCells;
+  const int64_t gs = a.channel[0], qs = a.channel[1], ks = a.channel[2], vs = a.channel[3], os = a.channel[4];
+  auto load_part = [&](const T* p) {
+    if (kFull) return load<V>(p);
+    V v = {};
+    std::memcpy(&v, p, valid * sizeof(T));
+    return v;
+  };
+  for (int64_t h = 0; h < a.heads; ++h) {
+    V s[kCells], dp[kCells];
+    for (int n = 0; n < kCells; ++n) s[n] = dp[n] = V{};
+    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
+      const V q = load_part(a.query + c * qs + x0);
+      const V g = load_part(a.grad_out + c * gs + x0);
+      const T* k = a.key + c * ks;
+      const T* v = a.value + c * vs;
+      if (kPrefetch) {
+        __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
+        __builtin_prefetch(a.grad_out + c * gs + x0 + L, 0, 2);
+      }
+      prefetch_rows(k, ahead);
+      prefetch_rows(v, ahead);
+      for (int n = 0; n < kCells; ++n) {
+        V kv = gather(k, n);
+        if (kBiased) kv = kv + a.key_bias[n * C + c];
+        s[n] = pfma(q, kv, s[n]);
+        V vv = gather(v, n);
+        if (kBiased) vv = vv + a.value_bias[n * C + c];
+        dp[n] = pfma(g, vv, dp[n]);
+      }
+    }
+    const V lse = load_part(a.lse + h * a.lse_head + x0);
+    const auto live = __builtin_convertvector(load<I>(a.live + x0), V) != T(0);  // lane masks of T's width
+    V delta = V{};
+    for (int n = 0; n < kCells; ++n) {
+      s[n] = live ? vexp(s[n] * a.scale - lse) : V{};
+      delta = n == 0 ? s[0] * dp[0] : pfma(s[n], dp[n], delta);
+    }
+    for (int n = 0; n < kCells; ++n) dp[n] = live ? (s[n] * a.scale) * (dp[n] - delta) : V{};
+    for (int64_t j = 0; j < (kFull ? L : valid); ++j) {
+      T* prob = a.prob + ((x0 + j) * a.heads + h) * cells;
+      T* dscore = a.dscore + ((x0 + j) * a.heads + h) * cells;
+      for (int n = 0; n < kCells; ++n) {
+        prob[n] = s[n][j];
+        dscore[n] = dp[n][j];
+      }
+    }
+    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
+      const T* k = a.key + c * ks;
+      V o = {};
+      for (int n = 0; n < kCells; ++n) {
+        V kv = gather(k, n);
+        if (kBiased) kv = kv + a.key_bias[n * C + c];
+        o = n == 0 ? dp[0] * kv : pfma(dp[n], kv, o);
+      }
+      T* out = a.grad_query + c * os + x0;
+      if (kFull)
+        store(out, o);
+      else
+        std::memcpy(out, &o, valid * sizeof(T));
+      if (kBiased) {
+        const V q = load_part(a.query + c * qs + x0), g = load_part(a.grad_out + c * gs + x0);
+        for (int n = 0; n < kCells; ++n) {
+          T* pk = a.bias_partial + (n * C + c) * L;
+          T* pv = a.bias_partial + ((kCells + n) * C + c) * L;
+          const auto used = (dp[n] != T(0)) | (s[n] != T(0));
+          store(pk, used ? pfma(dp[n], q, load<V>(pk)) : load<V>(pk));
+          store(pv, used ? pfma(s[n], g, load<V>(pv)) : load<V>(pv));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kCells, bool kBiased, bool kFull>
+inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid) {
+  Runs<T> runs[kCells];
+  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
+#if VSR_SIMD_BYTES > 16
+  int64_t shift[kCells];
+  switch (shared_runs<T, kCells>(runs, shift)) {
+    case 1:
+      return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 1, kCells>(runs, shift),
+                                                             ahead);
+    case 2:
+      return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 2, kCells>(runs, shift),
+                                                             ahead);
+    case 3:
+      if constexpr (Runs<T>::kMaxRuns >= 3)
+        return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid,
+                                                               make_shared_runs<T, 3, kCells>(runs, shift), ahead);
+      break;
+    case 4:
+      if constexpr (Runs<T>::kMaxRuns >= 4)
+        return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid,
+                                                               make_shared_runs<T, 4, kCells>(runs, shift), ahead);
+      break;
+    default: break;
+  }
+#endif
+  planes_backward_body<T, kCells, kBiased, kFull>(
+      a, x0, valid, [&](const T* base, int n) { return runs[n].gather(base); }, ahead);
+}
+
+template <typename T, int kCells, bool kBiased>
+inline void planes_backward_row(const PlaneBackwardArgs<T>& a) {
+  constexpr int L = Plane<T>::kLanes;
+  int64_t x0 = 0;
+  for (; x0 + L <= a.width; x0 += L) planes_backward_block<T, kCells, kBiased, true>(a, x0, L);
+  if (x0 < a.width) planes_backward_block<T, kCells, kBiased, false>(a, x0, a.width - x0);
+}
+
+template <typename T>
+inline void backward_planes_row_t(const PlaneBackwardArgs<T>& a) {
+  const bool biased = a.key_bias != nullptr;
+  switch (a.cells) {
+    case 1: return biased ? planes_backward_row<T, 1, true>(a) : planes_backward_row<T, 1, false>(a);
+    case 4: return biased ? planes_backward_row<T, 4, true>(a) : planes_backward_row<T, 4, false>(a);
+    default: return biased ? planes_backward_row<T, 9, true>(a) : planes_backward_row<T, 9, false>(a);
+  }
+}
+
+void backward_planes_row(const PlaneBackwardArgs<float>& a) { backward_planes_row_t<float>(a); }
+void backward_planes_row(const PlaneBackwardArgs<double>& a) { backward_planes_row_t<double>(a); }
+
+template <typename T>
+inline void forward_planes_row_t(const PlaneArgs<T>& a) {
+  const bool biased = a.key_bias != nullptr;
+  switch (a.cells) {
+    case 1: return biased ? planes_row<T, 1, true>(a) : planes_row<T, 1, false>(a);
+    case 4: return biased ? planes_row<T, 4, true>(a) : planes_row<T, 4, false>(a);
+    default: return biased ? planes_row<T, 9, true>(a) : planes_row<T, 9, false>(a);
+  }
+}
+
+void forward_planes_row(const PlaneArgs<float>& a) { forward_planes_row_t<float>(a); }
+void forward_planes_row(const PlaneArgs<double>& a) { forward_planes_row_t<double>(a); }
+int plane_lanes(float) { return Plane<float>::kLanes; }
+int plane_lanes(double) { return Plane<double>::kLanes; }
 
 }  // namespace VSR_SIMD_NS
 }  // namespace flow_guided_window_attention
