@@ -200,23 +200,23 @@ def dot_operand(x, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
 def bilinear_sample(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.constexpr):
     """The sample at (y, x): 0 outside (-1, H) x (-1, W), each neighbour outside reads 0 (one
     inside is read even at weight 0, so a NaN pixel spreads to its neighbours' samples); a NaN
-    coordinate gives NaN."""
-    inside = ok & (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+    coordinate gives NaN. The geometry is computed in the points' shape, once for every plane."""
+    inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
     y0f = tl.floor(y)
     x0f = tl.floor(x)
     ly = y - y0f
     lx = x - x0f
     y0 = tl.where(inside, y0f, 0.0).to(tl.int32)
     x0 = tl.where(inside, x0f, 0.0).to(tl.int32)
-    v = tl.zeros(inside.shape, ACC)
+    v = tl.zeros((ok & inside).shape, ACC)
     for n in tl.static_range(4):
         yy = y0 + n // 2
         xx = x0 + n % 2
         wy = ly if n // 2 == 1 else 1.0 - ly
         wx = lx if n % 2 == 1 else 1.0 - lx
         valid = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        val = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=valid, other=0.0).to(ACC)
-        v += tl.where(valid, wy * wx * val, 0.0)
+        val = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=ok & valid, other=0.0).to(ACC)
+        v += tl.where(valid, wy * wx, 0.0) * val  # val is 0 where not read
     nan = (y != y) | (x != x)
     return tl.where(nan & ok, y + x, v)
 
@@ -227,7 +227,7 @@ def bilinear_sample_grad(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.conste
     coordinate gradient is the one-sided derivative towards +1 where the sample is not
     differentiable, the -1 edge included (where the sample is 0 but grows towards the plane);
     a NaN coordinate gives NaN in all three."""
-    region = ok & (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
+    region = (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
     inside = region & (y > -1.0) & (x > -1.0)
     y0f = tl.floor(y)
     x0f = tl.floor(x)
@@ -235,9 +235,9 @@ def bilinear_sample_grad(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.conste
     lx = x - x0f
     y0 = tl.where(region, y0f, 0.0).to(tl.int32)
     x0 = tl.where(region, x0f, 0.0).to(tl.int32)
-    val = tl.zeros(region.shape, ACC)
-    vy = tl.zeros(region.shape, ACC)
-    vx = tl.zeros(region.shape, ACC)
+    val = tl.zeros((ok & region).shape, ACC)
+    vy = tl.zeros((ok & region).shape, ACC)
+    vx = tl.zeros((ok & region).shape, ACC)
     for n in tl.static_range(4):
         yy = y0 + n // 2
         xx = x0 + n % 2
@@ -246,9 +246,10 @@ def bilinear_sample_grad(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.conste
         sy = 1.0 if n // 2 == 1 else -1.0
         sx = 1.0 if n % 2 == 1 else -1.0
         valid = region & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        v = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=valid, other=0.0).to(ACC)
-        val += tl.where(valid & inside, wy * wx * v, 0.0)
-        vy += tl.where(valid, sy * wx * v, 0.0)
-        vx += tl.where(valid, wy * sx * v, 0.0)
+        v = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=ok & valid, other=0.0).to(ACC)
+        # On the -1 edge the sample is 0 even next to a NaN pixel; the gradients read it.
+        val += tl.where(valid & inside, (wy * wx) * v, 0.0)
+        vy += (sy * wx) * v  # v is 0 where not read
+        vx += (wy * sx) * v
     poison = tl.where(ok & ((y != y) | (x != x)), y + x, 0.0)
     return val + poison, vy + poison, vx + poison

@@ -40,6 +40,15 @@ from . import _launch
 
 
 @triton.jit
+def _tile_and_block(C, L, BLOCK_C: tl.constexpr):
+    """(channel block, pixel tile) of this program: axis 0 enumerates the channel blocks of each
+    pixel tile in turn, so the programs sharing a tile's offsets run side by side (L2 reuse)."""
+    blocks = (C // L) * tl.cdiv(L, BLOCK_C)
+    pid = tl.program_id(0)
+    return pid % blocks, pid // blocks
+
+
+@triton.jit
 def _channel_block(pid_c, C, G, Gk, L, BLOCK_C: tl.constexpr):
     """The channels (and their mask) of channel block `pid_c`, its offset group and kernel
     group: blocks of BLOCK_C channels inside segments of L channels."""
@@ -66,44 +75,48 @@ def _kernel_point(koff_ptr, b64, gk, Gk, K, k, p, p_ok, HoWo, cy, cx, KW, ACC: t
 
 
 @triton.jit
+def _modulated_sample(input_ptr, offset_ptr, mask_ptr, b64, g, G, K, k, c64, ok, p, p_ok, C, H, W, Wo, HoWo, KW,
+                      sh, sw, ph, pw, dh, dw, has_mask, HAS_OFFSET: tl.constexpr, ACC: tl.constexpr):
+    """mask · input sample of tap k (offset group g) at pixels p, channels c64: [channels, pixels]."""
+    gbase = (b64 * G + g) * K + k
+    yb = p // Wo * sh - ph + k // KW * dh
+    xb = p % Wo * sw - pw + k % KW * dw
+    in_base = input_ptr + b64 * C * H * W
+    plane = c64[:, None] * H * W
+    if HAS_OFFSET:
+        dy = tl.load(offset_ptr + gbase * 2 * HoWo + p, mask=p_ok, other=0.0).to(ACC)
+        dx = tl.load(offset_ptr + (gbase * 2 + 1) * HoWo + p, mask=p_ok, other=0.0).to(ACC)
+        v = _launch.bilinear_sample(in_base, plane, (yb.to(ACC) + dy)[None, :], (xb.to(ACC) + dx)[None, :], H, W,
+                                    ok, ACC)
+    else:  # the regular grid: exactly one pixel, zero padding
+        inb = (yb >= 0) & (yb < H) & (xb >= 0) & (xb < W)
+        v = tl.load(in_base + plane + (yb * W + xb).to(tl.int64)[None, :], mask=ok & inb[None, :],
+                    other=0.0).to(ACC)
+    if has_mask:
+        v = v * tl.load(mask_ptr + gbase * HoWo + p, mask=p_ok, other=0.0).to(ACC)[None, :]
+    return v
+
+
+@triton.jit
 def _forward_kernel(input_ptr, weight_ptr, koff_ptr, offset_ptr, mask_ptr, bias_ptr, out_ptr,
                     C, H, W, Sh, Sw, Wo, HoWo, KH, KW, G, Gk, L, sh, sw, ph, pw, dh, dw, has_mask, has_bias,
                     HAS_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
+    pid_c, pid_p = _tile_and_block(C, L, BLOCK_C)
+    b64 = tl.program_id(1).to(tl.int64)
     c, c_ok, g, gk = _channel_block(pid_c, C, G, Gk, L, BLOCK_C)
     c64 = c.to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < HoWo
-    ho = p // Wo
-    wo = p % Wo
     ok = c_ok[:, None] & p_ok[None, :]
     K = KH * KW
     cy, cx = _scope_centre(Sh, Sw, KH, KW, ACC)
     scope = c64[:, None] * Sh * Sw
-    in_base = input_ptr + b64 * C * H * W
-    plane = c64[:, None] * H * W
     acc = tl.zeros((BLOCK_C, BLOCK_P), ACC)
     for k in range(K):
         ky, kx, _ = _kernel_point(koff_ptr, b64, gk, Gk, K, k, p, p_ok, HoWo, cy, cx, KW, ACC)
         s = _launch.bilinear_sample(weight_ptr, scope, ky[None, :], kx[None, :], Sh, Sw, ok, ACC)
-        gbase = (b64 * G + g) * K + k
-        yb = ho * sh - ph + k // KW * dh
-        xb = wo * sw - pw + k % KW * dw
-        if HAS_OFFSET:
-            dy = tl.load(offset_ptr + gbase * 2 * HoWo + p, mask=p_ok, other=0.0).to(ACC)
-            dx = tl.load(offset_ptr + (gbase * 2 + 1) * HoWo + p, mask=p_ok, other=0.0).to(ACC)
-            y = yb.to(ACC) + dy
-            x = xb.to(ACC) + dx
-            v = _launch.bilinear_sample(in_base, plane, y[None, :], x[None, :], H, W, ok, ACC)
-        else:  # the regular grid: exactly one pixel, zero padding
-            inb = (yb >= 0) & (yb < H) & (xb >= 0) & (xb < W)
-            v = tl.load(in_base + plane + (yb * W + xb).to(tl.int64)[None, :], mask=ok & inb[None, :],
-                        other=0.0).to(ACC)
-        if has_mask:
-            m = tl.load(mask_ptr + gbase * HoWo + p, mask=p_ok, other=0.0).to(ACC)
-            v = v * m[None, :]
+        v = _modulated_sample(input_ptr, offset_ptr, mask_ptr, b64, g, G, K, k, c64, ok, p, p_ok, C, H, W, Wo,
+                              HoWo, KW, sh, sw, ph, pw, dh, dw, has_mask, HAS_OFFSET, ACC)
         acc += s * v
     if has_bias:
         acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0).to(ACC)[:, None]
@@ -118,10 +131,9 @@ def _add(ptr, value, mask):
 
 @triton.jit
 def _point_grad_kernel(grad_out_ptr, input_ptr, weight_ptr, koff_ptr, offset_ptr, mask_ptr,
-                       grad_koff_ptr, grad_offset_ptr, grad_mask_ptr, weight_part_ptr, cell_ptr,
+                       grad_koff_ptr, grad_offset_ptr, grad_mask_ptr, cell_ptr,
                        C, H, W, Sh, Sw, Wo, HoWo, KH, KW, G, Gk, L, sh, sw, ph, pw, dh, dw, has_mask,
-                       HAS_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                       SCOPE: tl.constexpr, ACC: tl.constexpr):
+                       HAS_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr):
     pid_p = tl.program_id(0)
     b64 = tl.program_id(1).to(tl.int64)
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -132,10 +144,8 @@ def _point_grad_kernel(grad_out_ptr, input_ptr, weight_ptr, koff_ptr, offset_ptr
     cpg = C // G
     cy, cx = _scope_centre(Sh, Sw, KH, KW, ACC)
     ci = tl.arange(0, BLOCK_C)
-    cells = tl.arange(0, SCOPE)
     no_cell = (H + 1) * (W + 1)
     in_base = input_ptr + b64 * C * H * W
-    part = weight_part_ptr + (b64 * tl.num_programs(0) + pid_p) * C * SCOPE
     for seg in range(0, C, L):
         g = seg // cpg
         gk = seg // (C // Gk)
@@ -147,7 +157,6 @@ def _point_grad_kernel(grad_out_ptr, input_ptr, weight_ptr, koff_ptr, offset_ptr
             go = tl.load(grad_out_ptr + (b64 * C + c64[:, None]) * HoWo + p[None, :], mask=ok, other=0.0).to(ACC)
             # The group's first block writes the cells of its samples.
             first = p_ok & (p * 0 + seg % cpg + cb == 0)
-            acc_w = tl.zeros((BLOCK_C, SCOPE), ACC)
             for k in range(K):
                 ky, kx, kbase = _kernel_point(koff_ptr, b64, gk, Gk, K, k, p, p_ok, HoWo, cy, cx, KW, ACC)
                 s, s_y, s_x = _launch.bilinear_sample_grad(weight_ptr, c64[:, None] * Sh * Sw, ky[None, :],
@@ -176,7 +185,7 @@ def _point_grad_kernel(grad_out_ptr, input_ptr, weight_ptr, koff_ptr, offset_ptr
                     m = tl.load(mask_ptr + gbase * HoWo + p, mask=p_ok, other=0.0).to(ACC)
                 else:
                     m = tl.full((BLOCK_P,), 1.0, ACC)
-                g_s = go * (v * m[None, :])  # d out / d scope sample
+                g_s = go * (v * m[None, :])  # d out / d scope sample (Σ over pixels: _weight_grad_kernel)
                 g_mv = go * s  # d out / d (mask * input sample)
                 if has_mask:
                     _add(grad_mask_ptr + gbase * HoWo + p, tl.sum(g_mv * v, axis=0), p_ok)
@@ -186,32 +195,63 @@ def _point_grad_kernel(grad_out_ptr, input_ptr, weight_ptr, koff_ptr, offset_ptr
                     _add(grad_offset_ptr + (gbase * 2 + 1) * HoWo + p, tl.sum(g_v * v_x, axis=0), p_ok)
                 _add(grad_koff_ptr + kbase + p, tl.sum(g_s * s_y, axis=0), p_ok)
                 _add(grad_koff_ptr + kbase + HoWo + p, tl.sum(g_s * s_x, axis=0), p_ok)
-                # The scope's gradient: g_s times the bilinear weight of each of the kernel
-                # point's neighbours, as a [pixels, scope cells] matrix shared by the block's channels.
-                k_in = p_ok & (ky > -1.0) & (ky < Sh) & (kx > -1.0) & (kx < Sw)
-                ky0f = tl.floor(ky)
-                kx0f = tl.floor(kx)
-                ly = ky - ky0f
-                lx = kx - kx0f
-                ky0 = tl.where(k_in, ky0f, 0.0).to(tl.int32)
-                kx0 = tl.where(k_in, kx0f, 0.0).to(tl.int32)
-                spread = tl.zeros((BLOCK_P, SCOPE), ACC)
-                hit = tl.zeros((BLOCK_P, SCOPE), tl.int1)
-                for n in tl.static_range(4):
-                    yy = ky0 + n // 2
-                    xx = kx0 + n % 2
-                    wy = ly if n // 2 == 1 else 1.0 - ly
-                    wx = lx if n % 2 == 1 else 1.0 - lx
-                    on = (k_in & (yy >= 0) & (yy < Sh) & (xx >= 0) & (xx < Sw))[:, None] & \
-                        ((yy * Sw + xx)[:, None] == cells[None, :])
-                    spread += tl.where(on, (wy * wx)[:, None], 0.0)
-                    hit = hit | on
-                for q in tl.static_range(BLOCK_C):
-                    row = tl.sum(tl.where(ci[:, None] == q, g_s, 0.0), axis=0)
-                    cell_sum = tl.sum(tl.where(hit, row[:, None] * spread, 0.0), axis=0)
-                    acc_w += tl.where(ci[:, None] == q, cell_sum[None, :], 0.0)
                 tl.debug_barrier()  # the next block's read-modify-writes see these
-            tl.store(part + c64[:, None] * SCOPE + cells[None, :], acc_w, mask=c_ok[:, None])
+
+
+@triton.jit
+def _weight_grad_kernel(grad_out_ptr, input_ptr, koff_ptr, offset_ptr, mask_ptr, weight_part_ptr,
+                        C, H, W, Sh, Sw, Wo, HoWo, KH, KW, G, Gk, L, sh, sw, ph, pw, dh, dw, has_mask,
+                        HAS_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                        SCOPE: tl.constexpr, ACC: tl.constexpr):
+    """The weight gradient of one tile of output pixels and one channel block: Σ over the tile's
+    pixels and the taps of grad_out · mask · input sample times the bilinear weights of the
+    kernel point's neighbours in the scope, written to the tile's partial (B * tiles, C, SCOPE)."""
+    pid_c, pid_p = _tile_and_block(C, L, BLOCK_C)
+    b64 = tl.program_id(1).to(tl.int64)
+    c, c_ok, g, gk = _channel_block(pid_c, C, G, Gk, L, BLOCK_C)
+    c64 = c.to(tl.int64)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < HoWo
+    ok = c_ok[:, None] & p_ok[None, :]
+    K = KH * KW
+    cy, cx = _scope_centre(Sh, Sw, KH, KW, ACC)
+    ci = tl.arange(0, BLOCK_C)
+    cells = tl.arange(0, SCOPE)
+    go = tl.load(grad_out_ptr + (b64 * C + c64[:, None]) * HoWo + p[None, :], mask=ok, other=0.0).to(ACC)
+    acc = tl.zeros((BLOCK_C, SCOPE), ACC)
+    for k in range(K):
+        ky, kx, _ = _kernel_point(koff_ptr, b64, gk, Gk, K, k, p, p_ok, HoWo, cy, cx, KW, ACC)
+        v = _modulated_sample(input_ptr, offset_ptr, mask_ptr, b64, g, G, K, k, c64, ok, p, p_ok, C, H, W, Wo,
+                              HoWo, KW, sh, sw, ph, pw, dh, dw, has_mask, HAS_OFFSET, ACC)
+        g_s = go * v  # d out / d scope sample
+        # g_s times the bilinear weights of the kernel point's neighbours: a [pixels, scope cells]
+        # matrix shared by the block's channels (one kernel group), multiplied channel by channel.
+        k_in = p_ok & (ky > -1.0) & (ky < Sh) & (kx > -1.0) & (kx < Sw)
+        ky0f = tl.floor(ky)
+        kx0f = tl.floor(kx)
+        ly = ky - ky0f
+        lx = kx - kx0f
+        ky0 = tl.where(k_in, ky0f, 0.0).to(tl.int32)
+        kx0 = tl.where(k_in, kx0f, 0.0).to(tl.int32)
+        spread = tl.zeros((BLOCK_P, SCOPE), ACC)
+        hit = cells[None, :] < 0
+        for n in tl.static_range(4):
+            yy = ky0 + n // 2
+            xx = kx0 + n % 2
+            wy = ly if n // 2 == 1 else 1.0 - ly
+            wx = lx if n % 2 == 1 else 1.0 - lx
+            on = (k_in & (yy >= 0) & (yy < Sh) & (xx >= 0) & (xx < Sw))[:, None] & \
+                ((yy * Sw + xx)[:, None] == cells[None, :])
+            spread += tl.where(on, (wy * wx)[:, None], 0.0)
+            hit = hit | on
+        for q in tl.static_range(BLOCK_C):
+            row = tl.sum(tl.where(ci[:, None] == q, g_s, 0.0), axis=0)
+            # A neighbour in the scope takes row * weight even at weight 0 (NaN spreads as in
+            # the reference); the other cells take nothing.
+            cell_sum = tl.sum(tl.where(hit, row[:, None] * spread, 0.0), axis=0)
+            acc += tl.where(ci[:, None] == q, cell_sum[None, :], 0.0)
+    part = weight_part_ptr + (b64 * tl.cdiv(HoWo, BLOCK_P) + pid_p) * C * SCOPE
+    tl.store(part + c64[:, None] * SCOPE + cells[None, :], acc, mask=c_ok[:, None])
 
 
 @triton.jit
@@ -219,9 +259,8 @@ def _input_grad_kernel(grad_out_ptr, weight_ptr, koff_ptr, offset_ptr, mask_ptr,
                        grad_input_ptr,
                        C, H, W, Sh, Sw, Wo, HoWo, KH, KW, G, Gk, L, sh, sw, ph, pw, dh, dw, has_mask,
                        HAS_OFFSET: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr, ACC: tl.constexpr):
-    pid_q = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
+    pid_c, pid_q = _tile_and_block(C, L, BLOCK_C)
+    b64 = tl.program_id(1).to(tl.int64)
     c, c_ok, g, gk = _channel_block(pid_c, C, G, Gk, L, BLOCK_C)
     c64 = c.to(tl.int64)
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -273,35 +312,44 @@ def _input_grad_kernel(grad_out_ptr, weight_ptr, koff_ptr, offset_ptr, mask_ptr,
 # ---------------------------------------------------------------------------------------
 # Dispatch.
 
-KERNELS = {"forward": _forward_kernel, "point_grad": _point_grad_kernel, "input_grad": _input_grad_kernel}
+KERNELS = {"forward": _forward_kernel, "point_grad": _point_grad_kernel, "weight_grad": _weight_grad_kernel,
+           "input_grad": _input_grad_kernel}
 _H, _B, _F, _D = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = (_H, _B, _F, _D)
-NUM_WARPS = {"forward": 4, "point_grad": 4, "input_grad": 4}
+# Warps per program by kernel and dtype: what compiles without spills on sm_80 and sm_90
+# (tools/check_gpu_build.py) at about 100-170 registers.
+NUM_WARPS = {"forward": {_H: 8, _B: 8, _F: 8, _D: 8}, "point_grad": {_H: 4, _B: 4, _F: 4, _D: 8},
+             "weight_grad": {_H: 8, _B: 8, _F: 8, _D: 4}, "input_grad": {_H: 8, _B: 8, _F: 8, _D: 8}}
 # Pixel tiles (BLOCK_P output pixels, BLOCK_Q input pixels); float64 halves them. Tests may
 # shrink these (module attributes, read at each launch).
-TILES = {"forward": dict(BLOCK_P=128), "point_grad": dict(BLOCK_P=64), "input_grad": dict(BLOCK_Q=64)}
-TILES_FLOAT64 = {"forward": dict(BLOCK_P=64), "point_grad": dict(BLOCK_P=32), "input_grad": dict(BLOCK_Q=32)}
-# Channel blocks: the power of two covering a segment (L channels of one offset and kernel
-# group), at most MAX_BLOCK_C.
-MAX_BLOCK_C = {"forward": 16, "point_grad": 8, "input_grad": 16}
-CHANNEL_BLOCKS = (1, 2, 4, 8, 16)
-# Scope cells of the weight gradient's one-hot product: Sh*Sw rounded up to a power of two.
-# compile_all compiles these (scopes up to 8x8); larger scopes compile on demand.
-SCOPE_CELLS = (1, 2, 4, 8, 16, 32, 64)
+TILES = {"forward": dict(BLOCK_P=128), "point_grad": dict(BLOCK_P=64), "weight_grad": dict(BLOCK_P=64),
+         "input_grad": dict(BLOCK_Q=128)}
+TILES_FLOAT64 = {"forward": dict(BLOCK_P=64), "point_grad": dict(BLOCK_P=32), "weight_grad": dict(BLOCK_P=32),
+                 "input_grad": dict(BLOCK_Q=64)}
+# Channel blocks: the smallest of CHANNEL_BLOCKS covering a segment (L channels of one offset
+# and kernel group), else the largest.
+CHANNEL_BLOCKS = (1, 4, 8)
+# Scope cells of the weight gradient's one-hot product: Sh*Sw rounded up to a power of two, at
+# least 16. compile_all compiles these (scopes up to 8x8); larger scopes compile on demand.
+SCOPE_CELLS = (16, 32, 64)
 SCALAR_TYPES = {}
 
 
-def _block_c(kernel: str, segment: int) -> int:
-    return min(triton.next_power_of_2(segment), MAX_BLOCK_C[kernel])
+def _block_c(segment: int) -> int:
+    return next((b for b in CHANNEL_BLOCKS if b >= segment), CHANNEL_BLOCKS[-1])
+
+
+def _scope_cells(Sh: int, Sw: int) -> int:
+    return max(SCOPE_CELLS[0], triton.next_power_of_2(Sh * Sw))
 
 
 def launch_config(kernel: str, dtype: torch.dtype, has_offset: bool, block_c: int,
                   scope_cells: int | None = None) -> _launch.LaunchConfig:
     tiles = TILES_FLOAT64 if dtype == torch.float64 else TILES
     constexprs = dict(tiles[kernel], HAS_OFFSET=has_offset, BLOCK_C=block_c)
-    if kernel == "point_grad":
+    if kernel == "weight_grad":
         constexprs["SCOPE"] = scope_cells
-    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS[kernel])
+    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS[kernel][dtype])
 
 
 def _dtype_configs(dtype: torch.dtype) -> set:
@@ -310,9 +358,7 @@ def _dtype_configs(dtype: torch.dtype) -> set:
     for kernel in KERNELS:
         for has_offset in (False, True):
             for block_c in CHANNEL_BLOCKS:
-                if block_c > MAX_BLOCK_C[kernel]:
-                    continue
-                for scope in (SCOPE_CELLS if kernel == "point_grad" else (None,)):
+                for scope in (SCOPE_CELLS if kernel == "weight_grad" else (None,)):
                     configs.add(launch_config(kernel, dtype, has_offset, block_c, scope))
     return configs
 
@@ -336,8 +382,10 @@ def _pointer_types(kernel: str, dtype: torch.dtype) -> list:
                      out_ptr=data)]
     if kernel == "point_grad":
         return [dict(grad_out_ptr=data, input_ptr=data, weight_ptr=data, koff_ptr=data, offset_ptr=data,
-                     mask_ptr=data, grad_koff_ptr=acc, grad_offset_ptr=acc, grad_mask_ptr=acc, weight_part_ptr=acc,
-                     cell_ptr="i32")]
+                     mask_ptr=data, grad_koff_ptr=acc, grad_offset_ptr=acc, grad_mask_ptr=acc, cell_ptr="i32")]
+    if kernel == "weight_grad":
+        return [dict(grad_out_ptr=data, input_ptr=data, koff_ptr=data, offset_ptr=data, mask_ptr=data,
+                     weight_part_ptr=acc)]
     return [dict(grad_out_ptr=data, weight_ptr=data, koff_ptr=data, offset_ptr=data, mask_ptr=data, order_ptr="i32",
                  start_ptr="i32", grad_input_ptr=acc)]
 
@@ -429,9 +477,9 @@ def deform_kernel_conv2d(input, weight, kernel_offset, offset, mask, bias, kerne
     m = mask.contiguous() if mask is not None else ko
     bi = bias.contiguous() if bias is not None else w
     L = _segment(C, G, Gk)
-    config = launch_config("forward", input.dtype, offset is not None, _block_c("forward", L))
+    config = launch_config("forward", input.dtype, offset is not None, _block_c(L))
     t = dict(config.constexprs)
-    grid = (triton.cdiv(Ho * Wo, t["BLOCK_P"]), (C // L) * triton.cdiv(L, t["BLOCK_C"]), B)
+    grid = (triton.cdiv(Ho * Wo, t["BLOCK_P"]) * (C // L) * triton.cdiv(L, t["BLOCK_C"]), B)
     with _launch.device_guard(input):
         launch(config, grid, x, w, ko, off, m, bi, out, C, H, W, Sh, Sw, Wo, Ho * Wo, kh, kw, G, Gk, L, *hyper,
                int(mask is not None), int(bias is not None), dtype=input.dtype)
@@ -462,15 +510,19 @@ def deform_kernel_conv2d_backward(grad_out, input, weight, kernel_offset, offset
         m = mask.contiguous() if has_mask else ko
         L = _segment(C, G, Gk)
         sizes = (C, H, W, Sh, Sw, Wo, HoWo, kh, kw, G, Gk, L, *hyper, int(has_mask))
-        config = launch_config("point_grad", input.dtype, has_offset, _block_c("point_grad", L),
-                               triton.next_power_of_2(Sh * Sw))
-        t = dict(config.constexprs)
-        tiles = triton.cdiv(HoWo, t["BLOCK_P"])
-        weight_part = torch.empty((B * tiles, C, t["SCOPE"]), **opts)
+        config = launch_config("point_grad", input.dtype, has_offset, _block_c(L))
+        tiles = triton.cdiv(HoWo, dict(config.constexprs)["BLOCK_P"])
         cells = torch.empty((B * G, K * HoWo), dtype=torch.int32, device=input.device)
         with _launch.device_guard(input):
             launch(config, (tiles, B), go, x, w, ko, off, m, grad_koff, grad_offset if has_offset else grad_koff,
-                   grad_mask if has_mask else grad_koff, weight_part, cells, *sizes, dtype=input.dtype)
+                   grad_mask if has_mask else grad_koff, cells, *sizes, dtype=input.dtype)
+            config = launch_config("weight_grad", input.dtype, has_offset, _block_c(L),
+                                   _scope_cells(Sh, Sw))
+            t = dict(config.constexprs)
+            tiles = triton.cdiv(HoWo, t["BLOCK_P"])
+            weight_part = torch.empty((B * tiles, C, t["SCOPE"]), **opts)
+            launch(config, (tiles * (C // L) * triton.cdiv(L, t["BLOCK_C"]), B), go, x, ko, off, m, weight_part,
+                   *sizes, dtype=input.dtype)
             grad_weight = weight_part.sum(0)[:, :Sh * Sw].reshape(C, 1, Sh, Sw)
             # The samples of each (batch element, offset group) in cell order, and where each
             # cell's run starts ((H + 1) * (W + 1) cells: floors from -1; the last, "no cell",
@@ -480,9 +532,9 @@ def deform_kernel_conv2d_backward(grad_out, input, weight, kernel_offset, offset
             bounds = torch.arange(n_cells + 1, dtype=torch.int32, device=input.device).expand(B * G, n_cells + 1)
             starts = torch.searchsorted(sorted_cells, bounds.contiguous(), out_int32=True)
             order = order.to(torch.int32)
-            config = launch_config("input_grad", input.dtype, has_offset, _block_c("input_grad", L))
+            config = launch_config("input_grad", input.dtype, has_offset, _block_c(L))
             t = dict(config.constexprs)
-            grid = (triton.cdiv(H * W, t["BLOCK_Q"]), (C // L) * triton.cdiv(L, t["BLOCK_C"]), B)
+            grid = (triton.cdiv(H * W, t["BLOCK_Q"]) * (C // L) * triton.cdiv(L, t["BLOCK_C"]), B)
             launch(config, grid, go, w, ko, off, m, order, starts, grad_input, *sizes, dtype=input.dtype)
     dtype = input.dtype
     return (grad_input.to(dtype), grad_weight.to(dtype), grad_koff.to(dtype), grad_offset.to(dtype),
