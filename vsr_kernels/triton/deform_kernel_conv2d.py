@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _launch
+from . import _cost, _launch
 
 
 @triton.jit
@@ -397,6 +397,41 @@ def compile_all(archs=(80, 90), dtype_names=_launch.FLOAT_DTYPE_NAMES) -> list:
                                config_dtype_names)
 
 
+def predicted_work(dtype_name: str, B: int, C: int, H: int, W: int, kernel_size=(3, 3), scope=(5, 5), G: int = 1,
+                   Gk: int = 1, has_offset: bool = True, has_mask: bool = True) -> _cost.Work:
+    """What `_forward_kernel` must do (stride 1, 'same' padding: H_out = H, W_out = W), counted
+    from the kernel (see _cost.py for how it becomes a time). DRAM: input, offsets, mask, output
+    once. L2: each channel block re-reads its group's offsets and mask (the blocks of a pixel
+    tile run side by side); the input gather pulls two rows of sectors per tap and element (the
+    x neighbours share sectors when offsets are smooth), the regular grid one; the scope stays
+    in L1. Loads: one element per lane (data-dependent addresses)."""
+    e = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+    kh, kw = kernel_size
+    K, P = kh * kw, B * H * W
+    L = _segment(C, G, Gk)
+    block_c = _block_c(L)
+    blocks = (C // L) * -(-L // block_c)
+    lanes = blocks * block_c  # channels computed, padding included
+    per_point = 2 + (2 if has_offset else 0) + (1 if has_mask else 0)  # loads per pixel and tap
+    maps = P * K * (2 * Gk + (2 * G if has_offset else 0) + (G if has_mask else 0)) * e
+    dram = 2 * B * C * H * W * e + maps + C * scope[0] * scope[1] * e
+    l2 = B * C * H * W * e * (1 + K * (2 if has_offset else 1)) + P * K * per_point * e * blocks
+    loads = (P * K * per_point * blocks + B * lanes * H * W * (K * (4 + (4 if has_offset else 1)) + 1)) / 32
+    # Per pixel, tap and block: the two samplings' geometry (floor, compares, weights, index:
+    # ~25 ops each). Per element and tap: per neighbour read an int64 address add (2) and a
+    # select; conversions of non-float32 data (one per read).
+    reads = 4 + (4 if has_offset else 1)
+    convert = 0 if dtype_name in ("float32", "float64") else reads
+    alu = P * K * blocks * 50 + B * lanes * H * W * K * (reads * 3 + convert)
+    fma = 2 * B * lanes * H * W * K * (reads + 2) * (2 if dtype_name == "float64" else 1)
+    return _cost.Work(dram, l2, loads, 0, dtype_name, fma, alu)
+
+
+def predict(dtype_name: str, *args, hardware: _cost.Hardware = _cost.H100, **kwargs) -> _cost.Prediction:
+    """The cost model's forward time (see predicted_work)."""
+    return _cost.predict(predicted_work(dtype_name, *args, **kwargs), hardware)
+
+
 def _pair(op, name, v, lo):
     if len(v) != 2 or min(v) < lo or max(v) > 2**31 - 1:
         raise ValueError(f"{op}: {name} must be two integers in [{lo}, 2**31 - 1], got {list(v)}")
@@ -523,7 +558,7 @@ def deform_kernel_conv2d_backward(grad_out, input, weight, kernel_offset, offset
             weight_part = torch.empty((B * tiles, C, t["SCOPE"]), **opts)
             launch(config, (tiles * (C // L) * triton.cdiv(L, t["BLOCK_C"]), B), go, x, ko, off, m, weight_part,
                    *sizes, dtype=input.dtype)
-            grad_weight = weight_part.sum(0)[:, :Sh * Sw].reshape(C, 1, Sh, Sw)
+            grad_weight = weight_part.sum(0)[:, :Sh * Sw].reshape(C, 1, Sh, Sw).contiguous()
             # The samples of each (batch element, offset group) in cell order, and where each
             # cell's run starts ((H + 1) * (W + 1) cells: floors from -1; the last, "no cell",
             # gathers nothing).
