@@ -482,6 +482,9 @@ def _check(op, input, weight, kernel_offset, offset, mask, bias, kernel_size, st
         t = named[name]
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    if (H + 1) * (W + 1) >= 2**31 or K * Ho * Wo >= 2**31:
+        raise ValueError(f"{op}: input of {H} x {W} with {K} taps of {Ho} x {Wo} outputs is too large for the "
+                         "int32 sample indices of the backward")
     Sh, Sw = weight.shape[2], weight.shape[3]
     return B, C, H, W, Sh, Sw, Ho, Wo, kh, kw, G, Gk, (*stride, *padding, *dilation)
 
