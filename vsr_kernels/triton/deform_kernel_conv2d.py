@@ -15,19 +15,23 @@ lanes (contiguous in every tensor). Both samplings use the shared helpers of _la
 
 - `_forward_kernel`, one program per (output-pixel tile, channel block, batch element):
   Σ_taps scope(ky, kx) · mask · input(y, x) (+ bias).
-- Backward, deterministic (no atomics; every element is written by one program, sums in a
-  fixed order), both samplings recomputed:
+- Backward, deterministic (no atomics: every element is written by one program, sums run in
+  a fixed order), both samplings recomputed:
   - `_point_grad_kernel`, one program per (output-pixel tile, batch element), walking every
     channel block and tap in order: grad_kernel_offset, grad_offset and grad_mask (reductions
-    over the channels of a kernel / offset group, added block after block into the program's own
-    elements), the weight gradient of the tile (per channel, a [pixels] x [scope cells] one-hot
-    product, written as a per-tile partial and summed over tiles by torch in a fixed order), and
-    the cell of every input sample (the floor of its point, or none when it reads nothing).
-  - torch sorts the samples of each (batch element, offset group) by cell (stable sort) and
-    finds where each cell's samples start.
+    over the channels of a kernel / offset group, added block after block into elements only
+    this program touches), and the cell of every input sample (the floor of its point; none
+    when it reads nothing).
+  - `_weight_grad_kernel`, one program per (output-pixel tile, channel block, batch element):
+    the tile's weight gradient, per channel a [pixels] x [pixels, scope cells] product with the
+    bilinear weights of the kernel points' neighbours (one matrix for the block's channels,
+    which share a kernel group), written as a per-tile partial; torch sums the partials.
+  - torch sorts the samples of each (batch element, offset group) by cell (a stable sort) and
+    finds where each cell's run starts (searchsorted).
   - `_input_grad_kernel`, one program per (input-pixel tile, channel block, batch element): a
-    gather. Input pixel q is corner n of the cells q - (n // 2, n % 2); it sums, in sorted order,
-    grad_out · scope sample · mask · bilinear weight over the samples of those cells.
+    gather. Input pixel q is neighbour n of the points whose floor is q - (n // 2, n % 2); it
+    sums, in sorted order, grad_out · scope sample · mask · bilinear weight over the samples of
+    those cells (without input offsets: the one sample whose grid point is q, per tap).
 The bias gradient is grad_out summed over (B, H_out, W_out) by torch.
 """
 import math
@@ -316,16 +320,19 @@ KERNELS = {"forward": _forward_kernel, "point_grad": _point_grad_kernel, "weight
            "input_grad": _input_grad_kernel}
 _H, _B, _F, _D = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = (_H, _B, _F, _D)
-# Warps per program by kernel and dtype: what compiles without spills on sm_80 and sm_90
-# (tools/check_gpu_build.py) at about 100-170 registers.
+# Warps per program and pixel tiles (BLOCK_P output pixels, BLOCK_Q input pixels) by kernel
+# and dtype: what compiles without spills on sm_80 and sm_90 (tools/check_gpu_build.py), with
+# the exceptions of SPILL_FREE below. Tests may shrink the tiles (module attributes, read at
+# each launch).
 NUM_WARPS = {"forward": {_H: 8, _B: 8, _F: 8, _D: 8}, "point_grad": {_H: 4, _B: 4, _F: 4, _D: 8},
-             "weight_grad": {_H: 8, _B: 8, _F: 8, _D: 4}, "input_grad": {_H: 8, _B: 8, _F: 8, _D: 8}}
-# Pixel tiles (BLOCK_P output pixels, BLOCK_Q input pixels); float64 halves them. Tests may
-# shrink these (module attributes, read at each launch).
-TILES = {"forward": dict(BLOCK_P=128), "point_grad": dict(BLOCK_P=64), "weight_grad": dict(BLOCK_P=64),
-         "input_grad": dict(BLOCK_Q=128)}
+             "weight_grad": {_H: 4, _B: 4, _F: 4, _D: 4}, "input_grad": {_H: 4, _B: 4, _F: 4, _D: 4}}
+TILES = {"forward": dict(BLOCK_P=128), "point_grad": dict(BLOCK_P=64), "weight_grad": dict(BLOCK_P=32),
+         "input_grad": dict(BLOCK_Q=64)}
 TILES_FLOAT64 = {"forward": dict(BLOCK_P=64), "point_grad": dict(BLOCK_P=32), "weight_grad": dict(BLOCK_P=32),
-                 "input_grad": dict(BLOCK_Q=64)}
+                 "input_grad": dict(BLOCK_Q=32)}
+# (kernel, dtype name, BLOCK_C, HAS_OFFSET, SCOPE) -> (pixel tile, warps) where the defaults
+# spill a few bytes (found by compiling every config for sm_80 and sm_90).
+SPILL_FREE = {}
 # Channel blocks: the smallest of CHANNEL_BLOCKS covering a segment (L channels of one offset
 # and kernel group), else the largest.
 CHANNEL_BLOCKS = (1, 4, 8)
@@ -349,7 +356,12 @@ def launch_config(kernel: str, dtype: torch.dtype, has_offset: bool, block_c: in
     constexprs = dict(tiles[kernel], HAS_OFFSET=has_offset, BLOCK_C=block_c)
     if kernel == "weight_grad":
         constexprs["SCOPE"] = scope_cells
-    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), NUM_WARPS[kernel][dtype])
+    warps = NUM_WARPS[kernel][dtype]
+    override = SPILL_FREE.get((kernel, str(dtype).removeprefix("torch."), block_c, has_offset, scope_cells))
+    if override is not None:
+        tile, warps = override
+        constexprs["BLOCK_Q" if kernel == "input_grad" else "BLOCK_P"] = tile
+    return _launch.LaunchConfig(kernel, tuple(sorted(constexprs.items())), warps)
 
 
 def _dtype_configs(dtype: torch.dtype) -> set:
