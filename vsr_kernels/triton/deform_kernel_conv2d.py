@@ -332,7 +332,13 @@ TILES_FLOAT64 = {"forward": dict(BLOCK_P=64), "point_grad": dict(BLOCK_P=32), "w
                  "input_grad": dict(BLOCK_Q=32)}
 # (kernel, dtype name, BLOCK_C, HAS_OFFSET, SCOPE) -> (pixel tile, warps) where the defaults
 # spill a few bytes (found by compiling every config for sm_80 and sm_90).
-SPILL_FREE = {}
+SPILL_FREE = {
+    ("point_grad", "float16", 8, False, None): (64, 8), ("point_grad", "float16", 8, True, None): (32, 4),
+    ("point_grad", "bfloat16", 8, False, None): (64, 8), ("point_grad", "bfloat16", 8, True, None): (32, 4),
+    ("point_grad", "float64", 1, False, None): (32, 4),
+    ("weight_grad", "float64", 4, False, 16): (32, 8), ("weight_grad", "float64", 8, False, 32): (32, 8),
+    ("input_grad", "float32", 8, True, None): (64, 8), ("input_grad", "float64", 4, True, None): (32, 8),
+}
 # Channel blocks: the smallest of CHANNEL_BLOCKS covering a segment (L channels of one offset
 # and kernel group), else the largest.
 CHANNEL_BLOCKS = (1, 4, 8)
