@@ -226,7 +226,8 @@ def bilinear_sample_grad(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.conste
     """(sample, d sample / dy, d sample / dx) at (y, x), `bilinear_sample`'s rule. The
     coordinate gradient is the one-sided derivative towards +1 where the sample is not
     differentiable, the -1 edge included (where the sample is 0 but grows towards the plane);
-    a NaN coordinate gives NaN in all three."""
+    a NaN coordinate gives NaN in all three, in every lane (callers weight the lanes ~ok by 0
+    and sum them with lanes at the same point, which are NaN too)."""
     region = (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
     inside = region & (y > -1.0) & (x > -1.0)
     y0f = tl.floor(y)
@@ -251,5 +252,5 @@ def bilinear_sample_grad(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.conste
         val += tl.where(valid & inside, (wy * wx) * v, 0.0)
         vy += (sy * wx) * v  # v is 0 where not read
         vx += (wy * sx) * v
-    poison = tl.where(ok & ((y != y) | (x != x)), y + x, 0.0)
+    poison = tl.where((y != y) | (x != x), y + x, 0.0)  # in the points' shape (lanes ~ok: see above)
     return val + poison, vy + poison, vx + poison
