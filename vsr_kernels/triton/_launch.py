@@ -189,3 +189,68 @@ def dot_operand(x, ACC: tl.constexpr, INTERPRETED: tl.constexpr):
     if INTERPRETED:
         x = x.to(ACC)
     return x
+
+
+# Bilinear sampling with torchvision's deformable-convolution rule (csrc/common/bilinear.h is
+# the C++ twin), shared by the deformable ops (deform_conv2d, deform_kernel_conv2d). A plane
+# is (H, W), contiguous, at plane_ptr + plane_offset; y, x and plane_offset broadcast
+# together (e.g. points [1, P] and planes [C, 1]); `ok` masks the lanes that may be read.
+
+@triton.jit
+def bilinear_sample(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.constexpr):
+    """The sample at (y, x): 0 outside (-1, H) x (-1, W), each neighbour outside reads 0 (one
+    inside is read even at weight 0, so a NaN pixel spreads to its neighbours' samples); a NaN
+    coordinate gives NaN. The geometry is computed in the points' shape, once for every plane."""
+    inside = (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    ly = y - y0f
+    lx = x - x0f
+    y0 = tl.where(inside, y0f, 0.0).to(tl.int32)
+    x0 = tl.where(inside, x0f, 0.0).to(tl.int32)
+    v = tl.zeros((ok & inside).shape, ACC)
+    for n in tl.static_range(4):
+        yy = y0 + n // 2
+        xx = x0 + n % 2
+        wy = ly if n // 2 == 1 else 1.0 - ly
+        wx = lx if n % 2 == 1 else 1.0 - lx
+        valid = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        val = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=ok & valid, other=0.0).to(ACC)
+        v += tl.where(valid, wy * wx, 0.0) * val  # val is 0 where not read
+    nan = (y != y) | (x != x)
+    return tl.where(nan & ok, y + x, v)
+
+
+@triton.jit
+def bilinear_sample_grad(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.constexpr):
+    """(sample, d sample / dy, d sample / dx) at (y, x), `bilinear_sample`'s rule. The
+    coordinate gradient is the one-sided derivative towards +1 where the sample is not
+    differentiable, the -1 edge included (where the sample is 0 but grows towards the plane);
+    a NaN coordinate gives NaN in all three, in every lane (callers weight the lanes ~ok by 0
+    and sum them with lanes at the same point, which are NaN too)."""
+    region = (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
+    inside = region & (y > -1.0) & (x > -1.0)
+    y0f = tl.floor(y)
+    x0f = tl.floor(x)
+    ly = y - y0f
+    lx = x - x0f
+    y0 = tl.where(region, y0f, 0.0).to(tl.int32)
+    x0 = tl.where(region, x0f, 0.0).to(tl.int32)
+    val = tl.zeros((ok & region).shape, ACC)
+    vy = tl.zeros((ok & region).shape, ACC)
+    vx = tl.zeros((ok & region).shape, ACC)
+    for n in tl.static_range(4):
+        yy = y0 + n // 2
+        xx = x0 + n % 2
+        wy = ly if n // 2 == 1 else 1.0 - ly
+        wx = lx if n % 2 == 1 else 1.0 - lx
+        sy = 1.0 if n // 2 == 1 else -1.0
+        sx = 1.0 if n % 2 == 1 else -1.0
+        valid = region & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        v = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=ok & valid, other=0.0).to(ACC)
+        # On the -1 edge the sample is 0 even next to a NaN pixel; the gradients read it.
+        val += tl.where(valid & inside, (wy * wx) * v, 0.0)
+        vy += (sy * wx) * v  # v is 0 where not read
+        vx += (wy * sx) * v
+    poison = tl.where((y != y) | (x != x), y + x, 0.0)  # in the points' shape (lanes ~ok: see above)
+    return val + poison, vy + poison, vx + poison

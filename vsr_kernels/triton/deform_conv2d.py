@@ -53,36 +53,12 @@ def _columns(input_ptr, offset_ptr, mask_ptr, b, p, r, c0, C, H, W, Wo, HoWo, ci
     dx = tl.load(off_base + (ch + 1)[None, :].to(tl.int64) * HoWo + pos, mask=ok, other=0.0).to(ACC)
     y = (ho * sh - ph)[:, None].to(ACC) + (k // KW * dh)[None, :].to(ACC) + dy
     x = (wo * sw - pw)[:, None].to(ACC) + (k % KW * dw)[None, :].to(ACC) + dx
-    v = _bilinear_sample(input_ptr + b64 * C * H * W, c[None, :].to(tl.int64) * H * W, y, x, H, W, ok, ACC)
+    v = _launch.bilinear_sample(input_ptr + b64 * C * H * W, c[None, :].to(tl.int64) * H * W, y, x, H, W, ok, ACC)
     if HAS_MASK:
         m = tl.load(mask_ptr + b64 * (G * KK * HoWo) + (og * KK + k)[None, :].to(tl.int64) * HoWo + pos,
                     mask=ok, other=0.0).to(ACC)
         v = v * m
     return tl.where(ok, v, 0.0)
-
-
-@triton.jit
-def _bilinear_sample(plane_ptr, plane_offset, y, x, H, W, ok, ACC: tl.constexpr):
-    """torchvision's rule: 0 outside (-1, H) x (-1, W), each neighbour outside reads 0; NaN
-    coordinates give NaN."""
-    inside = ok & (y > -1.0) & (y < H) & (x > -1.0) & (x < W)
-    y0f = tl.floor(y)
-    x0f = tl.floor(x)
-    ly = y - y0f
-    lx = x - x0f
-    y0 = tl.where(inside, y0f, 0.0).to(tl.int32)
-    x0 = tl.where(inside, x0f, 0.0).to(tl.int32)
-    v = tl.zeros(y.shape, ACC)
-    for n in tl.static_range(4):
-        yy = y0 + n // 2
-        xx = x0 + n % 2
-        wy = ly if n // 2 == 1 else 1.0 - ly
-        wx = lx if n % 2 == 1 else 1.0 - lx
-        valid = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-        val = tl.load(plane_ptr + plane_offset + (yy * W + xx).to(tl.int64), mask=valid, other=0.0).to(ACC)
-        v += tl.where(valid, wy * wx * val, 0.0)
-    nan = (y != y) | (x != x)
-    return tl.where(nan & ok, y + x, v)
 
 
 @triton.jit
@@ -155,16 +131,6 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                 m = tl.full((BLOCK_P,), 1.0, ACC)
             y = (ho * sh - ph + k // KW * dh).to(ACC) + dy
             x = (wo * sw - pw + k % KW * dw).to(ACC) + dx
-            # The coordinate gradient's region: the sampled one (`inside`) and its -1 edge.
-            region = p_ok & (y >= -1.0) & (y < H) & (x >= -1.0) & (x < W)
-            inside = region & (y > -1.0) & (x > -1.0)
-            nan = p_ok & ((y != y) | (x != x))
-            y0f = tl.floor(y)
-            x0f = tl.floor(x)
-            ly = y - y0f
-            lx = x - x0f
-            y0 = tl.where(region, y0f, 0.0).to(tl.int32)
-            x0 = tl.where(region, x0f, 0.0).to(tl.int32)
             g_y = tl.zeros((BLOCK_P,), ACC)
             g_x = tl.zeros((BLOCK_P,), ACC)
             g_m = tl.zeros((BLOCK_P,), ACC)
@@ -190,28 +156,13 @@ def _input_grad_kernel(grad_out_ptr, input_ptr, offset_ptr, weight_ptr, mask_ptr
                         gcol += tl.sum(go.to(ACC)[:, :, None] * w.to(ACC)[None, :, :], axis=1)
                 ok = p_ok[:, None] & c_ok[None, :]
                 plane = c[None, :].to(tl.int64) * H * W
-                val = tl.zeros((BLOCK_P, BLOCK_C), ACC)
-                vy = tl.zeros((BLOCK_P, BLOCK_C), ACC)
-                vx = tl.zeros((BLOCK_P, BLOCK_C), ACC)
-                for n in tl.static_range(4):
-                    yy = y0 + n // 2
-                    xx = x0 + n % 2
-                    wy = ly if n // 2 == 1 else 1.0 - ly
-                    wx = lx if n % 2 == 1 else 1.0 - lx
-                    sy = 1.0 if n // 2 == 1 else -1.0
-                    sx = 1.0 if n % 2 == 1 else -1.0
-                    valid = region & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                    v = tl.load(in_base + plane + (yy * W + xx)[:, None].to(tl.int64), mask=ok & valid[:, None],
-                                other=0.0).to(ACC)
-                    val += tl.where((valid & inside)[:, None], (wy * wx)[:, None] * v, 0.0)
-                    vy += tl.where(valid[:, None], (sy * wx)[:, None] * v, 0.0)
-                    vx += tl.where(valid[:, None], (wy * sx)[:, None] * v, 0.0)
-                poison = tl.where(nan, y + x, 0.0)[:, None]
+                # The samples and their coordinate gradients (NaN coordinates: NaN in all three).
+                val, vy, vx = _launch.bilinear_sample_grad(in_base, plane, y[:, None], x[:, None], H, W, ok, ACC)
                 gcol = tl.where(ok, gcol, 0.0)
-                g_m += tl.sum(gcol * (val + poison), axis=1)
+                g_m += tl.sum(gcol * val, axis=1)
                 gs = gcol * m[:, None]
-                g_y += tl.sum(gs * (vy + poison), axis=1)
-                g_x += tl.sum(gs * (vx + poison), axis=1)
+                g_y += tl.sum(gs * vy, axis=1)
+                g_x += tl.sum(gs * vx, axis=1)
                 # Scatter gs * weight into grad_input, one position at a time (fixed order).
                 tl.store(scratch + sp[:, None] * BLOCK_C + sc[None, :], gs)
                 tl.debug_barrier()
