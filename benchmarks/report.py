@@ -207,11 +207,17 @@ def rows(workload, records, device_peaks):
 
 
 def workload_section(workload, records, device_peaks):
-    shape_lines = sorted({workload.shape_line(record) for record in records})
+    """The workload's heading, then per shape its line and its table (rows are compared only
+    with the baselines of their own shape), then the workload's notes."""
+    by_shape = {}
+    for record in records:
+        by_shape.setdefault(workload.shape_line(record), []).append(record)
     columns = workload.columns or default_columns(workload)
-    cells = [[column.cell(row) for column in columns] for row in rows(workload, records, device_peaks)]
-    table = _table([column.header for column in columns], cells)
-    return "\n\n".join([f"## {workload.name}", *shape_lines, table, *workload.notes])
+    parts = [f"## {workload.name}"]
+    for shape_line in sorted(by_shape):
+        cells = [[column.cell(row) for column in columns] for row in rows(workload, by_shape[shape_line], device_peaks)]
+        parts += [shape_line, _table([column.header for column in columns], cells)]
+    return "\n\n".join([*parts, *workload.notes])
 
 
 def _hardware_section(device_peaks):

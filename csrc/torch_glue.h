@@ -180,6 +180,13 @@ inline at::Tensor to_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   return at::empty(t.sizes(), t.options().dtype(dtype)).copy_(t);
 }
 
+// The shape of an optional input's gradient: the input's, or (0,) when it is absent (what the
+// schemas' fake tensors promise for a missing offset or mask).
+inline std::vector<int64_t> optional_grad_shape(const c10::optional<at::Tensor>& t) {
+  if (t.has_value()) return t->sizes().vec();
+  return {0};
+}
+
 #if defined(VSR_WITH_CUDA)
 // A torch-free launcher's result as an error: launch errors (bad configuration, no kernel
 // image for this GPU) surface here, asynchronous ones at the next synchronisation.

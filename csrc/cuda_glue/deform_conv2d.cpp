@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const auto acc = input.options().dtype(accumulation_dtype(dtype));
   at::Tensor grad_input = at::zeros(input.sizes(), acc);
   at::Tensor grad_offset = at::zeros(offset.sizes(), acc);
-  at::Tensor grad_mask = at::zeros(grad_mask_shape(mask), acc);
+  at::Tensor grad_mask = at::zeros(optional_grad_shape(mask), acc);
   at::Tensor grad_weight = at::zeros(weight.sizes(), acc);
   at::Tensor grad_bias = at::zeros({g.Cout}, acc);
   if (g.B * g.positions() > 0 && g.C > 0) {

@@ -116,11 +116,5 @@ inline at::Tensor empty_output(const Geometry& g, const at::Tensor& input) {
   return at::empty({g.B, g.Cout, g.Ho, g.Wo}, input.options());
 }
 
-// The mask gradient's shape: mask's, or (0,) when there is no mask.
-inline std::vector<int64_t> grad_mask_shape(const c10::optional<at::Tensor>& mask) {
-  if (mask.has_value()) return mask->sizes().vec();
-  return {0};
-}
-
 }  // namespace deform_conv2d
 }  // namespace vsr_kernels

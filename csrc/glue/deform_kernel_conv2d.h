@@ -142,11 +142,5 @@ inline at::Tensor empty_output(const Geometry& g, const at::Tensor& input) {
   return at::empty({g.B, g.C, g.Ho, g.Wo}, input.options());
 }
 
-// The shape of an optional input's gradient: the input's, or (0,) when it is absent.
-inline std::vector<int64_t> optional_grad_shape(const c10::optional<at::Tensor>& t) {
-  if (t.has_value()) return t->sizes().vec();
-  return {0};
-}
-
 }  // namespace deform_kernel_conv2d
 }  // namespace vsr_kernels
