@@ -135,6 +135,26 @@ def forward_and_grads(fn: Callable, inputs: Sequence[torch.Tensor], seed: int = 
     return outputs, tuple(torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt))
 
 
+def optional_leaf_copies(tensors: Sequence[torch.Tensor | None], **kw) -> list:
+    """leaf_copies of a list whose optional inputs may be None (kept None)."""
+    return [None if t is None else leaf_copies([t], **kw)[0] for t in tensors]
+
+
+def forward_and_grads_optional(fn: Callable, tensors: Sequence[torch.Tensor | None], grad_outputs=None):
+    """forward_and_grads of fn(*tensors) where optional inputs may be None: they are passed
+    to fn as None and get no gradient."""
+    present = [t for t in tensors if t is not None]
+    positions = [i for i, t in enumerate(tensors) if t is not None]
+
+    def call(*xs):
+        full = [None] * len(tensors)
+        for i, x in zip(positions, xs):
+            full[i] = x
+        return fn(*full)
+
+    return forward_and_grads(call, present, grad_outputs=grad_outputs)
+
+
 def tolerance(dtype: torch.dtype) -> dict:
     rtol, atol = TOLERANCES[dtype]
     return dict(rtol=rtol, atol=atol)

@@ -8,8 +8,9 @@ import torch
 from vsr_kernels.reference.deform_conv2d import output_size
 
 
-def _sample(plane, H, W, y, x):
+def sample_point(plane, y, x):
     """torchvision's bilinear rule on one channel (a list of rows), in Python floats."""
+    H, W = len(plane), len(plane[0]) if plane else 0
     if math.isnan(y) or math.isnan(x):
         return float("nan")
     if y <= -1 or y >= H or x <= -1 or x >= W:
@@ -48,7 +49,7 @@ def oracle(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, ma
                             k = i * kw + j
                             y = oy * sh - ph + i * dh + off[b][2 * (g * K + k)][oy][ox]
                             x = ox * sw - pw + j * dw + off[b][2 * (g * K + k) + 1][oy][ox]
-                            v = _sample(x64[b][c], H, W, y, x)
+                            v = sample_point(x64[b][c], y, x)
                             if m is not None:
                                 v *= m[b][g * K + k][oy][ox]
                             cols[c, k] = v

@@ -59,34 +59,18 @@ def _tensors(args):
     return [input, offset, weight, mask, bias], (stride, padding, dilation)
 
 
-def _leaves(tensors, **kw):
-    return [None if t is None else H.leaf_copies([t], **kw)[0] for t in tensors]
-
-
-def _run(fn, tensors, grad_outputs=None):
-    """(out, grads of every tensor given, zeros for None-free absent) via the harness."""
-    present = [t for t in tensors if t is not None]
-    positions = [i for i, t in enumerate(tensors) if t is not None]
-
-    def call(*xs):
-        full = [None] * len(tensors)
-        for i, x in zip(positions, xs):
-            full[i] = x
-        return fn(*full)
-
-    return H.forward_and_grads(call, present, grad_outputs=grad_outputs)
 
 
 def check_against_reference(backend, args, canary=None, dtype=torch.float64, tol=FLOAT64):
     tensors, geometry = _tensors(args)
-    want = _run(_reference(*geometry), _leaves(tensors))
-    got_inputs = _leaves(tensors, dtype=dtype, device=backend.device)
+    want = H.forward_and_grads_optional(_reference(*geometry), H.optional_leaf_copies(tensors))
+    got_inputs = H.optional_leaf_copies(tensors, dtype=dtype, device=backend.device)
     grad_outputs = [g.to(backend.device, dtype) for g in H.upstream_grads(want[0])]
     if canary is not None:
         kw = H.CANARY_VARIANTS[canary]
         got_inputs = [None if t is None else H.canary(t.detach(), **kw).requires_grad_() for t in got_inputs]
         grad_outputs = [H.canary(g, **kw) for g in grad_outputs]
-    got = _run(_forward(backend, *geometry), got_inputs, grad_outputs)
+    got = H.forward_and_grads_optional(_forward(backend, *geometry), got_inputs, grad_outputs)
     if dtype != torch.float64:
         assert all(t.dtype == dtype for t in H._flatten(got))
         got = [t.double() for t in H._flatten(got)]
@@ -199,9 +183,9 @@ def test_compile_fullgraph_matches_eager(backend):
     tensors, geometry = _tensors(_tiny(torch.float32))
     tensors = [t.to(backend.device) for t in tensors]
     fn = _forward(backend, *geometry)
-    want = _run(fn, _leaves(tensors))
+    want = H.forward_and_grads_optional(fn, H.optional_leaf_copies(tensors))
     torch._dynamo.reset()
-    got = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), _leaves(tensors))
+    got = H.forward_and_grads_optional(torch.compile(fn, fullgraph=True, backend="aot_eager"), H.optional_leaf_copies(tensors))
     H.assert_same(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -221,8 +205,8 @@ def test_layout_sweep(backend, case):
     _, assign = case
     tensors, geometry = _tensors(_tiny(seed=5))
     laid = [H.apply_layout(t, assign[n]) for n, t in zip(NAMES, tensors)]
-    want = _run(_reference(*geometry), [t.detach().contiguous().requires_grad_() for t in laid])
-    got = _run(_forward(backend, *geometry), [t.detach().to(backend.device).requires_grad_()
+    want = H.forward_and_grads_optional(_reference(*geometry), [t.detach().contiguous().requires_grad_() for t in laid])
+    got = H.forward_and_grads_optional(_forward(backend, *geometry), [t.detach().to(backend.device).requires_grad_()
                                               if backend.device.type != "cpu" else t for t in
                                               [H.apply_layout(t, assign[n]).requires_grad_()
                                                for n, t in zip(NAMES, tensors)]])
@@ -411,7 +395,7 @@ def test_backward_is_deterministic(backend):
         case = (1, 4, 4, 5, 4, (3, 3), 2, 2, 1, 1, 1, True, "mixed")  # the interpreter: smaller
     tensors, geometry = _tensors(make_case(case, seed=4, dtype=torch.float32))
     tensors = [t.to(backend.device) for t in tensors]
-    runs = [_run(_forward(backend, *geometry), _leaves(tensors)) for _ in range(2)]
+    runs = [H.forward_and_grads_optional(_forward(backend, *geometry), H.optional_leaf_copies(tensors)) for _ in range(2)]
     for a, b in zip(H._flatten(runs[0]), H._flatten(runs[1])):
         assert torch.equal(a, b)
 
@@ -426,7 +410,7 @@ def test_forward_and_backward_same_bits_for_any_thread_count(backend):
         runs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            runs.append(_run(_forward(backend, *geometry), _leaves(tensors)))
+            runs.append(H.forward_and_grads_optional(_forward(backend, *geometry), H.optional_leaf_copies(tensors)))
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:
@@ -457,9 +441,9 @@ FLOAT32 = dict(rtol=1e-4, atol=1e-4)
 def _float32_run(backend, args, isa, monkeypatch):
     monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
     tensors, geometry = _tensors(args)
-    want = _run(_reference(*geometry), _leaves(tensors))
+    want = H.forward_and_grads_optional(_reference(*geometry), H.optional_leaf_copies(tensors))
     grad_outputs = [g.float() for g in H.upstream_grads(want[0])]
-    got = _run(_forward(backend, *geometry), _leaves(tensors, dtype=torch.float32), grad_outputs)
+    got = H.forward_and_grads_optional(_forward(backend, *geometry), H.optional_leaf_copies(tensors, dtype=torch.float32), grad_outputs)
     return [t.double() for t in H._flatten(got)], want
 
 

@@ -32,6 +32,7 @@ from vsr_kernels.reference.deform_conv2d import output_size
 from vsr_kernels.reference.deform_kernel_conv2d import kernel_points
 
 import _harness as H
+from deform_conv2d_cases import sample_point
 
 OP = "deform_kernel_conv2d"
 NAMES = ("input", "weight", "kernel_offset", "offset", "mask", "bias")
@@ -164,33 +165,17 @@ def _reference(kernel_size, stride, padding, dilation):
     return fn
 
 
-def _leaves(tensors, **kw):
-    return [None if t is None else H.leaf_copies([t], **kw)[0] for t in tensors]
-
-
-def _run(fn, tensors, grad_outputs=None):
-    """(out, grads of every tensor given) via the harness; None entries are passed as None."""
-    present = [t for t in tensors if t is not None]
-    positions = [i for i, t in enumerate(tensors) if t is not None]
-
-    def call(*xs):
-        full = [None] * len(tensors)
-        for i, x in zip(positions, xs):
-            full[i] = x
-        return fn(*full)
-
-    return H.forward_and_grads(call, present, grad_outputs=grad_outputs)
 
 
 def check_against_reference(backend, tensors, geometry, canary=None, dtype=torch.float64, tol=FLOAT64):
-    want = _run(_reference(*geometry), _leaves(tensors))
-    got_inputs = _leaves(tensors, dtype=dtype, device=backend.device)
+    want = H.forward_and_grads_optional(_reference(*geometry), H.optional_leaf_copies(tensors))
+    got_inputs = H.optional_leaf_copies(tensors, dtype=dtype, device=backend.device)
     grad_outputs = [g.to(backend.device, dtype) for g in H.upstream_grads(want[0])]
     if canary is not None:
         kw = H.CANARY_VARIANTS[canary]
         got_inputs = [None if t is None else H.canary(t.detach(), **kw).requires_grad_() for t in got_inputs]
         grad_outputs = [H.canary(g, **kw) for g in grad_outputs]
-    got = _run(_forward(backend, *geometry), got_inputs, grad_outputs)
+    got = H.forward_and_grads_optional(_forward(backend, *geometry), got_inputs, grad_outputs)
     if dtype != torch.float64:
         assert all(t.dtype == dtype for t in H._flatten(got))
         got = [t.double() for t in H._flatten(got)]
@@ -199,23 +184,6 @@ def check_against_reference(backend, tensors, geometry, canary=None, dtype=torch
 
 # ---------------------------------------------------------------------------------------
 # The oracle itself: a per-output loop, and the depthwise convolution it reduces to.
-
-def _sample(plane, y, x):
-    """torchvision's bilinear rule on one (H, W) list of rows, in Python floats."""
-    Hh, Ww = len(plane), len(plane[0]) if plane else 0
-    if math.isnan(y) or math.isnan(x):
-        return float("nan")
-    if y <= -1 or y >= Hh or x <= -1 or x >= Ww:
-        return 0.0
-    y0, x0 = math.floor(y), math.floor(x)
-    ly, lx = y - y0, x - x0
-    total = 0.0
-    for yy, wy in ((y0, 1 - ly), (y0 + 1, ly)):
-        for xx, wx in ((x0, 1 - lx), (x0 + 1, lx)):
-            if 0 <= yy < Hh and 0 <= xx < Ww:
-                total += wy * wx * plane[yy][xx]
-    return total
-
 
 def loop_oracle(tensors, geometry):
     input, weight, kernel_offset, offset, mask, bias = tensors
@@ -241,11 +209,11 @@ def loop_oracle(tensors, geometry):
                     for i in range(kh):
                         for j in range(kw):
                             k = i * kw + j
-                            kv = _sample(w[c][0], i + (Sh - kh) / 2 + ko[b][2 * (gk * K + k)][oy][ox],
+                            kv = sample_point(w[c][0], i + (Sh - kh) / 2 + ko[b][2 * (gk * K + k)][oy][ox],
                                          j + (Sw - kw) / 2 + ko[b][2 * (gk * K + k) + 1][oy][ox])
                             y, xx = oy * sh - ph + i * dh, ox * sw - pw + j * dw
                             if off is not None:
-                                xv = _sample(x[b][c], y + off[b][2 * (g * K + k)][oy][ox],
+                                xv = sample_point(x[b][c], y + off[b][2 * (g * K + k)][oy][ox],
                                              xx + off[b][2 * (g * K + k) + 1][oy][ox])
                             else:
                                 xv = x[b][c][y][xx] if 0 <= y < Hh and 0 <= xx < Ww else 0.0
@@ -405,9 +373,9 @@ def test_compile_fullgraph_matches_eager(backend):
     tensors, geometry = _tiny(torch.float32)
     tensors = [t.to(backend.device) for t in tensors]
     fn = _forward(backend, *geometry)
-    want = _run(fn, _leaves(tensors))
+    want = H.forward_and_grads_optional(fn, H.optional_leaf_copies(tensors))
     torch._dynamo.reset()
-    got = _run(torch.compile(fn, fullgraph=True, backend="aot_eager"), _leaves(tensors))
+    got = H.forward_and_grads_optional(torch.compile(fn, fullgraph=True, backend="aot_eager"), H.optional_leaf_copies(tensors))
     H.assert_same(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -427,9 +395,9 @@ def test_layout_sweep(backend, case):
     _, assign = case
     tensors, geometry = _tiny(seed=5)
     laid = [H.apply_layout(t, assign[n]) for n, t in zip(NAMES, tensors)]
-    want = _run(_reference(*geometry), [t.detach().contiguous().requires_grad_() for t in laid])
+    want = H.forward_and_grads_optional(_reference(*geometry), [t.detach().contiguous().requires_grad_() for t in laid])
     got_inputs = [H.apply_layout(t.to(backend.device), assign[n]).requires_grad_() for n, t in zip(NAMES, laid)]
-    got = _run(_forward(backend, *geometry), got_inputs)
+    got = H.forward_and_grads_optional(_forward(backend, *geometry), got_inputs)
     H.assert_same(got, want, **FLOAT64)
 
 
@@ -639,7 +607,7 @@ def test_backward_is_deterministic(backend):
         case = (1, 4, 5, 4, (3, 3), (5, 5), 2, 2, 1, 1, 1, True, True, "mixed")  # the interpreter: smaller
     tensors, geometry = make_case(case, seed=4, dtype=torch.float32)
     tensors = [t.to(backend.device) for t in tensors]
-    runs = [_run(_forward(backend, *geometry), _leaves(tensors)) for _ in range(2)]
+    runs = [H.forward_and_grads_optional(_forward(backend, *geometry), H.optional_leaf_copies(tensors)) for _ in range(2)]
     for a, b in zip(H._flatten(runs[0]), H._flatten(runs[1])):
         assert torch.equal(a, b)
 
@@ -653,7 +621,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            runs.append(_run(_forward("cpu", *geometry), _leaves(tensors)))
+            runs.append(H.forward_and_grads_optional(_forward("cpu", *geometry), H.optional_leaf_copies(tensors)))
     finally:
         torch.set_num_threads(threads)
     for run in runs[1:]:
