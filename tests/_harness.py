@@ -155,6 +155,27 @@ def forward_and_grads_optional(fn: Callable, tensors: Sequence[torch.Tensor | No
     return forward_and_grads(call, present, grad_outputs=grad_outputs)
 
 
+def check_optional_against_reference(forward: Callable, reference: Callable, backend: Backend,
+                                     tensors: Sequence[torch.Tensor | None], canary_variant: str | None = None,
+                                     dtype=torch.float64, tol: Mapping | None = None) -> None:
+    """forward(*tensors) on `backend` (cast to `dtype`; optional inputs may be None), outputs and
+    gradients, against reference(*tensors) in float64 under the same upstream gradients. With
+    `canary_variant` (a CANARY_VARIANTS name) the inputs and upstream gradients are views into
+    NaN-filled buffers, so any out-of-bounds read shows."""
+    want = forward_and_grads_optional(reference, optional_leaf_copies(tensors))
+    got_inputs = optional_leaf_copies(tensors, dtype=dtype, device=backend.device)
+    grad_outputs = [g.to(backend.device, dtype) for g in upstream_grads(want[0])]
+    if canary_variant is not None:
+        kw = CANARY_VARIANTS[canary_variant]
+        got_inputs = [None if t is None else canary(t.detach(), **kw).requires_grad_() for t in got_inputs]
+        grad_outputs = [canary(g, **kw) for g in grad_outputs]
+    got = forward_and_grads_optional(forward, got_inputs, grad_outputs)
+    if dtype != torch.float64:
+        assert all(t.dtype == dtype for t in _flatten(got))
+        got = [t.double() for t in _flatten(got)]
+    assert_same(got, want, **(tol or {}))
+
+
 def tolerance(dtype: torch.dtype) -> dict:
     rtol, atol = TOLERANCES[dtype]
     return dict(rtol=rtol, atol=atol)

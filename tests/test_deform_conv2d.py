@@ -59,22 +59,10 @@ def _tensors(args):
     return [input, offset, weight, mask, bias], (stride, padding, dilation)
 
 
-
-
 def check_against_reference(backend, args, canary=None, dtype=torch.float64, tol=FLOAT64):
     tensors, geometry = _tensors(args)
-    want = H.forward_and_grads_optional(_reference(*geometry), H.optional_leaf_copies(tensors))
-    got_inputs = H.optional_leaf_copies(tensors, dtype=dtype, device=backend.device)
-    grad_outputs = [g.to(backend.device, dtype) for g in H.upstream_grads(want[0])]
-    if canary is not None:
-        kw = H.CANARY_VARIANTS[canary]
-        got_inputs = [None if t is None else H.canary(t.detach(), **kw).requires_grad_() for t in got_inputs]
-        grad_outputs = [H.canary(g, **kw) for g in grad_outputs]
-    got = H.forward_and_grads_optional(_forward(backend, *geometry), got_inputs, grad_outputs)
-    if dtype != torch.float64:
-        assert all(t.dtype == dtype for t in H._flatten(got))
-        got = [t.double() for t in H._flatten(got)]
-    H.assert_same(got, want, **tol)
+    H.check_optional_against_reference(_forward(backend, *geometry), _reference(*geometry), backend, tensors,
+                                       canary, dtype, tol)
 
 
 def _sweep_params():
