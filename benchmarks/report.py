@@ -206,16 +206,21 @@ def rows(workload, records, device_peaks):
     return list(by_key.values())
 
 
-def workload_section(workload, records, device_peaks):
-    """The workload's heading, then per shape its line and its table (rows are compared only
-    with the baselines of their own shape), then the workload's notes."""
-    by_shape = {}
+def shape_groups(workload, records):
+    """{shape line: its records}, sorted by shape line: rows are built per shape, so a row is
+    compared only with the baselines of its own shape (rows() keys by dtype and backend)."""
+    groups = {}
     for record in records:
-        by_shape.setdefault(workload.shape_line(record), []).append(record)
+        groups.setdefault(workload.shape_line(record), []).append(record)
+    return dict(sorted(groups.items()))
+
+
+def workload_section(workload, records, device_peaks):
+    """The workload's heading, then per shape its line and its table, then the workload's notes."""
     columns = workload.columns or default_columns(workload)
     parts = [f"## {workload.name}"]
-    for shape_line in sorted(by_shape):
-        cells = [[column.cell(row) for column in columns] for row in rows(workload, by_shape[shape_line], device_peaks)]
+    for shape_line, shape_records in shape_groups(workload, records).items():
+        cells = [[column.cell(row) for column in columns] for row in rows(workload, shape_records, device_peaks)]
         parts += [shape_line, _table([column.header for column in columns], cells)]
     return "\n\n".join([*parts, *workload.notes])
 
@@ -319,10 +324,13 @@ def chart(device_name, run, path):
 
     bars, passes = [], {}
     for name, workload in registry.registered().items():
-        for row in rows(workload, _records(run, name), {}):
-            bars.append((f"{name} {row.backend} {row.dtype}",
-                         {p: (r.get("median_ms"), r.get("peak_bytes")) for p, r in row.records.items()}))
-            passes.update(dict.fromkeys(row.records))
+        groups = shape_groups(workload, _records(run, name))
+        for number, shape_records in enumerate(groups.values(), 1):
+            shape = f" (shape {number}/{len(groups)})" if len(groups) > 1 else ""  # the tables' order
+            for row in rows(workload, shape_records, {}):
+                bars.append((f"{name}{shape} {row.backend} {row.dtype}",
+                             {p: (r.get("median_ms"), r.get("peak_bytes")) for p, r in row.records.items()}))
+                passes.update(dict.fromkeys(row.records))
     if not bars:
         return
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(14, 1.6 + 0.55 * len(bars)), sharey=True,
