@@ -17,6 +17,7 @@
 
 
 #include "../glue/local_argmax_attention.h"
+#include "huge_pages.h"
 #include "isa.h"
 #include "local_argmax_attention_isa.h"
 
@@ -143,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   const int64_t B = key.size(0), T = key.size(1), H = key.size(3);
   auto [out, score, index] = empty_forward_outputs(query, key, value);
   if (score.numel() == 0) return {out, score, index};
+  for (const auto& t : {out, score, index}) cpu::advise_huge_pages(t);
   const Isa isa = cpu::select_isa(kForwardOp);
   // Rows of query, key and value are copied (converted, padded) into the kernel's buffers
   // and out is written row by row: channels-first inputs, unit pixel stride, no copies.
@@ -360,6 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const Isa isa = cpu::select_isa(kBackwardOp);
   auto grad_query = at::empty(query.sizes(), acc_options), grad_key = at::empty(key.sizes(), acc_options),
        grad_value = at::empty(value.sizes(), acc_options);
+  for (const auto& g : {grad_query, grad_key, grad_value}) cpu::advise_huge_pages(g);
   const auto gs = grad_score.contiguous(), sc = score.contiguous(), ix = index.contiguous();
   // Tiles: column tiles of at most kTileColumns, and row bands so that the tasks split evenly
   // over the threads (the bits do not depend on the tiling).

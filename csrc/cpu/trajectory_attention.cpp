@@ -33,10 +33,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -44,6 +40,7 @@
 #include <vector>
 
 #include "../glue/trajectory_attention.h"
+#include "huge_pages.h"
 #include "isa.h"
 #include "trajectory_attention_isa.h"
 
@@ -69,24 +66,6 @@ int64_t band_size(int64_t tokens) {
 constexpr int64_t kBlock = 4;
 // Channels per gradient-scatter task.
 constexpr int64_t kChannels = 16;
-
-// Asks Linux for 2 MiB pages under a large fresh output (a hint; errors are ignored): the
-// backward writes every byte of grad_key and grad_value (472 MB at the shape, nearly
-// all zeros), and first-touch page faults on 4 KiB pages cost more than the writing itself
-// (one thread: the backward 157 ms with, 68 ms without them). The memory used is the same:
-// every page is written. Only the 2 MiB-aligned interior of the buffer is advised.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t bytes = t.nbytes();
-  if (bytes < 4 * kHuge) return;
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
 
 // (B, T, h*w) int64: the token each trajectory location reads, or -1 outside.
 at::Tensor positions(const at::Tensor& location, const Extent& e) {
@@ -254,7 +233,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
   const int64_t B = key.size(0), T = e.frames, D = e.channels, N = e.tokens();
   auto [outs, score, index] = empty_forward_outputs(query, key, values_list);
   if (score.numel() == 0) return {outs, score, index};
-  for (const auto& o : outs) advise_huge_pages(o);
+  for (const auto& o : outs) cpu::advise_huge_pages(o);
   const auto pos = positions(location, e);
   const auto q = channels_first(query), k = channels_first(key);
   std::vector<at::Tensor> vs;
@@ -436,9 +415,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
   auto grad_key = at::empty(key.sizes(), query.options());
   std::vector<at::Tensor> grad_values;
   for (const auto& v : values_list) grad_values.push_back(at::empty(v.sizes(), query.options()));
-  advise_huge_pages(grad_query);
-  advise_huge_pages(grad_key);
-  for (const auto& g : grad_values) advise_huge_pages(g);
+  cpu::advise_huge_pages(grad_query);
+  cpu::advise_huge_pages(grad_key);
+  for (const auto& g : grad_values) cpu::advise_huge_pages(g);
   auto finish = [&] { return std::make_tuple(grad_query, grad_key, grad_values); };
   if (B * N == 0) {
     grad_query.zero_();
