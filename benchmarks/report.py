@@ -104,19 +104,21 @@ class Row:
         return _ratio(self.get(pass_name, "peak_bytes"),
                       self.baselines.get((baseline, pass_name), {}).get("peak_bytes"))
 
-    def rate_fraction(self, pass_name):
+    def rate_fraction(self, pass_name, bound=None):
         """The pass's FLOP rate / torch.mm's (compute-bound), or its byte rate / the copy's
-        bandwidth (memory-bound), as the case declares; None where not counted or not probed."""
-        return rate_fraction(self.records.get(pass_name, {}), self.peaks)
+        bandwidth (memory-bound), as the case declares or `bound` asks; None where not counted
+        or not probed."""
+        return rate_fraction(self.records.get(pass_name, {}), self.peaks, bound)
 
 
-def rate_fraction(record, peaks):
+def rate_fraction(record, peaks, bound=None):
     if not record.get("median_ms"):
         return None
     seconds = record["median_ms"] * 1e-3
-    if record.get("bound") == "compute" and record.get("flops") and peaks.get("flops_per_s"):
+    bound = bound or record.get("bound")
+    if bound == "compute" and record.get("flops") and peaks.get("flops_per_s"):
         return record["flops"] / seconds / peaks["flops_per_s"]
-    if record.get("bound") == "memory" and record.get("bytes") and peaks.get("bandwidth_bytes_per_s"):
+    if bound == "memory" and record.get("bytes") and peaks.get("bandwidth_bytes_per_s"):
         return record["bytes"] / seconds / peaks["bandwidth_bytes_per_s"]
     return None
 
@@ -144,9 +146,10 @@ def memory_column(pass_name, baseline):
     return Column(f"memory vs {baseline}", lambda row: _times(row.memory_ratio(pass_name, baseline)))
 
 
-def rate_column(pass_name, header=None):
-    """Fraction of the probe's rate that applies to the case (torch.mm's or the copy's)."""
-    return Column(header or f"{pass_name} % mm", lambda row: _percent(row.rate_fraction(pass_name)))
+def rate_column(pass_name, header=None, bound=None):
+    """Fraction of the probe's rate that applies to the case (torch.mm's or the copy's), or to
+    `bound` ("compute" or "memory") for an op whose bound depends on the device."""
+    return Column(header or f"{pass_name} % mm", lambda row: _percent(row.rate_fraction(pass_name, bound)))
 
 
 def max_error_column(fields=None):
@@ -170,15 +173,17 @@ def index_mismatch_column():
     return Column("index ≠", cell)
 
 
-def op_columns(rate_header=None, extra_baselines=(), error_columns=()):
+def op_columns(rate_header=None, extra_baselines=(), error_columns=(), extra_rates=()):
     """The table of an op against its two baselines: backend, dtype, ms per pass, speed-ups against
     the reference and the careful-user formulation (and `extra_baselines`, forward only), the
-    forward's fraction of the hardware rate, peak memory per pass, then `error_columns`."""
+    forward's fraction of the hardware rate (and of the `extra_rates`, (header, bound) pairs),
+    peak memory per pass, then `error_columns`."""
     return (field_column("backend"), field_column("dtype"), ms_column("fwd"), ms_column("fwd+bwd"),
             speedup_column("fwd", "reference"), speedup_column("fwd+bwd", "reference"),
             speedup_column("fwd", "careful"), speedup_column("fwd+bwd", "careful"),
             *(speedup_column("fwd", baseline) for baseline in extra_baselines),
-            rate_column("fwd", rate_header), peak_column("fwd"), peak_column("fwd+bwd"), *error_columns)
+            rate_column("fwd", rate_header), *(rate_column("fwd", header, bound) for header, bound in extra_rates),
+            peak_column("fwd"), peak_column("fwd+bwd"), *error_columns)
 
 
 def default_columns(workload):

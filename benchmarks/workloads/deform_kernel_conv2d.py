@@ -136,6 +136,16 @@ class DeformKernelConv(Case):
     def run(self, inputs):
         return kernel_conv_pass(inputs, self.backend, self.kernel_size, self.backward)
 
+    def flops(self):
+        """The least arithmetic per (output position, tap, channel), the bilinear weights (channel-
+        independent) not counted. Forward: the kernel's bilinear sample from the scope (4 FMAs), the
+        input's (4 FMAs, the mask folded into its weights), the product accumulated (1 FMA): 18 FLOPs.
+        Backward: both samples again (16), the input and scope gradients spread over 4 corners each
+        (2 × 10), the kernel-offset and offset gradients from the corner differences (2 × 10), the
+        mask's (2): 58."""
+        elements = self.B * self.C * self.H * self.W * self.kernel_size ** 2
+        return elements * (18 + (58 if self.backward else 0))
+
     def bytes_moved(self):
         """Every tensor read or written once. Forward: input, weight, kernel offsets, offsets, mask
         and bias read, out written. Backward op: grad_out and the six inputs read again, the six
@@ -200,7 +210,8 @@ WORKLOAD = Workload(
     baselines=BASELINES,
     passes=PASSES,
     shape_line=shape_line,
-    columns=report.op_columns(rate_header="fwd % copy", error_columns=(report.max_error_column(),)),
+    columns=report.op_columns(rate_header="fwd % copy", extra_rates=(("fwd % mm", "compute"),),
+                              error_columns=(report.max_error_column(),)),
     notes=(
         "Baselines: `reference` is vsr_kernels.reference (kernels and input sampled into two "
         "(B, C, k², H, W) tensors by bilinear gathers, multiplied, summed); `careful` is two F.grid_sample "
@@ -209,7 +220,10 @@ WORKLOAD = Workload(
         "the mask, one product summed over the taps (same function). × ref / × careful: that baseline's "
         "time / this row's time, same dtype and pass.",
         "% copy: the forward's minimal bytes (input, weight, kernel offsets, offsets, mask, bias read; out "
-        "written) per second as a fraction of clone()'s bandwidth in the same run. Max error: largest "
+        "written) per second as a fraction of clone()'s bandwidth in the same run. % mm: its 18 FLOPs per "
+        "(position, tap, channel) — two 4-point bilinear samples and the product — per second as a fraction of "
+        "torch.mm's float32 rate: on a CPU this op is compute-bound (0.6 GFLOP against 40 MB at 180×320; the "
+        "copy target would need 2.4× torch.mm's rate), on a GPU memory-bound. Max error: largest "
         "absolute difference from the float32 reference over the output and the six gradients.",
     ),
 )
