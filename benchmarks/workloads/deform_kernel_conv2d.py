@@ -115,7 +115,7 @@ class DeformKernelConv(Case):
 
     def setup(self):
         generator = torch.Generator(self.device).manual_seed(SEED)
-        B, C, H, W, k, S = self.B, self.C, self.H, self.W, self.kernel_size, self.scope_size
+        B, C, H, W, S = self.B, self.C, self.H, self.W, self.scope_size
         G, Gk, K = self.offset_groups, self.kernel_groups, self.kernel_size ** 2
 
         dtype = getattr(torch, self.dtype)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..nn.dksan import DeformKernelSpatialAttention, DKCAlign, DKSAReconstruction
 from ..ops import _backend, _checks
-from .mana import ResidualBlock
+from ._blocks import ResidualBlock
 
 
 def _conv(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Conv2d:

@@ -15,31 +15,13 @@ from torch import nn
 
 from ..nn import ImplicitWarp
 from ..ops import _checks
+from ._blocks import ResidualBlock, conv3x3
 
 SCALE = 4
 
 
-def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-
-class ResidualBlock(nn.Module):
-    """x + conv(relu(conv(x))), without normalisation, as in BasicVSR.
-
-    Shapes: (B, C, H, W) -> (B, C, H, W)
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = _conv3x3(channels, channels)
-        self.conv2 = _conv3x3(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
-
-
 def _trunk(in_channels: int, channels: int, blocks: int) -> nn.Sequential:
-    return nn.Sequential(_conv3x3(in_channels, channels), nn.LeakyReLU(0.1),
+    return nn.Sequential(conv3x3(in_channels, channels), nn.LeakyReLU(0.1),
                          *(ResidualBlock(channels) for _ in range(blocks)))
 
 
@@ -76,10 +58,10 @@ class ImplicitAlignmentVSR(nn.Module):
         self.forward_trunk = _trunk(2 * channels, channels, propagation_blocks)
         self.fusion = nn.Conv2d(2 * channels, channels, 1)
         self.upsample = nn.Sequential(
-            _conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv3x3(channels, channels), nn.LeakyReLU(0.1),
-            _conv3x3(channels, in_channels))
+            conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            conv3x3(channels, channels), nn.LeakyReLU(0.1),
+            conv3x3(channels, in_channels))
 
     @classmethod
     def small(cls, **kwargs) -> "ImplicitAlignmentVSR":

@@ -12,26 +12,9 @@ from torch import nn
 
 from vsr_kernels.nn import CrossFrameNonLocalAttention, MemoryAugmentedAttention
 
+from ._blocks import ResidualBlock, conv3x3
+
 SCALE = 4
-
-
-def _conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-
-class ResidualBlock(nn.Module):
-    """x + conv(relu(conv(x))), without normalisation, as in EDVR-style restoration networks.
-
-    Shapes: (B, C, H, W) -> (B, C, H, W)
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = _conv3x3(channels, channels)
-        self.conv2 = _conv3x3(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
 
 
 class MANA(nn.Module):
@@ -60,16 +43,16 @@ class MANA(nn.Module):
         self.num_frames = num_frames
         self.center = num_frames // 2
         self.encoder = nn.Sequential(
-            _conv3x3(in_channels, channels), nn.LeakyReLU(0.1),
+            conv3x3(in_channels, channels), nn.LeakyReLU(0.1),
             *(ResidualBlock(channels) for _ in range(encoder_blocks)))
         self.cross_frame_attention = CrossFrameNonLocalAttention(channels, num_frames, kernel_size,
                                                                  backend=backend)
         self.memory_attention = MemoryAugmentedAttention(channels, memory_size)
         self.decoder = nn.Sequential(*(ResidualBlock(channels) for _ in range(decoder_blocks)))
         self.upsample = nn.Sequential(
-            _conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv3x3(channels, in_channels))
+            conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            conv3x3(channels, 4 * channels), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            conv3x3(channels, in_channels))
 
     @classmethod
     def small(cls, backend: str = "auto", **overrides) -> "MANA":

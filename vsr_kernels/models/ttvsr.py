@@ -18,6 +18,7 @@ from torch import nn
 
 from ..nn.ttvsr import TrajectoryAwareAttention, identity_locations, update_locations
 from ..ops import _checks
+from ._blocks import ResidualBlock
 
 FlowEstimator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,30 +39,10 @@ def flow_warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
 
-class ResidualBlock(nn.Module):
-    """conv 3x3 - ReLU - conv 3x3, plus the input (no normalisation).
-
-    Initialised as the BasicVSR family does: Kaiming-normal weights scaled by 0.1, zero biases,
-    so that a deep stack starts close to the identity."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1)
-        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1)
-        for conv in (self.conv1, self.conv2):
-            nn.init.kaiming_normal_(conv.weight)
-            with torch.no_grad():
-                conv.weight.mul_(0.1)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, x):
-        return x + self.conv2(F.relu(self.conv1(x)))
-
-
 def residual_blocks(in_channels: int, channels: int, blocks: int) -> nn.Sequential:
     """conv 3x3 in_channels -> channels, LeakyReLU(0.1), then `blocks` residual blocks."""
     return nn.Sequential(nn.Conv2d(in_channels, channels, 3, 1, 1), nn.LeakyReLU(0.1),
-                         *(ResidualBlock(channels) for _ in range(blocks)))
+                         *(ResidualBlock(channels, small_init=True) for _ in range(blocks)))
 
 
 class Upsample2x(nn.Module):

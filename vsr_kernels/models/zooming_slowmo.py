@@ -20,21 +20,7 @@ from ..nn.edvr import FeaturePyramid
 from ..nn.megan import NonLocalResidualBlock
 from ..nn.zooming_slowmo import BidirectionalDeformableConvLSTM, FeatureTemporalInterpolation
 from ..ops import _backend, _checks
-
-
-def _conv(in_channels: int, out_channels: int) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
-
-
-class _ResidualBlock(nn.Module):
-    """x + conv(relu(conv(x))), without normalisation."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv1, self.conv2 = _conv(channels, channels), _conv(channels, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
+from ._blocks import ResidualBlock, conv3x3
 
 
 class ZoomingSlowMo(nn.Module):
@@ -63,18 +49,18 @@ class ZoomingSlowMo(nn.Module):
         self.in_channels = _checks.integer("in_channels", in_channels, 1)
         self.num_feat = _checks.integer("num_feat", num_feat, 1)
         self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
-        self.extract = nn.Sequential(_conv(in_channels, num_feat), nn.LeakyReLU(0.1),
-                                     *(_ResidualBlock(num_feat) for _ in range(front_blocks)))
+        self.extract = nn.Sequential(conv3x3(in_channels, num_feat), nn.LeakyReLU(0.1),
+                                     *(ResidualBlock(num_feat) for _ in range(front_blocks)))
         self.pyramid = FeaturePyramid(num_feat)
         self.interpolate = FeatureTemporalInterpolation(num_feat, deformable_groups, backend=backend)
         self.lstm = BidirectionalDeformableConvLSTM(num_feat, num_feat, deformable_groups, backend=backend)
         self.nonlocal_blocks = nn.ModuleList(
             NonLocalResidualBlock(num_feat, sub_sample=nonlocal_sub_sample) for _ in range(nonlocal_blocks))
-        self.reconstruct = nn.Sequential(*(_ResidualBlock(num_feat) for _ in range(back_blocks)))
+        self.reconstruct = nn.Sequential(*(ResidualBlock(num_feat) for _ in range(back_blocks)))
         self.upsample = nn.Sequential(
-            _conv(num_feat, 4 * num_feat), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv(num_feat, 4 * num_feat), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
-            _conv(num_feat, num_feat), nn.LeakyReLU(0.1), _conv(num_feat, in_channels))
+            conv3x3(num_feat, 4 * num_feat), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            conv3x3(num_feat, 4 * num_feat), nn.PixelShuffle(2), nn.LeakyReLU(0.1),
+            conv3x3(num_feat, num_feat), nn.LeakyReLU(0.1), conv3x3(num_feat, in_channels))
 
     @classmethod
     def small(cls, **kwargs) -> "ZoomingSlowMo":
