@@ -28,6 +28,24 @@ from ..ops.deform_conv2d import deform_conv2d
 OFFSET_WARNING_THRESHOLD = 50.0
 
 
+def _init_convolution(layer: nn.Module, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                      bias, backend) -> None:
+    """The arguments, weight and bias every layer here shares, checked as nn.Conv2d checks them
+    (the parameters left uninitialised: each layer initialises as its original does)."""
+    layer.in_channels = _checks.integer("in_channels", in_channels, 1)
+    layer.out_channels = _checks.integer("out_channels", out_channels, 1)
+    layer.groups = _checks.integer("groups", groups, 1)
+    if in_channels % groups:
+        raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
+    if out_channels % groups:
+        raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
+    layer.kernel_size = _pair(kernel_size)
+    layer.stride, layer.padding, layer.dilation = _pair(stride), _pair(padding), _pair(dilation)
+    layer.backend = _checks.choice("backend", backend, _backend.BACKENDS)
+    layer.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *layer.kernel_size))
+    layer.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+
+
 class DeformConv2d(nn.Module):
     """torchvision.ops.DeformConv2d over `vsr_kernels.deform_conv2d`.
 
@@ -44,18 +62,8 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, backend: str = "auto"):
         super().__init__()
-        self.in_channels = _checks.integer("in_channels", in_channels, 1)
-        self.out_channels = _checks.integer("out_channels", out_channels, 1)
-        self.groups = _checks.integer("groups", groups, 1)
-        if in_channels % groups:
-            raise ValueError(f"in_channels ({in_channels}) must be divisible by groups ({groups})")
-        if out_channels % groups:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        _init_convolution(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                          backend)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -93,20 +101,12 @@ class ModulatedDeformConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, deformable_groups: int = 1, bias: bool = True, backend: str = "auto"):
         super().__init__()
-        self.in_channels = _checks.integer("in_channels", in_channels, 1)
-        self.out_channels = _checks.integer("out_channels", out_channels, 1)
-        self.groups = _checks.integer("groups", groups, 1)
+        _init_convolution(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                          backend)
         self.deformable_groups = _checks.integer("deformable_groups", deformable_groups, 1)
-        for name, value in (("groups", groups), ("deformable_groups", deformable_groups)):
-            if in_channels % value:
-                raise ValueError(f"in_channels ({in_channels}) must be divisible by {name} ({value})")
-        if out_channels % groups:
-            raise ValueError(f"out_channels ({out_channels}) must be divisible by groups ({groups})")
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.backend = _checks.choice("backend", backend, _backend.BACKENDS)
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
-        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        if in_channels % deformable_groups:
+            raise ValueError(f"in_channels ({in_channels}) must be divisible by deformable_groups "
+                             f"({deformable_groups})")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
