@@ -38,14 +38,15 @@ def measured(benchmark, request):
         benchmark.group = case.group
         benchmark.extra_info.update(case.describe(), device_name=measure.device_name(case.device))
         try:
-            peak = measure.peak_bytes(case) if case.measure_peak else None
+            peak, returned = measure.peak_bytes(case) if case.measure_peak else (None, None)
             inputs = case.setup()
             median_ms, timer = measure.time_ms(benchmark, lambda: case.run(inputs), case.device)
             errors = case.errors(inputs)
         except torch.OutOfMemoryError as error:
             allocation = re.search(r"tried to allocate [\d.]+ \w+", str(error), re.IGNORECASE)
             pytest.skip("out of memory" + (f" ({allocation.group()})" if allocation else ""))
-        benchmark.extra_info.update(median_ms=median_ms, timer=timer, peak_bytes=peak, errors=errors)
+        benchmark.extra_info.update(median_ms=median_ms, timer=timer, peak_bytes=peak,
+                                    returned_bytes=returned, errors=errors)
         request.node.stash[RECORD] = benchmark.extra_info
         return inputs
 

@@ -43,10 +43,32 @@ def time_ms(benchmark, fn, device):
 
 
 def peak_bytes(workload):
-    """Peak memory of workload.run beyond what its inputs already hold."""
+    """(peak, returned): the peak memory of workload.run beyond what its inputs already hold, and
+    how much of it the tensors the call returns occupy (peak − returned is the call's own working
+    memory: an op that must return dense gradients cannot have a peak below their size)."""
     if workload.device == "cpu":
         return cpu_peak_bytes(workload)
     return cuda_peak_bytes(workload)
+
+
+def returned_bytes(results):
+    """Bytes of the storages of the tensors in `results` (nested tuples, lists, dicts), each
+    storage once."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+
+    visit(results)
+    return sum(storages.values())
 
 
 def cuda_peak_bytes(workload):
@@ -57,9 +79,9 @@ def cuda_peak_bytes(workload):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    workload.run(inputs)
+    results = workload.run(inputs)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    return torch.cuda.max_memory_allocated() - before, returned_bytes(results)
 
 
 def cpu_peak_bytes(workload):
@@ -86,8 +108,8 @@ def _peak_rss_of_one_call(workload, threads):
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")
     before = _proc_status_bytes("VmRSS")
-    workload.run(inputs)
-    return _proc_status_bytes("VmHWM") - before
+    results = workload.run(inputs)
+    return _proc_status_bytes("VmHWM") - before, returned_bytes(results)
 
 
 def _proc_status_bytes(field):

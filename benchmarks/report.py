@@ -137,6 +137,15 @@ def peak_column(pass_name):
     return Column(f"{pass_name} peak MB", lambda row: _megabytes(row.get(pass_name, "peak_bytes")))
 
 
+def own_memory_column(pass_name):
+    """The pass's peak memory less the tensors it returns (outputs, gradients): its working memory."""
+    def cell(row):
+        peak, returned = row.get(pass_name, "peak_bytes"), row.get(pass_name, "returned_bytes")
+        return _megabytes(None if peak is None or returned is None else max(peak - returned, 0))
+
+    return Column(f"{pass_name} own MB", cell)
+
+
 def speedup_column(pass_name, baseline):
     short = "ref" if baseline == "reference" else baseline
     return Column(f"{pass_name} × {short}", lambda row: _times(row.speedup(pass_name, baseline)))
@@ -183,7 +192,7 @@ def op_columns(rate_header=None, extra_baselines=(), error_columns=(), extra_rat
             speedup_column("fwd", "careful"), speedup_column("fwd+bwd", "careful"),
             *(speedup_column("fwd", baseline) for baseline in extra_baselines),
             rate_column("fwd", rate_header), *(rate_column("fwd", header, bound) for header, bound in extra_rates),
-            peak_column("fwd"), peak_column("fwd+bwd"), *error_columns)
+            peak_column("fwd"), peak_column("fwd+bwd"), own_memory_column("fwd+bwd"), *error_columns)
 
 
 def default_columns(workload):
@@ -306,7 +315,9 @@ def markdown(device_name, run):
         "",
         f"Times are medians ({'; '.join(timers)}). Peak MB (2^20 bytes) is the extra peak memory of one call "
         "over its inputs, after a warm-up call: on CUDA the caching allocator's peak; on CPU the peak resident "
-        "memory of a fresh process. Speed-ups (×) are baseline time / row time for the same dtype and pass.",
+        "memory of a fresh process. Own MB is that peak less the tensors the call returns (outputs and "
+        "gradients, which any implementation must hold): the call's working memory. Speed-ups (×) are "
+        "baseline time / row time for the same dtype and pass.",
     ])
     sections = [_hardware_section(device_peaks)]
     for name, workload in registry.registered().items():
