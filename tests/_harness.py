@@ -50,6 +50,23 @@ class Backend(NamedTuple):
         return self.name
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return set()
+
+
+CPU_FLAGS = _cpu_flags()
+# The instruction sets VSR_KERNELS_CPU_ISA can force on the per-ISA CPU kernels, as pytest
+# params: the ones this CPU lacks are skipped, never silently run as another.
+ISA_NEEDS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "fma"}}
+CPU_ISAS = [pytest.param("base", id="base")] + [
+    pytest.param(isa, id=isa, marks=[] if needs <= CPU_FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
+    for isa, needs in ISA_NEEDS.items()]
+
+
 def backend_device(name: str) -> torch.device:
     """Where `name` is tested: cpu and reference on CPU, cuda on CUDA, triton on the GPU when
     there is one, else on CPU through the interpreter."""

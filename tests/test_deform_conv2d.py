@@ -413,15 +413,7 @@ def test_forward_and_backward_same_bits_for_any_thread_count(backend):
 # integers, points outside, the -1 edge, groups, stride/padding/dilation), tails of the
 # 16-position blocks, NaN.
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
-_HAS_AVX512 = {"avx512f", "fma"} <= _cpu_flags()
+_HAS_AVX512 = H.ISA_NEEDS["avx512"] <= H.CPU_FLAGS
 needs_avx512 = pytest.mark.skipif(not _HAS_AVX512, reason="CPU lacks avx512f")
 FLOAT32 = dict(rtol=1e-4, atol=1e-4)
 

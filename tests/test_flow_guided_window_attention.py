@@ -425,18 +425,7 @@ def test_make_flow_kinds_cover_sweep():
 # of the 32-byte granule (4 doubles, 8 floats), one and several heads, w = 1, 2, 3 (two-pass
 # softmax) and 4 (online softmax), biases absent, both or one, non-finite flow, canaries.
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
-_FLAGS = _cpu_flags()
-CPU_ISAS = [pytest.param("base", id="base")] + [
-    pytest.param(isa, id=isa, marks=[] if needs <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
-    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"}))]
+CPU_ISAS = H.CPU_ISAS
 ISA_CASES = [  # (B, C, H, W, w, heads, biases, flow)
     (1, 3, 4, 5, 2, 1, True, "random"), (2, 8, 3, 6, 1, 2, False, "outside"),
     (1, 12, 5, 4, 3, 2, True, "integer"), (1, 15, 4, 7, 4, 3, True, "huge"),

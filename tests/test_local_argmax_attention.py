@@ -334,18 +334,7 @@ def test_random_sweep_matches_reference(backend, seed, formulation):
 # or 16 floats, 2, 4 or 8 doubles), K = 1 and K > 9 (two column blocks), dilation (also
 # beyond the frame), both borders, T = 1, non-contiguous (canary) inputs, exact ties.
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
-_FLAGS = _cpu_flags()
-CPU_ISAS = [pytest.param("base", id="base")] + [
-    pytest.param(isa, id=isa, marks=[] if needs <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
-    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"}))]
+CPU_ISAS = H.CPU_ISAS
 CPU_ONLY = [p for p in BACKENDS if p.values[0].name == "cpu"]
 ISA_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
     ((1, 1, 3, 2, 5, 17), (3, 1), "exclude"), ((1, 2, 5, 3, 4, 33), (5, 2), "zeros"),
@@ -429,8 +418,8 @@ def test_cpu_isa_switch_rejects_unknown_and_unsupported(monkeypatch):
     monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="VSR_KERNELS_CPU_ISA must be base, avx2 or avx512"):
         torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, False)
-    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"})):
-        if not needs <= _FLAGS:
+    for isa, needs in H.ISA_NEEDS.items():
+        if not needs <= H.CPU_FLAGS:
             monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
             with pytest.raises(RuntimeError, match="this CPU lacks it"):
                 torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 1, 1.0, False)

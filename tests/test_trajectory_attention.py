@@ -445,18 +445,7 @@ def test_triton_launch_configs_compile_table_is_complete():
 # (a frame stride that is not D * h * w, channels apart, pixels not adjacent), bands split
 # over threads.
 
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next((line for line in f if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
-_FLAGS = _cpu_flags()
-CPU_ISAS = [pytest.param("base", id="base")] + [
-    pytest.param(isa, id=isa, marks=[] if needs <= _FLAGS else [pytest.mark.skip(reason=f"CPU lacks {isa}")])
-    for isa, needs in (("avx2", {"avx2", "fma"}), ("avx512", {"avx512f", "fma"}))]
+CPU_ISAS = H.CPU_ISAS
 ISA_CASES = [  # (B, T, D, h, w), options
     ((1, 1, 5, 3, 7), {}),
     ((2, 3, 9, 5, 17), {"outside": True}),
