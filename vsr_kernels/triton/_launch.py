@@ -112,6 +112,21 @@ def row_blocks(H: int, W: int, block_p: int) -> int:
     return H * triton.cdiv(W, block_p)
 
 
+def configs_by_dtype(dtype_configs: Callable, dtypes: Iterable[torch.dtype]) -> tuple[Callable, Callable]:
+    """all_launch_configs() and config_dtype_names(config) of an op module whose launch configs
+    in each dtype are the set dtype_configs(dtype) (tests/test_gpu_build.py and
+    tools/check_gpu_build.py compile every config, in the dtypes it is launched in only)."""
+    dtypes = tuple(dtypes)
+
+    def all_launch_configs() -> list:
+        return sorted(set().union(*(dtype_configs(dtype) for dtype in dtypes)))
+
+    def config_dtype_names(config: LaunchConfig) -> list:
+        return [str(dtype).removeprefix("torch.") for dtype in dtypes if config in dtype_configs(dtype)]
+
+    return all_launch_configs, config_dtype_names
+
+
 def compile_all(kernels: dict, configs: Iterable[LaunchConfig], pointer_types: Callable, scalar_types: dict,
                 archs: Iterable[int], dtype_names: Iterable[str],
                 config_dtype_names: Callable | None = None) -> list:

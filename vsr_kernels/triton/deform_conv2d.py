@@ -281,13 +281,7 @@ def _dtype_configs(dtype: torch.dtype) -> set:
             for kh, kw in KERNEL_SIZES for mask in (False, True)}
 
 
-def all_launch_configs() -> list:
-    return sorted(set().union(*(_dtype_configs(dtype) for dtype in DTYPES)))
-
-
-def config_dtype_names(config: _launch.LaunchConfig) -> list:
-    """The dtypes `config` is launched in (the GPU build check compiles it in those only)."""
-    return [str(dtype).removeprefix("torch.") for dtype in DTYPES if config in _dtype_configs(dtype)]
+all_launch_configs, config_dtype_names = _launch.configs_by_dtype(_dtype_configs, DTYPES)
 
 
 launch = _launch.launcher(KERNELS)
