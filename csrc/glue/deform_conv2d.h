@@ -11,17 +11,13 @@
 
 #include "../kernels/deform_conv2d.h"
 #include "../torch_glue.h"
+#include "convolution.h"
 
 namespace vsr_kernels {
 namespace deform_conv2d {
 
 constexpr const char* kForwardOp = "vsr_kernels.deform_conv2d";
 constexpr const char* kBackwardOp = "vsr_kernels.deform_conv2d_backward";
-
-inline void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t lo) {
-  TORCH_CHECK(v.size() == 2, op, ": ", name, " must be a pair of integers, got ", v.size(), " values");
-  for (const int64_t x : v) check_int_range(op, name, x, lo, kMaxInt);
-}
 
 // Checks every argument the forward and backward share and returns the geometry. input
 // (B, C, H, W), offset (B, 2 G kh kw, Ho, Wo), weight (Cout, C / groups, kh, kw), mask
@@ -34,9 +30,6 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
   check_dim(op, in, 4);
   check_dim(op, off, 4);
   check_dim(op, wt, 4);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
   check_int_range(op, "kernel height (weight.size(2))", weight.size(2), 1, kMaxInt);
   check_int_range(op, "kernel width (weight.size(3))", weight.size(3), 1, kMaxInt);
   Geometry g;
@@ -47,12 +40,7 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
   g.Cout = weight.size(0);
   g.kh = static_cast<int>(weight.size(2));
   g.kw = static_cast<int>(weight.size(3));
-  g.stride_h = static_cast<int>(stride[0]);
-  g.stride_w = static_cast<int>(stride[1]);
-  g.pad_h = static_cast<int>(padding[0]);
-  g.pad_w = static_cast<int>(padding[1]);
-  g.dil_h = static_cast<int>(dilation[0]);
-  g.dil_w = static_cast<int>(dilation[1]);
+  convolution::set_window(op, g, stride, padding, dilation);
   const int64_t cin_g = weight.size(1);
   TORCH_CHECK(cin_g >= 1 && g.C % cin_g == 0, op, ": input channels (", g.C,
               ") must be a multiple of weight.size(1) (", cin_g, ", the channels per group)");
@@ -65,30 +53,11 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
   g.offset_groups = offset.size(1) / (2 * kk);
   TORCH_CHECK(g.C % g.offset_groups == 0, op, ": input channels (", g.C,
               ") must be divisible by the offset groups (offset channels / (2 kh kw) = ", g.offset_groups, ")");
-  const int64_t eff_h = int64_t(g.dil_h) * (g.kh - 1) + 1, eff_w = int64_t(g.dil_w) * (g.kw - 1) + 1;
-  const int64_t ho = (g.H + 2 * int64_t(g.pad_h) - eff_h) / g.stride_h + 1;
-  const int64_t wo = (g.W + 2 * int64_t(g.pad_w) - eff_w) / g.stride_w + 1;
-  TORCH_CHECK(g.H + 2 * int64_t(g.pad_h) >= eff_h && g.W + 2 * int64_t(g.pad_w) >= eff_w && ho > 0 && wo > 0, op,
-              ": the dilated kernel (", eff_h, ", ", eff_w, ") does not fit the padded input (", g.H + 2 * g.pad_h,
-              ", ", g.W + 2 * g.pad_w, ")");
-  g.Ho = ho;
-  g.Wo = wo;
-  check_shape(op, off, {g.B, 2 * g.offset_groups * kk, ho, wo}, "(B, 2 G kh kw, Ho, Wo)");
-  std::vector<NamedTensor> tensors{in, off, wt};
-  if (mask.has_value()) {
-    const NamedTensor m{"mask", *mask};
-    check_dim(op, m, 4);
-    check_shape(op, m, {g.B, g.offset_groups * kk, ho, wo}, "(B, G kh kw, Ho, Wo) with G from offset");
-  }
-  if (bias.has_value()) {
-    const NamedTensor bi{"bias", *bias};
-    check_dim(op, bi, 1);
-    check_shape(op, bi, {g.Cout}, "(Cout,) of weight");
-  }
-  // check_tensors takes an initializer list: check the optional tensors in a second call.
+  convolution::set_output_size(op, g);
+  check_shape(op, off, {g.B, 2 * g.offset_groups * kk, g.Ho, g.Wo}, "(B, 2 G kh kw, Ho, Wo)");
   check_tensors(op, device_type, {in, off, wt});
-  if (mask.has_value()) check_tensors(op, device_type, {in, {"mask", *mask}});
-  if (bias.has_value()) check_tensors(op, device_type, {in, {"bias", *bias}});
+  convolution::check_mask_and_bias(op, device_type, g, input, mask, g.offset_groups, bias, g.Cout,
+                                   "(Cout,) of weight");
   return g;
 }
 
@@ -105,10 +74,7 @@ inline Geometry check_backward(at::DeviceType device_type, const at::Tensor& gra
                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const char* op = kBackwardOp;
   const Geometry g = check_geometry(op, device_type, input, offset, weight, mask, bias, stride, padding, dilation);
-  const NamedTensor go{"grad_out", grad_out};
-  check_dim(op, go, 4);
-  check_shape(op, go, {g.B, g.Cout, g.Ho, g.Wo}, "(B, Cout, Ho, Wo) of the output");
-  check_tensors(op, device_type, {{"input", input}, go});
+  convolution::check_grad_out(op, device_type, g, grad_out, input, g.Cout, "(B, Cout, Ho, Wo) of the output");
   return g;
 }
 

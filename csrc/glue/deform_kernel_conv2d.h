@@ -13,6 +13,7 @@
 
 #include "../kernels/deform_kernel_conv2d.h"
 #include "../torch_glue.h"
+#include "convolution.h"
 
 namespace vsr_kernels {
 namespace deform_kernel_conv2d {
@@ -22,11 +23,6 @@ constexpr const char* kBackwardOp = "vsr_kernels.deform_kernel_conv2d_backward";
 
 // The largest kernel scope (Sh + 3) (Sw + 2) the kernels index with 32-bit scope offsets.
 constexpr int64_t kMaxScope = int64_t(1) << 30;
-
-inline void check_pair(const char* op, const char* name, at::IntArrayRef v, int64_t lo) {
-  TORCH_CHECK(v.size() == 2, op, ": ", name, " must be a pair of integers, got ", v.size(), " values");
-  for (const int64_t x : v) check_int_range(op, name, x, lo, kMaxInt);
-}
 
 // The groups of a per-tap tensor: its dim 1 is a positive multiple of `per_group` and the
 // group count divides the input channels.
@@ -53,10 +49,7 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
   check_dim(op, in, 4);
   check_dim(op, wt, 4);
   check_dim(op, ko, 4);
-  check_pair(op, "kernel_size", kernel_size, 1);
-  check_pair(op, "stride", stride, 1);
-  check_pair(op, "padding", padding, 0);
-  check_pair(op, "dilation", dilation, 1);
+  convolution::check_pair(op, "kernel_size", kernel_size, 1);
   Geometry g;
   g.B = input.size(0);
   g.C = input.size(1);
@@ -64,12 +57,7 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
   g.W = input.size(3);
   g.kh = static_cast<int>(kernel_size[0]);
   g.kw = static_cast<int>(kernel_size[1]);
-  g.stride_h = static_cast<int>(stride[0]);
-  g.stride_w = static_cast<int>(stride[1]);
-  g.pad_h = static_cast<int>(padding[0]);
-  g.pad_w = static_cast<int>(padding[1]);
-  g.dil_h = static_cast<int>(dilation[0]);
-  g.dil_w = static_cast<int>(dilation[1]);
+  convolution::set_window(op, g, stride, padding, dilation);
   TORCH_CHECK(g.C >= 1, op, ": input needs at least one channel, got shape ", input.sizes());
   TORCH_CHECK(weight.size(0) == g.C && weight.size(1) == 1, op, ": weight must have shape (C, 1, Sh, Sw) = (", g.C,
               ", 1, Sh, Sw) (depthwise: one kernel scope per input channel), got ", weight.sizes());
@@ -79,12 +67,7 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
               ") must be at least kernel_size (", g.kh, ", ", g.kw, "), got weight of shape ", weight.sizes());
   TORCH_CHECK(g.Sh <= kMaxScope && g.Sw <= kMaxScope && (g.Sh + 3) * (g.Sw + 2) <= kMaxScope, op,
               ": weight's kernel scope (", g.Sh, ", ", g.Sw, ") is too large");
-  const int64_t eff_h = int64_t(g.dil_h) * (g.kh - 1) + 1, eff_w = int64_t(g.dil_w) * (g.kw - 1) + 1;
-  TORCH_CHECK(g.H + 2 * int64_t(g.pad_h) >= eff_h && g.W + 2 * int64_t(g.pad_w) >= eff_w, op,
-              ": the dilated kernel (", eff_h, ", ", eff_w, ") does not fit the padded input (",
-              g.H + 2 * int64_t(g.pad_h), ", ", g.W + 2 * int64_t(g.pad_w), ")");
-  g.Ho = (g.H + 2 * int64_t(g.pad_h) - eff_h) / g.stride_h + 1;
-  g.Wo = (g.W + 2 * int64_t(g.pad_w) - eff_w) / g.stride_w + 1;
+  convolution::set_output_size(op, g);
   const int64_t kk = g.kernel_points();
   g.kernel_groups = groups_of(op, "kernel_offset", kernel_offset, 2 * kk, g.C);
   check_shape(op, ko, {g.B, 2 * g.kernel_groups * kk, g.Ho, g.Wo}, "(B, 2 Gk kh kw, Ho, Wo)");
@@ -96,21 +79,13 @@ inline Geometry check_geometry(const char* op, at::DeviceType device_type, const
     check_shape(op, off, {g.B, 2 * g.offset_groups * kk, g.Ho, g.Wo}, "(B, 2 G kh kw, Ho, Wo)");
   }
   if (mask.has_value()) {
-    const NamedTensor m{"mask", *mask};
-    check_dim(op, m, 4);
+    check_dim(op, {"mask", *mask}, 4);
     if (!offset.has_value()) g.offset_groups = groups_of(op, "mask", *mask, kk, g.C);
-    check_shape(op, m, {g.B, g.offset_groups * kk, g.Ho, g.Wo}, "(B, G kh kw, Ho, Wo) with G from offset");
-  }
-  if (bias.has_value()) {
-    const NamedTensor bi{"bias", *bias};
-    check_dim(op, bi, 1);
-    check_shape(op, bi, {g.C}, "(C,) of input");
   }
   // check_tensors takes an initializer list: the optional tensors in further calls.
   check_tensors(op, device_type, {in, wt, ko});
   if (offset.has_value()) check_tensors(op, device_type, {in, {"offset", *offset}});
-  if (mask.has_value()) check_tensors(op, device_type, {in, {"mask", *mask}});
-  if (bias.has_value()) check_tensors(op, device_type, {in, {"bias", *bias}});
+  convolution::check_mask_and_bias(op, device_type, g, input, mask, g.offset_groups, bias, g.C, "(C,) of input");
   return g;
 }
 
@@ -131,10 +106,7 @@ inline Geometry check_backward(at::DeviceType device_type, const at::Tensor& gra
   const char* op = kBackwardOp;
   const Geometry g = check_geometry(op, device_type, input, weight, kernel_offset, offset, mask, bias, kernel_size,
                                     stride, padding, dilation);
-  const NamedTensor go{"grad_out", grad_out};
-  check_dim(op, go, 4);
-  check_shape(op, go, {g.B, g.C, g.Ho, g.Wo}, "(B, C, Ho, Wo) of the output");
-  check_tensors(op, device_type, {{"input", input}, go});
+  convolution::check_grad_out(op, device_type, g, grad_out, input, g.C, "(B, C, Ho, Wo) of the output");
   return g;
 }
 
