@@ -89,10 +89,6 @@ class DeformConv(Case):
     op = NAME
     bound = "compute"
 
-    @property
-    def backward(self):
-        return self.pass_name == "fwd+bwd"
-
     def unavailable(self):
         if self.backend == "conv2d":
             return None

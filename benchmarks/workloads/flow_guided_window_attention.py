@@ -109,10 +109,6 @@ class Attention(Case):
     op = NAME
     bound = "memory"
 
-    @property
-    def backward(self):
-        return self.pass_name == "fwd+bwd"
-
     def setup(self):
         generator = torch.Generator(self.device).manual_seed(SEED)
         B, C, H, W, w = self.B, self.C, self.H, self.W, self.window_size

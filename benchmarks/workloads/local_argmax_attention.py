@@ -114,10 +114,6 @@ class Attention(Case):
     bound = "compute"
 
     @property
-    def backward(self):
-        return self.pass_name == "fwd+bwd"
-
-    @property
     def scale(self):
         # As in attention: keeps bfloat16 scores in a well-resolved range.
         return self.C**-0.5

@@ -94,10 +94,6 @@ class Attention(Case):
     op = NAME
     bound = "memory"
 
-    @property
-    def backward(self):
-        return self.pass_name == "fwd+bwd"
-
     def setup(self):
         """query, key, value (requiring grad), location (trajectories within ±3 tokens of the
         identity, some outside the grid) and the incoming gradients of out and score."""
