@@ -266,12 +266,43 @@ struct Aligned {
   }
 };
 
-// Loads W channel rows [c0, c0 + cb) at tokens [i, i + W) (lanes < `m` only; rows >= cb
-// and lanes outside the mask: 0) into r[0 .. W).
-inline void load_rows(V* r, const float* src, int64_t channel, int64_t cb, M m) {
-  const bool whole = full(m);
-  for (int64_t c = 0; c < cb; ++c) r[c] = whole ? vload(src + c * channel) : vload_head(src + c * channel, m);
-  for (int64_t c = cb; c < W; ++c) r[c] = vzero();
+// One tile of W channel rows [0, cb) x W tokens [0, W) of src (lanes < `m` only; rows >= cb
+// and lanes outside the mask read as 0), transposed into W token-major rows of W channels at
+// out[j * W], with the chains sq = fma(x, x, sq) and, with `poison`, poison = fma(x, 0, poison)
+// over the rows in order, lanes = tokens. kWhole: cb = W and every lane (all in registers).
+template <bool kWhole>
+inline void tile(const float* src, int64_t channel, int64_t cb, M m, float* sq, float* poison, float* out) {
+  V r[W];
+  V s = vload(sq), z = poison != nullptr ? vload(poison) : vzero();
+  if constexpr (kWhole) {
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < W; ++c) r[c] = vload(src + c * channel);
+#pragma GCC unroll 16
+    for (int64_t c = 0; c < W; ++c) s = vfma(r[c], r[c], s);
+    if (poison != nullptr) {
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < W; ++c) z = vfma(r[c], vzero(), z);
+    }
+  } else {
+    const bool whole = full(m);
+    for (int64_t c = 0; c < cb; ++c) r[c] = whole ? vload(src + c * channel) : vload_head(src + c * channel, m);
+    for (int64_t c = cb; c < W; ++c) r[c] = vzero();
+    for (int64_t c = 0; c < cb; ++c) s = vfma(r[c], r[c], s);
+    if (poison != nullptr)
+      for (int64_t c = 0; c < cb; ++c) z = vfma(r[c], vzero(), z);
+  }
+  vstore(sq, s);
+  if (poison != nullptr) vstore(poison, z);
+  transpose(r);
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < W; ++j) vstore(out + j * W, r[j]);
+}
+
+inline void any_tile(const float* src, int64_t channel, int64_t cb, M m, float* sq, float* poison, float* out) {
+  if (cb == W && full(m))
+    tile<true>(src, channel, cb, m, sq, poison, out);
+  else
+    tile<false>(src, channel, cb, m, sq, poison, out);
 }
 
 }  // namespace
@@ -304,34 +335,20 @@ void key_pass(const KeyPass& a) {
   std::fill(a.qk, a.qk + T * S, 0.f);
   std::fill(a.qq, a.qq + S, 0.f);
   std::fill(a.poison, a.poison + S, 0.f);
-  V r[W], p[W];
+  V p[W];
   for (int64_t c0 = 0; c0 < a.channels; c0 += W) {
     const int64_t cb = std::min<int64_t>(W, a.channels - c0);
     const float* qb = a.query + c0 * a.q_channel;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t i = g * W;
-      load_rows(r, qb + i, a.q_channel, cb, head(n - i));
-      V qq = vload(a.qq + i), ps = vload(a.poison + i);
-      for (int64_t c = 0; c < cb; ++c) {
-        qq = vfma(r[c], r[c], qq);
-        ps = vfma(r[c], vzero(), ps);
-      }
-      vstore(a.qq + i, qq);
-      vstore(a.poison + i, ps);
-      transpose(r);
-      for (int64_t j = 0; j < W; ++j) vstore(qt.data + (i + j) * W, r[j]);
+      any_tile(qb + i, a.q_channel, cb, head(n - i), a.qq + i, a.poison + i, qt.data + i * W);
     }
     for (int64_t f = 0; f < T; ++f) {
       if (len[f] == 0) continue;
       const float* kb = a.key + f * a.k_frame + c0 * a.k_channel + lo[f];
       float* kk = kkt.data + f * span;
       for (int64_t u = 0; u < len[f]; u += W) {
-        load_rows(r, kb + u, a.k_channel, cb, head(len[f] - u));
-        V s = vload(kk + u);
-        for (int64_t c = 0; c < cb; ++c) s = vfma(r[c], r[c], s);
-        vstore(kk + u, s);
-        transpose(r);
-        for (int64_t j = 0; j < W; ++j) vstore(kt.data + (u + j) * W, r[j]);
+        any_tile(kb + u, a.k_channel, cb, head(len[f] - u), kk + u, nullptr, kt.data + u * W);
       }
       const int32_t* rf = row.data() + f * S;
       float* qk = a.qk + f * S;
