@@ -247,10 +247,10 @@ void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
       const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
-      for (int64_t t = 0; t < T; ++t) {  // tokens within the frame: the frame offset 0
+      std::fill(frame.begin(), frame.end(), int64_t(0));  // offsets within each frame
+      for (int64_t t = 0; t < T; ++t) {
         lo[t] = N;
         hi[t] = 0;
-        std::fill(frame.begin(), frame.end(), int64_t(0));
         band_offsets(frame.data(), pb + t * N, n, stride, 0, idx.data() + t * stride, lo[t], hi[t]);
       }
       key_pass(isa, KeyPass{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, kr.frame, idx.data(),
