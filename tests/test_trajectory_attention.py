@@ -440,7 +440,7 @@ def test_triton_launch_configs_compile_table_is_complete():
 # ---------------------------------------------------------------------------------------
 # The float32 CPU kernels (csrc/cpu/trajectory_attention_simd.h): VSR_KERNELS_CPU_ISA forces
 # each instruction set this CPU runs. Their edges: w below, at and above every vector width
-# (4, 8, 16 lanes), D not a multiple of the channel block, T = 1 and T > 4 (frame chunks),
+# (4, 8, 16 lanes), D not a multiple of the channel block (the vector width), T = 1 and T > 4,
 # locations outside / all outside / NaN, exact ties, several values, non-contiguous inputs
 # (a frame stride that is not D * h * w, channels apart, pixels not adjacent), bands split
 # over threads.
@@ -454,6 +454,9 @@ ISA_CASES = [  # (B, T, D, h, w), options
     ((1, 4, 8, 3, 5), {"nan": ("query", "key", "location")}),
     ((1, 8, 12, 7, 9), {"ties": True, "halves": True}),
     ((1, 6, 33, 9, 23), {"outside": True, "spread": 3.0}),
+    # the key pass's channel blocks (16, 8, 4 channels): two whole and a partial one, frames
+    # whose read rows start and end off the vector width, B = 2
+    ((2, 8, 40, 10, 37), {"outside": True, "spread": 5.0}),
 ]
 
 

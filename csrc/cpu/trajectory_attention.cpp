@@ -23,11 +23,13 @@
 // float16 and bfloat16 are computed in float32 and rounded once, as on GPU.
 //
 // float32 (where the key's gather offsets fit 32 bits) takes the per-ISA kernels of
-// trajectory_attention_simd.h instead, for the forward and the backward's first pass alike:
-// vectorised across a band's tokens, channel blocks outer, software prefetch ahead of the
-// band (see that file). Their per-token sums are sequential multiply-add chains over the
-// channels, so the forward's score and the backward's recomputed one agree bit for bit, for
-// any band size and thread count, as in the generic path.
+// trajectory_attention_simd.h instead: the forward's key pass without gathers (channel blocks
+// transposed in registers into token-major rows), the value gather and the backward's first
+// pass vectorised across a band's tokens, with software prefetch ahead of the band (see that
+// file). A token's qk is a chain over the channel blocks of a fixed pairwise tree per block,
+// its |k|^2, |q|^2 a chain over the channels, in both the forward and the backward's
+// recomputation, so the two scores agree bit for bit, for any band size and thread count, as
+// in the generic path (whose block sums query_block / block_sums are shared likewise).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -91,6 +93,52 @@ at::Tensor positions(const at::Tensor& location, const Extent& e) {
   return pos;
 }
 
+// The generic path's channel block [c0, c0 + width), width <= kBlock, shared by the forward
+// and the backward's recomputation of the chosen key (so that its score is the forward's bit
+// for bit). query_block: the block's query rows q[c0 + j] of n tokens into qv[j * q_stride],
+// and |q|^2 (and, unless null, the poison sum_c q_c * 0) added to qq, poison.
+template <typename scalar_t, typename acc_t>
+void query_block(const scalar_t* q, int64_t q_channel, int64_t width, int64_t n, acc_t* qv, int64_t q_stride,
+                 acc_t* qq, acc_t* poison) {
+  for (int64_t j = 0; j < width; ++j) {
+    const scalar_t* qrow = q + j * q_channel;
+    acc_t* qj = qv + j * q_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
+      qj[i] = x;
+      qq[i] += x * x;
+      if (poison != nullptr) poison[i] += x * acc_t(0);
+    }
+  }
+}
+
+// block_sums: for every (token i, key token ps) that each(add) passes to add, qk[i] += <q_i, k>
+// and kk[i] += |k|^2 over the block, k = key rows k0 + j * k_channel at ps, in one fixed order.
+template <typename scalar_t, typename acc_t, typename Each>
+void block_sums(const scalar_t* k0, int64_t k_channel, int64_t width, const acc_t* qv, int64_t q_stride, acc_t* qk,
+                acc_t* kk, Each&& each) {
+  if (width == kBlock) {
+    const scalar_t *k1 = k0 + k_channel, *k2 = k1 + k_channel, *k3 = k2 + k_channel;
+    const acc_t *q0 = qv, *q1 = q0 + q_stride, *q2 = q1 + q_stride, *q3 = q2 + q_stride;
+    each([&](int64_t i, int64_t ps) {
+      const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
+                  x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
+      qk[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
+      kk[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
+    });
+    return;
+  }
+  for (int64_t j = 0; j < width; ++j) {
+    const scalar_t* krow = k0 + j * k_channel;
+    const acc_t* qj = qv + j * q_stride;
+    each([&](int64_t i, int64_t ps) {
+      const acc_t x = vsr_kernels::convert<acc_t>(krow[ps]);
+      qk[i] += qj[i] * x;
+      kk[i] += x * x;
+    });
+  }
+}
+
 // Base pointer and strides of a channels-first (unit pixel stride) tensor.
 template <typename T>
 struct Rows {
@@ -109,13 +157,23 @@ struct Rows {
 
 using cpu::Isa;
 
-void key_sums(Isa isa, const KeySums& a) {
+void key_pass(Isa isa, const KeyPass& a) {
   switch (isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))  // elsewhere only base is built
-    case Isa::kAvx512: avx512::key_sums(a); break;
-    case Isa::kAvx2: avx2::key_sums(a); break;
+    case Isa::kAvx512: avx512::key_pass(a); break;
+    case Isa::kAvx2: avx2::key_pass(a); break;
 #endif
-    default: base::key_sums(a); break;
+    default: base::key_pass(a); break;
+  }
+}
+
+void chosen_sums(Isa isa, const KeySums& a) {
+  switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    case Isa::kAvx512: avx512::chosen_sums(a); break;
+    case Isa::kAvx2: avx2::chosen_sums(a); break;
+#endif
+    default: base::chosen_sums(a); break;
   }
 }
 
@@ -185,19 +243,18 @@ void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::
     const int64_t stride = round_lanes(kTokens);
     std::vector<int32_t> idx(T * stride), vidx(stride);
     std::vector<float> qk(T * stride), kk(T * stride), qq(stride), poison(stride);
-    std::vector<int64_t> rows(T), chosen(stride), frame(stride), frames(stride);
+    std::vector<int64_t> rows(T), lo(T), hi(T), chosen(stride), frame(stride);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
       const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
-      int64_t lo = N, hi = 0;
+      std::fill(frame.begin(), frame.end(), int64_t(0));  // offsets within each frame
       for (int64_t t = 0; t < T; ++t) {
-        std::fill(frames.begin(), frames.end(), t);
-        band_offsets(frames.data(), pb + t * N, n, stride, kr.frame, idx.data() + t * stride, lo, hi);
-        rows[t] = t * kr.frame;
+        lo[t] = N;
+        hi[t] = 0;
+        band_offsets(frame.data(), pb + t * N, n, stride, 0, idx.data() + t * stride, lo[t], hi[t]);
       }
-      key_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, T,
-                            D, n, qk.data(), kk.data(), qq.data(), poison.data(), nullptr, 0,
-                            Prefetch{rows.data(), T, lo, hi, lead(e)}});
+      key_pass(isa, KeyPass{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, kr.frame, idx.data(),
+                            lo.data(), hi.data(), stride, T, D, n, qk.data(), kk.data(), qq.data(), poison.data()});
       for (int64_t i = 0; i < n; ++i) {
         Best<float> best{0.f, -1};
         for (int64_t t = 0; t < T; ++t)
@@ -264,45 +321,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
         // running sums read and written once per block instead of once per channel.
         for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
           const int64_t width = std::min(kBlock, D - c0);
-          for (int64_t j = 0; j < width; ++j) {
-            const scalar_t* qrow = qr.row(b, 0, c0 + j) + p0;
-            acc_t* qj = qv.data() + j * kTokens;
-            for (int64_t i = 0; i < n; ++i) {
-              const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
-              qj[i] = x;
-              qq[i] += x * x;
-              poison[i] += x * acc_t(0);
-            }
-          }
+          query_block(qr.row(b, 0, c0) + p0, qr.channel, width, n, qv.data(), kTokens, qq.data(), poison.data());
           for (int64_t t = 0; t < T; ++t) {
             const int64_t* pt = pb + t * N;
-            acc_t* a = qk.data() + t * kTokens;
-            acc_t* s = kk.data() + t * kTokens;
-            if (width == kBlock) {
-              const scalar_t *k0 = kr.row(b, t, c0), *k1 = k0 + kr.channel, *k2 = k1 + kr.channel,
-                             *k3 = k2 + kr.channel;
-              const acc_t *q0 = qv.data(), *q1 = q0 + kTokens, *q2 = q1 + kTokens, *q3 = q2 + kTokens;
-              for (int64_t i = 0; i < n; ++i) {
-                const int64_t ps = pt[i];
-                if (ps < 0) continue;  // outside: similarity() uses the poison instead
-                const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
-                            x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
-                a[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
-                s[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
-              }
-            } else {
-              for (int64_t j = 0; j < width; ++j) {
-                const scalar_t* krow = kr.row(b, t, c0 + j);
-                const acc_t* qj = qv.data() + j * kTokens;
-                for (int64_t i = 0; i < n; ++i) {
-                  const int64_t ps = pt[i];
-                  if (ps < 0) continue;
-                  const acc_t x = vsr_kernels::convert<acc_t>(krow[ps]);
-                  a[i] += qj[i] * x;
-                  s[i] += x * x;
-                }
-              }
-            }
+            block_sums(kr.row(b, t, c0), kr.channel, width, qv.data(), kTokens, qk.data() + t * kTokens,
+                       kk.data() + t * kTokens, [&](auto&& add) {
+                         for (int64_t i = 0; i < n; ++i)
+                           if (pt[i] >= 0) add(i, pt[i]);  // outside: similarity() uses the poison instead
+                       });
           }
         }
         for (int64_t i = 0; i < n; ++i) {
@@ -378,8 +404,9 @@ void backward_keys_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const
       int64_t lo = N, hi = 0;
       band_offsets(fr, ch, n, stride, kr.frame, idx.data(), lo, hi);
       float* gq = gq_data + b * D * N + p0;
-      key_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, 1, D,
-                            n, qk.data(), kk.data(), qq.data(), poison.data(), gq, N, Prefetch{rows.data(), T, lo, hi, lead(e)}});
+      chosen_sums(isa, KeySums{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, idx.data(), stride, D, n,
+                               qk.data(), kk.data(), qq.data(), poison.data(), gq, N,
+                               Prefetch{rows.data(), T, lo, hi, lead(e)}});
       for (int64_t i = 0; i < n; ++i) {
         const int64_t p = b * N + p0 + i;
         Coefficients<float> cf{0.f, 0.f, 0.f};
@@ -486,40 +513,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> backward_cpu(
         std::fill(kk.begin(), kk.end(), acc_t(0));
         for (int64_t c0 = 0; c0 < D; c0 += kBlock) {
           const int64_t width = std::min(kBlock, D - c0);
-          for (int64_t j = 0; j < width; ++j) {
-            const scalar_t* qrow = qr.row(b, 0, c0 + j) + p0;
-            acc_t* qj = qv.data() + j * kTokens;
-            for (int64_t i = 0; i < n; ++i) {
-              const acc_t x = vsr_kernels::convert<acc_t>(qrow[i]);
-              qj[i] = x;
-              qq[i] += x * x;
-            }
-          }
-          for (int64_t t = 0; t < T; ++t) {
-            if (width == kBlock) {
-              const scalar_t *k0 = kr.row(b, t, c0), *k1 = k0 + kr.channel, *k2 = k1 + kr.channel,
-                             *k3 = k2 + kr.channel;
-              const acc_t *q0 = qv.data(), *q1 = q0 + kTokens, *q2 = q1 + kTokens, *q3 = q2 + kTokens;
-              for (int64_t j = start[t]; j < start[t + 1]; ++j) {
-                const int64_t i = grouped[j], ps = ch[i];
-                const acc_t x0 = vsr_kernels::convert<acc_t>(k0[ps]), x1 = vsr_kernels::convert<acc_t>(k1[ps]),
-                            x2 = vsr_kernels::convert<acc_t>(k2[ps]), x3 = vsr_kernels::convert<acc_t>(k3[ps]);
-                qk[i] += (q0[i] * x0 + q1[i] * x1) + (q2[i] * x2 + q3[i] * x3);
-                kk[i] += (x0 * x0 + x1 * x1) + (x2 * x2 + x3 * x3);
-              }
-            } else {
-              for (int64_t w = 0; w < width; ++w) {
-                const scalar_t* krow = kr.row(b, t, c0 + w);
-                const acc_t* qj = qv.data() + w * kTokens;
-                for (int64_t j = start[t]; j < start[t + 1]; ++j) {
-                  const int64_t i = grouped[j];
-                  const acc_t x = vsr_kernels::convert<acc_t>(krow[ch[i]]);
-                  qk[i] += qj[i] * x;
-                  kk[i] += x * x;
-                }
-              }
-            }
-          }
+          query_block(qr.row(b, 0, c0) + p0, qr.channel, width, n, qv.data(), kTokens, qq.data(),
+                      static_cast<acc_t*>(nullptr));
+          for (int64_t t = 0; t < T; ++t)
+            block_sums(kr.row(b, t, c0), kr.channel, width, qv.data(), kTokens, qk.data(), kk.data(),
+                       [&](auto&& add) {
+                         for (int64_t j = start[t]; j < start[t + 1]; ++j) add(grouped[j], ch[grouped[j]]);
+                       });
         }
         for (int64_t i = 0; i < n; ++i) {
           const int64_t p = b * N + p0 + i;

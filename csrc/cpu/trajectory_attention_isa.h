@@ -2,10 +2,10 @@
 // (trajectory_attention.cpp) hands them, and their entry points, one copy per instruction set
 // (trajectory_attention_{base,avx2,avx512}.cpp over trajectory_attention_simd.h). Torch-free.
 //
-// Both kernels work on a band of n consecutive query tokens, vectorised across tokens (lane i
-// of a vector = token i of the band): a token's sums are lane-local, so its bits do not depend
-// on the band, the lane or the thread count. Gathers read a channel-first row at 32-bit
-// offsets; the launcher uses these kernels only where every offset fits.
+// The kernels work on a band of n consecutive query tokens. A token's sums depend on its own
+// query and key channels only (fixed order and tree, whatever its lane or band), so its bits
+// do not depend on the band, the lane or the thread count. Gathers read a channel-first row at
+// 32-bit offsets; the launcher uses these kernels only where every offset fits.
 #pragma once
 
 #include <cstdint>
@@ -20,21 +20,45 @@ struct Prefetch {
   int64_t nrows, lo, hi, lead;
 };
 
-// Per token i < n and frame slot f < frames, over channels c = 0 .. channels-1 in order:
-//   k = key[c * k_channel + idx[f * stride + i]] (0 where idx < 0)
-//   qk[f * stride + i] = sum_c q_c * k,  kk[f * stride + i] = sum_c k * k,
-//   qq[i] = sum_c q_c * q_c,  poison[i] = sum_c q_c * 0   (qq, poison: null to skip)
-// with q_c = query[c * q_channel + i], each sum a sequential chain of multiply-adds (fused
-// where the instruction set has them), starting from 0. Buffers idx, qk, kk, qq, poison
-// hold `stride` >= n rounded up to 16 lanes; idx is -1 at lanes >= n. With `stage` (one frame
-// slot only), the gathered k of channel c is also written to stage[c * stage_channel + i].
+// The forward's key pass, gather-free. Per token i < n and frame f < frames, with the key
+// token k = key[f * k_frame + c * k_channel + pos[f * stride + i]] (pos < 0: outside, sums unused):
+//   qk[f * stride + i] = sum over channel blocks b of block_sum_b(q * k), in block order, from 0
+//   kk[f * stride + i] = sum_c k * k,  qq[i] = sum_c q_c * q_c,  poison[i] = sum_c q_c * 0
+// with q_c = query[c * q_channel + i]. A channel block is the instruction set's vector width
+// (16, 8, 4 channels; the last one padded with zeros) and block_sum is a fixed pairwise tree
+// over the block (halving: lanes c and c + W/2 first, ...: vector_tree in
+// trajectory_attention_simd.h); kk, qq, poison are sequential multiply-add chains over the
+// channels in order (fused where the instruction set has them). chosen_sums computes the
+// same sums the same way for one frame per token, so the backward's score is the forward's
+// bit for bit. [lo[f], hi[f]) bounds the tokens of frame f read (lo >= hi: none); pos, qk, kk
+// hold `stride` >= n lanes rounded up to 16, pos -1 at lanes >= n.
+struct KeyPass {
+  const float* query;
+  int64_t q_channel;
+  const float* key;
+  int64_t k_channel, k_frame;
+  const int32_t* pos;
+  const int64_t* lo;
+  const int64_t* hi;
+  int64_t stride, frames, channels, n;
+  float* qk;
+  float* kk;
+  float* qq;
+  float* poison;
+};
+
+// The backward's sums of the chosen key: per token i < n, k = key[c * k_channel + idx[i]]
+// (0 where idx < 0), qk[i], kk[i], qq[i], poison[i] exactly as KeyPass computes them for the
+// frame and token idx points at; the gathered k of channel c is also written to
+// stage[c * stage_channel + i]. idx, qk, kk, qq, poison hold `stride` >= n lanes rounded up
+// to 16; idx is -1 at lanes >= n.
 struct KeySums {
   const float* query;
   int64_t q_channel;
   const float* key;
   int64_t k_channel;
   const int32_t* idx;
-  int64_t stride, frames, channels, n;
+  int64_t stride, channels, n;
   float* qk;
   float* kk;
   float* qq;
@@ -61,7 +85,8 @@ constexpr int64_t kLanes = 16;
 
 #define VSR_DECLARE_ISA(ns)            \
   namespace ns {                       \
-  void key_sums(const KeySums& a);     \
+  void key_pass(const KeyPass& a);     \
+  void chosen_sums(const KeySums& a);  \
   void gather(const Gather& a);        \
   }
 VSR_DECLARE_ISA(base)
