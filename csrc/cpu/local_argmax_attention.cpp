@@ -176,8 +176,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 // increasing t) whatever the number of threads: the same bits for any of them. A band's rows
 // of every plane it touches (2 * reach + rows of a key or value plane) stay in L1/L2, and no
 // access walks across channel planes a power of two apart.
-// Pixels per band: the sel/g/score maps of a band over all frames stay in L2.
-constexpr int64_t kBandPixels = 2048;
+// Pixels per band of phase 2 (the sel/g/score maps of a band over all frames stay in L2) and
+// of phase 1 (smaller: more tasks to balance over the threads).
+constexpr int64_t kBandPixels = 4096, kSelectionBandPixels = 2048;
 // Channels per phase-2 task (of both the key and the value channels).
 constexpr int64_t kChannelBlock = 8;
 
@@ -222,21 +223,23 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
                      T* grad_key, T* grad_value, T scale) {
   const int64_t H = w.height, W = w.width, P = H * W;
   const int64_t reach = static_cast<int64_t>(w.kernel_size / 2) * w.dilation;
-  const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / W)),
-                bands = (H + band_rows - 1) / band_rows;
   std::vector<int32_t> sel(B * T_ * P);
   std::vector<T> g(B * T_ * P);
-  at::parallel_for(0, B * T_ * bands, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(band_rows * W);
+  const int64_t rows1 = std::max<int64_t>(1, std::min<int64_t>(H, kSelectionBandPixels / W)),
+                bands1 = (H + rows1 - 1) / rows1;
+  at::parallel_for(0, B * T_ * bands1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(rows1 * W);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bt = task / bands, band = task % bands;
+      const int64_t bt = task / bands1, band = task % bands1;
       const int64_t o = bt * P;
       const SelectionArgs<T> a{ix + o, go + bt * Cv * P, v + bt * Cv * P, gs + o, P, sel.data() + o, g.data() + o,
-                               acc.data(), Cv, H, W, band * band_rows * W, std::min(H, (band + 1) * band_rows) * W,
+                               acc.data(), Cv, H, W, band * rows1 * W, std::min(H, (band + 1) * rows1) * W,
                                std::min(reach, H + W), w.kernel_size, w.dilation, scale};
       selection_grad<T>(isa, a);
     }
   });
+  const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / W)),
+                bands = (H + band_rows - 1) / band_rows;
   const int64_t blocks = (std::max(C, Cv) + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
