@@ -252,14 +252,17 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
         // The band's terms reach rows up to y1 - 1 + reach.
         const int64_t zero_until = reach >= H - y1 ? H : y1 + reach;
         for (int64_t c = c0; c < c0 + kChannelBlock; ++c) {
+          const ValueBandArgs<T> value{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
+                                       grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
+                                       zeroed * W, zero_until * W};
+          // Key channel c and value channel c in one pass where both exist.
           if (c < C)
             key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
-                                            k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W, std::min(reach, H + W), C * P, T_,
-                                            y0 * W, y1 * W, zeroed * W, zero_until * W});
-          if (c < Cv)
-            value_band<T>(isa, ValueBandArgs<T>{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
-                                                grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
-                                                zeroed * W, zero_until * W});
+                                            k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
+                                            std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
+                                            zero_until * W, c < Cv ? &value : nullptr});
+          else if (c < Cv)
+            value_band<T>(isa, value);
         }
         zeroed = zero_until;
       }

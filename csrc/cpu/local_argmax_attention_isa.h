@@ -56,6 +56,17 @@ struct SelectionArgs {
   T scale;
 };
 
+// One value channel: gv_t[sel_t[p]] += score_t[p] * go_t[p] in increasing p, after
+// gv_t[zero0, zero1) is zeroed.
+template <typename T>
+struct ValueBandArgs {
+  const int32_t* sel;
+  const T* score;
+  const T* go;
+  T* gv;
+  int64_t pixels, frame_stride, frames, p0, p1, zero0, zero1;
+};
+
 // One key channel, query pixels [p0, p1): gq[p] = sum over frames t in order of g_t[p] *
 // k_t[sel_t[p]] (gq zeroed first), and gk_t[sel_t[p]] += g_t[p] * q[p] in increasing p, after
 // gk_t[zero0, zero1) is zeroed (the caller zeroes every key pixel before the first term it
@@ -69,18 +80,9 @@ struct KeyBandArgs {
   const T* k;
   T* gk;
   int64_t pixels, width, reach, frame_stride, frames, p0, p1, zero0, zero1;
+  const ValueBandArgs<T>* value;  // a value channel scattered in the same pass (same sel), or null
 };
 
-// One value channel: gv_t[sel_t[p]] += score_t[p] * go_t[p] in increasing p, after
-// gv_t[zero0, zero1) is zeroed.
-template <typename T>
-struct ValueBandArgs {
-  const int32_t* sel;
-  const T* score;
-  const T* go;
-  T* gv;
-  int64_t pixels, frame_stride, frames, p0, p1, zero0, zero1;
-};
 
 // score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
 // folded into best and best_j.

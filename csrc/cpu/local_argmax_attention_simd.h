@@ -351,8 +351,21 @@ inline void key_band_impl(const KeyBandArgs<T>& a) {
     if constexpr (std::is_same_v<T, float>) p = gather_fma_masked(g, k, sel, gq, p, a.p1, pf);
     for (; p < a.p1; ++p)
       if (const int32_t s = sel[p]; s >= 0) gq[p] = scalar_fma(g[p], k[s], gq[p]);
-    for (p = a.p0; p < a.p1; ++p)
-      if (const int32_t s = sel[p]; s >= 0) gk[s] = scalar_fma(g[p], q[p], gk[s]);
+    if (const ValueBandArgs<T>* v = a.value) {
+      // The value channel's scatter in the same pass: one sel load and test for both.
+      const T* __restrict score = v->score + t * a.pixels;
+      const T* __restrict go = v->go + t * v->frame_stride;
+      T* __restrict gv = v->gv + t * v->frame_stride;
+      for (p = v->zero0; p < v->zero1; ++p) gv[p] = T(0);
+      for (p = a.p0; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) {
+          gk[s] = scalar_fma(g[p], q[p], gk[s]);
+          gv[s] = scalar_fma(score[p], go[p], gv[s]);
+        }
+    } else {
+      for (p = a.p0; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) gk[s] = scalar_fma(g[p], q[p], gk[s]);
+    }
   }
 }
 
