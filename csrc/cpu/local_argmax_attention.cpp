@@ -168,10 +168,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 // Everything runs channels-first, on the inputs' own unit-stride channel planes, in two phases:
 // 1. per (b, t, band of rows), sel and g of each pixel (int32 and T maps, (B, T, H, W)), the
 //    dot product channel by channel;
-// 2. per (b, block of channels), for each band of query rows in increasing y, each channel of
-//    the block and each frame in increasing t: the scatter of the band's terms into the key and
-//    value gradient planes (their rows zeroed just before the first term they can receive:
-//    rows below the band's last row + reach) and grad_query's band, summed over t.
+// 2. per (b, block of channels), for each band of query rows in increasing y, each channel c of
+//    the block and each frame in increasing t: the gather of grad_query's band (AVX-512/AVX2
+//    gathers for whole vectors), then one scalar pass scattering the band's terms into key
+//    channel c's and value channel c's gradient planes (their rows zeroed just before the first
+//    term they can receive: rows below the band's last row + reach). On this Zen 5 core the
+//    vector gathers and scatters cost about as much per element as scalar accesses: see
+//    benchmarks/NOTES.md, session 4.
 // Each output element receives its terms in increasing p (and grad_query its frames in
 // increasing t) whatever the number of threads: the same bits for any of them. A band's rows
 // of every plane it touches (2 * reach + rows of a key or value plane) stay in L1/L2, and no
