@@ -371,17 +371,20 @@ def test_cpu_isa_low_precision_index_matches_reference(backend, isa, dtype, monk
         H.assert_same(got[:2], tuple(w.to(dtype) for w in want[:2]), rtol=0, atol=0)
 
 
-# The CPU backward's tiles (backward_cpu in csrc/cpu/local_argmax_attention.cpp): column tiles
-# of at most 64 pixels and row bands chosen from the thread count, each owning its pixels and
-# visiting a halo of r * dilation around them, through rings of 2 * r * dilation + 1 rows (the
-# whole extended tile where that is shorter). Per ISA, against the reference and with the same
-# bits for 1, 2 and 3 threads, on: W above one tile and no multiple of any vector width (2 and 3
-# column tiles), channels no multiple of it (padded channel pitch), K = 1, dilation within and
-# beyond the frame (halo wider than a band), both borders, T = 1 and B = 2, non-contiguous inputs.
+# The CPU backward (backward_cpu in csrc/cpu/local_argmax_attention.cpp): phase 1 per (b, t, band
+# of rows of about 2048 pixels), phase 2 per (b, block of 8 key and value channels) walking the
+# bands in order, each band's terms reaching r * dilation rows beyond it, the gradient rows zeroed
+# just before the first term they can receive; whole vectors of pixels through gathers, the rest
+# scalar. Per ISA, against the reference and with the same bits for 1, 2 and 3 threads, on: W and
+# band sizes no multiple of any vector width, several bands (a halo crossing band boundaries, one
+# row per band when W > 2048), channels no multiple of the block (partial last block, C != Cv),
+# K = 1, dilation within and beyond the frame, both borders, T = 1 and B = 2.
 BACKWARD_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
     ((1, 2, 5, 3, 7, 70), (3, 1), "exclude"), ((2, 1, 17, 9, 6, 131), (5, 2), "zeros"),
     ((1, 1, 3, 2, 5, 66), (1, 1), "exclude"), ((1, 2, 4, 2, 4, 65), (3, 40), "zeros"),
     ((1, 3, 2, 18, 11, 129), (7, 1), "exclude"), ((1, 1, 16, 16, 9, 16), (9, 1), "zeros"),
+    ((1, 2, 5, 3, 40, 70), (5, 1), "exclude"), ((1, 2, 3, 2, 5, 2100), (3, 2), "zeros"),
+    ((2, 2, 9, 3, 61, 70), (9, 3), "zeros"),
 ]
 
 

@@ -165,185 +165,112 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 // grad_key[sel] += g * query[p], grad_value[sel] += score[p] * grad_out[p] and
 // grad_query[p] += g * key[sel], summed over the frames.
 //
-// Tiles of output pixels (b, rows [y0, y1), columns [x0, x1)), each owning those pixels of
-// grad_query and of every frame's grad_key and grad_value, so that no two tasks write the same
-// element (no atomics). A tile visits every query pixel that can select one of its pixels or
-// is its own: its pixels and a halo of reach = r * dilation around them. Per frame, rows in
-// increasing y, pixels in increasing x: every output element receives its terms in increasing
-// p, and grad_query its frames in increasing t, whatever the tiling, so the bits do not depend
-// on the number of threads (or of tiles). Everything is computed channels-last (a pixel's
-// channels are adjacent: one vector operation per 16 floats), through rings of the 2 * reach
-// + 1 rows a row of query pixels can select from: value and key rows are transposed in as
-// they enter, the tile's key and value gradient rows out as they complete, and grad_out and
-// query rows as they are visited (per-ISA transposes and row kernel, local_argmax_attention_simd.h).
-// Tiles are at most kTileColumns wide so that the rings stay in L2.
-constexpr int64_t kTileColumns = 64;
+// Everything runs channels-first, on the inputs' own unit-stride channel planes, in two phases:
+// 1. per (b, t, band of rows), sel and g of each pixel (int32 and T maps, (B, T, H, W)), the
+//    dot product channel by channel;
+// 2. per (b, block of channels), for each band of query rows in increasing y, each channel c of
+//    the block and each frame in increasing t: the gather of grad_query's band (AVX-512/AVX2
+//    gathers for whole vectors), then one scalar pass scattering the band's terms into key
+//    channel c's and value channel c's gradient planes (their rows zeroed just before the first
+//    term they can receive: rows below the band's last row + reach). On this Zen 5 core the
+//    vector gathers and scatters cost about as much per element as scalar accesses: see
+//    benchmarks/NOTES.md, session 4.
+// Each output element receives its terms in increasing p (and grad_query its frames in
+// increasing t) whatever the number of threads: the same bits for any of them. A band's rows
+// of every plane it touches (2 * reach + rows of a key or value plane) stay in L1/L2, and no
+// access walks across channel planes a power of two apart.
+// Pixels per band of phase 2 (the sel/g/score maps of a band over all frames stay in L2) and
+// of phase 1 (smaller: more tasks to balance over the threads).
+constexpr int64_t kBandPixels = 4096, kSelectionBandPixels = 2048;
+// Channels per phase-2 task (of both the key and the value channels).
+constexpr int64_t kChannelBlock = 8;
 
 template <typename T>
-void transpose(Isa isa, const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride,
-               bool add) {
+void selection_grad(Isa isa, const SelectionArgs<T>& a) {
   switch (isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::transpose(src, src_stride, rows, cols, dst, dst_stride, add); break;
-    case Isa::kAvx2: avx2::transpose(src, src_stride, rows, cols, dst, dst_stride, add); break;
+    case Isa::kAvx512: avx512::selection_grad(a); break;
+    case Isa::kAvx2: avx2::selection_grad(a); break;
 #endif
-    default: base::transpose(src, src_stride, rows, cols, dst, dst_stride, add); break;
+    default: base::selection_grad(a); break;
   }
 }
 
 template <typename T>
-void backward_row(Isa isa, const BackwardRowArgs<T>& a) {
+void key_band(Isa isa, const KeyBandArgs<T>& a) {
   switch (isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::backward_row(a); break;
-    case Isa::kAvx2: avx2::backward_row(a); break;
+    case Isa::kAvx512: avx512::key_band(a); break;
+    case Isa::kAvx2: avx2::key_band(a); break;
 #endif
-    default: base::backward_row(a); break;
+    default: base::key_band(a); break;
   }
 }
 
-// What every tile of one backward call reads and writes.
-template <typename scalar_t, typename T>
-struct BackwardProblem {
-  Isa isa;
-  Window w;
-  int64_t B, T_, C, Cv, H, W;
-  at::Tensor go, q, k, v;  // channels_first(): unit pixel stride
-  const scalar_t *gs, *sc;  // (B, T, H, W) contiguous
-  const int64_t* ix;
-  T *grad_query, *grad_key, *grad_value;  // contiguous, in T
-  T scale;
-};
-
-// Channels [0, channels) of row y, columns [x0, x0 + n) of frame t of `f` (channel stride
-// f.stride.channel, unit pixel stride), transposed into dst[x * pitch + c]; converted to T
-// through `scratch` when scalar_t is not T.
-template <typename scalar_t, typename T>
-void load_row(Isa isa, const Frames<const scalar_t>& f, int64_t t, int64_t channels, int64_t row_start, int64_t n,
-              int64_t pitch, T* dst, std::vector<T>& scratch) {
-  if (channels == 0 || n == 0) return;
-  const scalar_t* src = &f.at(t, 0, row_start);
-  if constexpr (std::is_same_v<scalar_t, T>) {
-    transpose<T>(isa, src, f.stride.channel, channels, n, dst, pitch, false);
-  } else {
-    for (int64_t c = 0; c < channels; ++c)
-      for (int64_t x = 0; x < n; ++x) scratch[c * n + x] = vsr_kernels::convert<T>(src[c * f.stride.channel + x]);
-    transpose<T>(isa, scratch.data(), n, channels, n, dst, pitch, false);
-  }
-}
-
-// GCC 12 at -O3 drops __builtin_prefetch in these loops (its addresses come from run-time
-// strides), so on x86 the instruction is written out.
-inline void prefetch_line(const char* p) {
+template <typename T>
+void value_band(Isa isa, const ValueBandArgs<T>& a) {
+  switch (isa) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  asm volatile("prefetcht0 %0" : : "m"(*p));
-#else
-  __builtin_prefetch(p, 0, 3);
+    case Isa::kAvx512: avx512::value_band(a); break;
+    case Isa::kAvx2: avx2::value_band(a); break;
 #endif
-}
-
-// Asks for the cache lines of channels [0, channels) of row y, columns [x0, x0 + n) of frame t
-// of `f`, one row ahead of its transposition: 64+ channel planes a power of two apart are more
-// streams than the hardware prefetchers follow.
-template <typename scalar_t>
-void prefetch_row(const Frames<const scalar_t>& f, int64_t t, int64_t channels, int64_t row_start, int64_t n) {
-  if (n == 0) return;
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t c = 0; c < channels; ++c) {
-    const char* first = reinterpret_cast<const char*>(f.data + t * f.stride.frame + c * f.stride.channel + row_start);
-    for (int64_t offset = 0; offset < bytes; offset += 64) prefetch_line(first + offset);
-    prefetch_line(first + bytes - 1);
+    default: base::value_band(a); break;
   }
 }
 
-template <typename scalar_t, typename T>
-void backward_tile(const BackwardProblem<scalar_t, T>& pb, int64_t b, int64_t y0, int64_t y1, int64_t x0,
-                   int64_t x1) {
-  const Window& w = pb.w;
-  const int64_t H = pb.H, W = pb.W, C = pb.C, Cv = pb.Cv, P = H * W, K = w.kernel_size, K2 = w.candidates();
-  const int r = w.kernel_size / 2;
-  const int64_t reach = static_cast<int64_t>(r) * w.dilation;
-  const int64_t ye0 = std::max<int64_t>(0, y0 - std::min(reach, H)), ye1 = std::min(H, y1 + std::min(reach, H)),
-                xe0 = std::max<int64_t>(0, x0 - std::min(reach, W)), xe1 = std::min(W, x1 + std::min(reach, W));
-  const int64_t We = xe1 - xe0, Wo = x1 - x0;
-  // Ring slots: rows y - reach .. y + reach of the extended rows are distinct mod S.
-  const int64_t S = std::min(2 * std::min(reach, H) + 1, ye1 - ye0);
-  constexpr int64_t align = kPitchBytes / static_cast<int64_t>(sizeof(T));
-  const int64_t pitch = (C + align - 1) / align * align, vpitch = (Cv + align - 1) / align * align;
-  std::vector<T> vring(S * We * vpitch, T(0)), kring(S * We * pitch, T(0)), gkring(S * We * pitch),
-      gvring(S * We * vpitch), go_cl(We * vpitch, T(0)), q_cl(We * pitch, T(0)), gq_cl(Wo * pitch),
-      scratch(std::is_same_v<scalar_t, T> ? 0 : std::max(C, Cv) * We);
-  std::vector<BackwardItem<T>> items(We);
-  const auto qf = frames_at<const scalar_t>(pb.q, b), kf = frames_at<const scalar_t>(pb.k, b),
-             vf = frames_at<const scalar_t>(pb.v, b), gof = frames_at<const scalar_t>(pb.go, b);
-  auto slot = [&](int64_t row) { return (row - ye0) % S; };
-  for (int64_t t = 0; t < pb.T_; ++t) {
-    const int64_t bt = b * pb.T_ + t;
-    T* grad_key = pb.grad_key + bt * C * P;
-    T* grad_value = pb.grad_value + bt * Cv * P;
-    int64_t loaded = ye0, flushed = y0;
-    // Transposes out the tile's columns of completed rows [flushed, until) of the gradient rings.
-    auto flush = [&](int64_t until) {
-      for (; flushed < until; ++flushed) {
-        const int64_t offset = (slot(flushed) * We + x0 - xe0);
-        transpose<T>(pb.isa, gkring.data() + offset * pitch, pitch, Wo, C, grad_key + flushed * W + x0, P, false);
-        transpose<T>(pb.isa, gvring.data() + offset * vpitch, vpitch, Wo, Cv, grad_value + flushed * W + x0, P,
-                     false);
-      }
-    };
-    for (int64_t y = ye0; y < ye1; ++y) {
-      // Rows up to y + reach enter the rings; the tile's own get zeroed gradient rows.
-      for (const int64_t until = std::min(ye1, y + std::min(reach, H) + 1); loaded < until; ++loaded) {
-        const int64_t sl = slot(loaded);
-        load_row<scalar_t, T>(pb.isa, vf, t, Cv, loaded * W + xe0, We, vpitch, vring.data() + sl * We * vpitch,
-                              scratch);
-        load_row<scalar_t, T>(pb.isa, kf, t, C, loaded * W + xe0, We, pitch, kring.data() + sl * We * pitch,
-                              scratch);
-        if (loaded >= y0 && loaded < y1) {
-          std::fill_n(gkring.data() + sl * We * pitch, We * pitch, T(0));
-          std::fill_n(gvring.data() + sl * We * vpitch, We * vpitch, T(0));
-        }
-      }
-      if (const int64_t next = y + std::min(reach, H) + 1; next < ye1) {
-        prefetch_row(vf, t, Cv, next * W + xe0, We);
-        prefetch_row(kf, t, C, next * W + xe0, We);
-      }
-      if (y + 1 < ye1) {
-        prefetch_row(gof, t, Cv, (y + 1) * W + xe0, We);
-        prefetch_row(qf, 0, C, (y + 1) * W + xe0, We);
-      }
-      const bool own_row = y >= y0 && y < y1;
-      // The selections of row y this tile needs, in increasing x.
-      int64_t count = 0;
-      const int64_t* index_row = pb.ix + bt * P + y * W;
-      for (int64_t x = xe0; x < xe1; ++x) {
-        // An index outside [0, K * K) selects nothing (only a direct call can pass one).
-        const int64_t j = index_row[x];
-        if (j < 0 || j >= K2) continue;
-        const int64_t sy = y + (j / K - r) * static_cast<int64_t>(w.dilation),
-                      sx = x + (j % K - r) * static_cast<int64_t>(w.dilation);
-        if (sy < 0 || sy >= H || sx < 0 || sx >= W) continue;  // a zero-padded key: nothing to differentiate
-        const bool own = own_row && x >= x0 && x < x1, own_sel = sy >= y0 && sy < y1 && sx >= x0 && sx < x1;
-        if (!own && !own_sel) continue;
-        const int64_t p = bt * P + y * W + x;
-        items[count++] = {x - xe0, slot(sy) * We + sx - xe0, own ? x - x0 : -1,
-                          vsr_kernels::convert<T>(pb.gs[p]), vsr_kernels::convert<T>(pb.sc[p]), own_sel};
-      }
-      if (count > 0) {
-        load_row<scalar_t, T>(pb.isa, gof, t, Cv, y * W + xe0, We, vpitch, go_cl.data(), scratch);
-        load_row<scalar_t, T>(pb.isa, qf, 0, C, y * W + xe0, We, pitch, q_cl.data(), scratch);
-      }
-      if (own_row) std::fill(gq_cl.begin(), gq_cl.end(), T(0));
-      const BackwardRowArgs<T> a{items.data(), count, go_cl.data(), q_cl.data(), vring.data(), kring.data(),
-                                 gkring.data(), gvring.data(), gq_cl.data(), pitch, vpitch, pb.scale};
-      backward_row<T>(pb.isa, a);
-      // grad_query: frame 0 stores, later frames add, in increasing t.
-      if (own_row)
-        transpose<T>(pb.isa, gq_cl.data(), pitch, Wo, C, pb.grad_query + b * C * P + y * W + x0, P, t > 0);
-      flush(std::min(y1, y - std::min(reach, H) + 1));
+// The backward in T (float or double) over contiguous (B, C, H, W) query, (B, T, C|Cv, H, W)
+// key, value, grad_out and (B, T, H, W) grad_score, score, index, into contiguous gradients.
+template <typename T>
+void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C, int64_t Cv, const T* go,
+                     const T* gs, const T* q, const T* k, const T* v, const T* sc, const int64_t* ix, T* grad_query,
+                     T* grad_key, T* grad_value, T scale) {
+  const int64_t H = w.height, W = w.width, P = H * W;
+  const int64_t reach = static_cast<int64_t>(w.kernel_size / 2) * w.dilation;
+  std::vector<int32_t> sel(B * T_ * P);
+  std::vector<T> g(B * T_ * P);
+  const int64_t rows1 = std::max<int64_t>(1, std::min<int64_t>(H, kSelectionBandPixels / W)),
+                bands1 = (H + rows1 - 1) / rows1;
+  at::parallel_for(0, B * T_ * bands1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc(rows1 * W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bt = task / bands1, band = task % bands1;
+      const int64_t o = bt * P;
+      const SelectionArgs<T> a{ix + o, go + bt * Cv * P, v + bt * Cv * P, gs + o, P, sel.data() + o, g.data() + o,
+                               acc.data(), Cv, H, W, band * rows1 * W, std::min(H, (band + 1) * rows1) * W,
+                               std::min(reach, H + W), w.kernel_size, w.dilation, scale};
+      selection_grad<T>(isa, a);
     }
-    flush(y1);
-  }
+  });
+  const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / W)),
+                bands = (H + band_rows - 1) / band_rows;
+  const int64_t blocks = (std::max(C, Cv) + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / blocks, c0 = task % blocks * kChannelBlock;
+      const int32_t* bsel = sel.data() + b * T_ * P;
+      const T* bg = g.data() + b * T_ * P;
+      int64_t zeroed = 0;  // rows of every gradient plane zeroed so far
+      for (int64_t band = 0; band < bands; ++band) {
+        const int64_t y0 = band * band_rows, y1 = std::min(H, y0 + band_rows);
+        // The band's terms reach rows up to y1 - 1 + reach.
+        const int64_t zero_until = reach >= H - y1 ? H : y1 + reach;
+        for (int64_t c = c0; c < c0 + kChannelBlock; ++c) {
+          const ValueBandArgs<T> value{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
+                                       grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
+                                       zeroed * W, zero_until * W};
+          // Key channel c and value channel c in one pass where both exist.
+          if (c < C)
+            key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
+                                            k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
+                                            std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
+                                            zero_until * W, c < Cv ? &value : nullptr});
+          else if (c < Cv)
+            value_band<T>(isa, value);
+        }
+        zeroed = zero_until;
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
@@ -356,36 +283,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                 W = key.size(4);
   if (B == 0 || H == 0 || W == 0)
     return {at::zeros_like(query), at::zeros_like(key), at::zeros_like(value)};
-  const auto acc_options = query.options().dtype(accumulation_dtype(query.scalar_type()));
   if (T == 0) return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
                       at::zeros(value.sizes(), value.options())};
+  TORCH_CHECK(H * W <= std::numeric_limits<int32_t>::max(), kBackwardOp,
+              ": frames of 2^31 pixels or more are not supported on CPU, got ", H, "x", W);
   const Isa isa = cpu::select_isa(kBackwardOp);
+  const auto acc_dtype = accumulation_dtype(query.scalar_type());
+  const auto acc_options = query.options().dtype(acc_dtype);
   auto grad_query = at::empty(query.sizes(), acc_options), grad_key = at::empty(key.sizes(), acc_options),
        grad_value = at::empty(value.sizes(), acc_options);
   for (const auto& g : {grad_query, grad_key, grad_value}) cpu::advise_huge_pages(g);
-  const auto gs = grad_score.contiguous(), sc = score.contiguous(), ix = index.contiguous();
-  // Tiles: column tiles of at most kTileColumns, and row bands so that the tasks split evenly
-  // over the threads (the bits do not depend on the tiling).
-  const int64_t col_tiles = (W + kTileColumns - 1) / kTileColumns, threads = at::get_num_threads();
-  int64_t bands = 1;
-  while (bands < H && (B * col_tiles * bands) % threads != 0 && B * col_tiles * bands < 4 * threads) ++bands;
-  const int64_t band_rows = (H + bands - 1) / bands, tile_cols = (W + col_tiles - 1) / col_tiles;
-  bands = (H + band_rows - 1) / band_rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(),
-                                  "local_argmax_attention_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const BackwardProblem<scalar_t, acc_t> pb{isa, w, B, T, C, Cv, H, W,
-        channels_first(grad_out), channels_first(query), channels_first(key), channels_first(value),
-        gs.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(), ix.data_ptr<int64_t>(),
-        grad_query.data_ptr<acc_t>(), grad_key.data_ptr<acc_t>(), grad_value.data_ptr<acc_t>(),
-        static_cast<acc_t>(scale)};
-    at::parallel_for(0, B * bands * col_tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / (bands * col_tiles), band = task / col_tiles % bands, col = task % col_tiles;
-        backward_tile<scalar_t, acc_t>(pb, b, band * band_rows, std::min(H, (band + 1) * band_rows),
-                                       col * tile_cols, std::min(W, (col + 1) * tile_cols));
-      }
-    });
+  // The kernels read contiguous planes in the accumulation type: float16 and bfloat16 inputs
+  // are converted once (float32 and float64 ones are used in place when contiguous).
+  auto in = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
+  const auto go = in(grad_out), gs = in(grad_score), q = in(query), k = in(key), v = in(value), sc = in(score);
+  const auto ix = index.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "local_argmax_attention_backward_cpu", [&] {
+    backward_planes<scalar_t>(isa, w, B, T, C, Cv, go.data_ptr<scalar_t>(), gs.data_ptr<scalar_t>(),
+                              q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                              sc.data_ptr<scalar_t>(), ix.data_ptr<int64_t>(), grad_query.data_ptr<scalar_t>(),
+                              grad_key.data_ptr<scalar_t>(), grad_value.data_ptr<scalar_t>(),
+                              static_cast<scalar_t>(scale));
   });
   const auto dtype = query.scalar_type();
   return {to_contiguous(grad_query, dtype), to_contiguous(grad_key, dtype), to_contiguous(grad_value, dtype)};

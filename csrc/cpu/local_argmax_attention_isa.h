@@ -37,48 +37,65 @@ struct RowArgs {
   bool row_inside;   // the candidate row lies inside the frame
 };
 
-// The backward's buffers are channels-last: a pixel's channels are adjacent, padded to a
-// channel pitch that is a multiple of kPitchBytes (every vector width divides it), the padding
-// zero in every input buffer. One selection of a query pixel of the row being processed:
-// - pixel: its slot in the row buffers go and q;
-// - sel: the selected key/value pixel's slot in the ring buffers v, k, gk, gv;
-// - gq: its slot in the gq row buffer, -1 when the pixel is not the tile's own (its query
-//   gradient is another tile's);
-// - own_sel: the selected pixel is the tile's own: its key and value gradients get the terms.
-constexpr int64_t kPitchBytes = 64;
-
+// The backward's three kernels, over contiguous channel planes of P = height * width pixels
+// (see backward_cpu in local_argmax_attention.cpp).
+//
+// Pixels [p0, p1) of one frame: sel[p] = the selected key/value pixel (-1: none, or a
+// zero-padded one) from index[p], and g[p] = scale * (gs[p] + <go[:, p], v[:, sel[p]]>), the
+// sum taken in increasing channel (go, v: the frame's grad_out and value, channel c at
+// c * channel_stride). acc: scratch of p1 - p0 elements.
 template <typename T>
-struct BackwardItem {
-  int64_t pixel, sel, gq;
-  T grad_score, score;
-  bool own_sel;
-};
-
-// The items of one row, in increasing pixel order: g = scale * (grad_score + <go, v[sel]>);
-// gk[sel] += g * q, gv[sel] += score * go where own_sel; gq += g * k[sel] where gq >= 0.
-template <typename T>
-struct BackwardRowArgs {
-  const BackwardItem<T>* items;
-  int64_t count;
-  const T *go, *q, *v, *k;
-  T *gk, *gv, *gq;
-  int64_t pitch, value_pitch;  // channel pitch of the key-side (q, k, gk, gq) and value-side (go, v, gv) buffers
+struct SelectionArgs {
+  const int64_t* index;
+  const T *go, *v, *gs;
+  int64_t channel_stride;
+  int32_t* sel;
+  T *g, *acc;
+  int64_t channels, height, width, p0, p1, reach;
+  int kernel_size, dilation;
   T scale;
 };
 
-// Candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx, folded
-// into best and best_j. transpose: dst[x * dst_stride + c] = (or += when add)
-// src[c * src_stride + x] for c < rows, x < cols.
+// One value channel: gv_t[sel_t[p]] += score_t[p] * go_t[p] in increasing p, after
+// gv_t[zero0, zero1) is zeroed.
+template <typename T>
+struct ValueBandArgs {
+  const int32_t* sel;
+  const T* score;
+  const T* go;
+  T* gv;
+  int64_t pixels, frame_stride, frames, p0, p1, zero0, zero1;
+};
+
+// One key channel, query pixels [p0, p1): gq[p] = sum over frames t in order of g_t[p] *
+// k_t[sel_t[p]] (gq zeroed first), and gk_t[sel_t[p]] += g_t[p] * q[p] in increasing p, after
+// gk_t[zero0, zero1) is zeroed (the caller zeroes every key pixel before the first term it
+// can receive). sel, g: frames of `pixels` apart; k, gk: frames `frame_stride` apart.
+template <typename T>
+struct KeyBandArgs {
+  const int32_t* sel;
+  const T* g;
+  const T* q;
+  T* gq;
+  const T* k;
+  T* gk;
+  int64_t pixels, width, reach, frame_stride, frames, p0, p1, zero0, zero1;
+  const ValueBandArgs<T>* value;  // a value channel scattered in the same pass (same sel), or null
+};
+
+
+// score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
+// folded into best and best_j.
 #define VSR_DECLARE_ISA(ns)                                                                                  \
   namespace ns {                                                                                             \
   void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
   void score_row(const RowArgs<double>& a, int jy, double* best, int64_t* best_j);                           \
-  void backward_row(const BackwardRowArgs<float>& a);                                                        \
-  void backward_row(const BackwardRowArgs<double>& a);                                                       \
-  void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst,               \
-                 int64_t dst_stride, bool add);                                                              \
-  void transpose(const double* src, int64_t src_stride, int64_t rows, int64_t cols, double* dst,             \
-                 int64_t dst_stride, bool add);                                                              \
+  void selection_grad(const SelectionArgs<float>& a);                                                        \
+  void selection_grad(const SelectionArgs<double>& a);                                                       \
+  void key_band(const KeyBandArgs<float>& a);                                                                \
+  void key_band(const KeyBandArgs<double>& a);                                                               \
+  void value_band(const ValueBandArgs<float>& a);                                                            \
+  void value_band(const ValueBandArgs<double>& a);                                                           \
   }
 VSR_DECLARE_ISA(base)
 VSR_DECLARE_ISA(avx2)

@@ -24,8 +24,9 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
-#include <utility>
+#include <type_traits>
 
 #include "local_argmax_attention_isa.h"
 
@@ -183,109 +184,213 @@ struct RowKernel : RowArgs<T> {
 };
 
 // ---------------------------------------------------------------------------------------
-// Backward (see backward_cpu in local_argmax_attention.cpp for the tiles and rings).
+// Backward (see backward_cpu in local_argmax_attention.cpp for the phases and tasks). Scalar
+// loops over unit-stride channel planes: every access streams or hits a window of 2 * reach + 1
+// rows, and each output element receives its terms in increasing pixel order.
 
-// One stage of an in-register transpose of N x N elements held in N vectors r[0 .. N): within
-// every 2H x 2H block, the upper-right and lower-left H x H blocks swap. The stages for
-// H = N/2, ..., 1 together transpose; each is N two-input shuffles with constant masks.
-template <typename S, int H, std::size_t... I>
-inline void transpose_stage(typename S::Vec* r, std::index_sequence<I...>) {
-  using Vec = typename S::Vec;
-  using Mask = typename S::Mask;
-  constexpr int N = S::kLanes;
-  const Mask lo = {static_cast<typename S::Lane>((I & H) ? N + I - H : I)...};
-  const Mask hi = {static_cast<typename S::Lane>((I & H) ? N + I : I + H)...};
-  for (int i = 0; i < N; ++i)
-    if (!(i & H)) {
-      const Vec a = r[i], b = r[i + H];
-      r[i] = __builtin_shuffle(a, b, lo);
-      r[i + H] = __builtin_shuffle(a, b, hi);
-    }
+template <typename T>
+inline T scalar_fma(T a, T b, T c) {
+#if VSR_SIMD_FMA
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
-template <typename S, int H>
-inline void transpose_stages(typename S::Vec* r) {
-  if constexpr (H >= 1) {
-    transpose_stage<S, H>(r, std::make_index_sequence<S::kLanes>{});
-    transpose_stages<S, H / 2>(r);
-  }
+template <>
+inline float scalar_fma<float>(float a, float b, float c) {
+#if VSR_SIMD_FMA
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
 }
 
-template <typename T, bool kAdd>
-inline void transpose_impl(const T* src, int64_t ss, int64_t rows, int64_t cols, T* dst, int64_t ds) {
-  using S = Simd<T>;
-  using Vec = typename S::Vec;
-  constexpr int N = S::kLanes;
-  auto put = [](T* d, T value) { *d = kAdd ? *d + value : value; };
-  int64_t c0 = 0;
-  for (; c0 + N <= rows; c0 += N) {
-    int64_t x0 = 0;
-    for (; x0 + N <= cols; x0 += N) {
-      Vec r[N];
-      for (int i = 0; i < N; ++i) r[i] = load<Vec>(src + (c0 + i) * ss + x0);
-      transpose_stages<S, N / 2>(r);
-      for (int i = 0; i < N; ++i) {
-        T* d = dst + (x0 + i) * ds + c0;
-        store(d, kAdd ? load<Vec>(d) + r[i] : r[i]);
-      }
-    }
-    for (; x0 < cols; ++x0)
-      for (int i = 0; i < N; ++i) put(dst + x0 * ds + c0 + i, src[(c0 + i) * ss + x0]);
+// Software prefetch of the lines a later gather reads: gathers index a window of 2 * reach + 1
+// rows of a plane the hardware prefetchers do not follow. GCC 12 drops __builtin_prefetch
+// whose addresses come from run-time strides, so on x86 the instruction is written out.
+inline void prefetch_line(const void* p) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// The lines of [begin, end), `per_step` of them at each call of step().
+struct Prefetcher {
+  const char *next, *end;
+  int64_t per_step;
+  Prefetcher(const void* begin, const void* end_, int64_t steps)
+      : next(static_cast<const char*>(begin)), end(static_cast<const char*>(end_)),
+        per_step(steps > 0 ? ((end - next) / 64 + steps) / steps : 0) {}
+  inline void step() {
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) prefetch_line(next);
   }
-  for (; c0 < rows; ++c0)
-    for (int64_t x = 0; x < cols; ++x) put(dst + x * ds + c0, src[c0 * ss + x]);
+  inline void all() {
+    for (; next < end; next += 64) prefetch_line(next);
+  }
+};
+
+// acc[i] += go[i] * v[max(sel[i], 0)] for the leading whole vectors of i < n; returns how far.
+inline int64_t gather_fma_clamped(const float* __restrict go, const float* __restrict v,
+                                  const int32_t* __restrict sel, float* __restrict acc, int64_t n, Prefetcher& pf) {
+  int64_t i = 0;
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+  const __m512i zero = _mm512_setzero_si512();
+  for (; i + 16 <= n; i += 16) {
+    pf.step();
+    const __m512i s = _mm512_max_epi32(_mm512_loadu_si512(sel + i), zero);
+    const __m512 value = _mm512_i32gather_ps(s, v, 4);
+    _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(_mm512_loadu_ps(go + i), value, _mm512_loadu_ps(acc + i)));
+  }
+#elif VSR_SIMD_FMA && VSR_SIMD_BYTES == 32
+  const __m256i zero = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    pf.step();
+    const __m256i s = _mm256_max_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sel + i)), zero);
+    const __m256 value = _mm256_i32gather_ps(v, s, 4);
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(_mm256_loadu_ps(go + i), value, _mm256_loadu_ps(acc + i)));
+  }
+#else
+  (void)go, (void)v, (void)sel, (void)acc, (void)n, (void)pf;
+#endif
+  return i;
+}
+
+// gq[p] += g[p] * k[sel[p]] where sel[p] >= 0, for the leading whole vectors of p in [p0, p1);
+// returns how far.
+inline int64_t gather_fma_masked(const float* __restrict g, const float* __restrict k, const int32_t* __restrict sel,
+                                 float* __restrict gq, int64_t p0, int64_t p1, Prefetcher& pf) {
+  int64_t p = p0;
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+  const __m512i zero = _mm512_setzero_si512();
+  for (; p + 16 <= p1; p += 16) {
+    pf.step();
+    const __m512i s = _mm512_loadu_si512(sel + p);
+    const __mmask16 m = _mm512_cmpge_epi32_mask(s, zero);
+    const __m512 key = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, s, k, 4);
+    _mm512_storeu_ps(gq + p, _mm512_mask3_fmadd_ps(_mm512_loadu_ps(g + p), key, _mm512_loadu_ps(gq + p), m));
+  }
+#elif VSR_SIMD_FMA && VSR_SIMD_BYTES == 32
+  const __m256i minus = _mm256_set1_epi32(-1);
+  for (; p + 8 <= p1; p += 8) {
+    pf.step();
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sel + p));
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(s, minus));
+    const __m256 key = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), k, s, m, 4);
+    const __m256 old = _mm256_loadu_ps(gq + p);
+    _mm256_storeu_ps(gq + p, _mm256_blendv_ps(old, _mm256_fmadd_ps(_mm256_loadu_ps(g + p), key, old), m));
+  }
+#else
+  (void)g, (void)k, (void)sel, (void)gq, (void)p1, (void)pf;
+#endif
+  return p;
 }
 
 template <typename T>
-inline void backward_row_impl(const BackwardRowArgs<T>& a) {
-  using S = Simd<T>;
-  using Vec = typename S::Vec;
-  constexpr int N = S::kLanes;
-  const int64_t pitch = a.pitch, vpitch = a.value_pitch;
-  for (int64_t n = 0; n < a.count; ++n) {
-    const BackwardItem<T>& it = a.items[n];
-    const T* go = a.go + it.pixel * vpitch;
-    const T* v = a.v + it.sel * vpitch;
-    Vec acc = Vec{};
-    for (int64_t c = 0; c < vpitch; c += N) acc = S::fma(load<Vec>(go + c), load<Vec>(v + c), acc);
-    T dot = 0;
-    for (int l = 0; l < N; ++l) dot += acc[l];
-    const T g = a.scale * (it.grad_score + dot);
-    const Vec gv = Vec{} + g;
-    if (it.own_sel) {
-      const T* q = a.q + it.pixel * pitch;
-      T* gk = a.gk + it.sel * pitch;
-      for (int64_t c = 0; c < pitch; c += N) store(gk + c, S::fma(gv, load<Vec>(q + c), load<Vec>(gk + c)));
-      const Vec sv = Vec{} + it.score;
-      T* gval = a.gv + it.sel * vpitch;
-      for (int64_t c = 0; c < vpitch; c += N) store(gval + c, S::fma(sv, load<Vec>(go + c), load<Vec>(gval + c)));
+inline void selection_grad_impl(const SelectionArgs<T>& a) {
+  const int64_t W = a.width, H = a.height, r = a.kernel_size / 2, d = a.dilation;
+  const int32_t K = a.kernel_size, K2 = K * K;
+  const int64_t n = a.p1 - a.p0;
+  int32_t* __restrict sel = a.sel + a.p0;
+  T* __restrict acc = a.acc;
+  // p0 and p1 are whole rows.
+  for (int64_t y = a.p0 / W, i = 0; i < n; ++y) {
+    for (int64_t x = 0; x < W; ++x, ++i) {
+      const int64_t j = a.index[a.p0 + i];
+      int32_t s = -1;
+      // An index outside [0, K * K) selects nothing (only a direct call can pass one); neither
+      // does a candidate outside the frame (a zero-padded key: nothing to differentiate).
+      if (j >= 0 && j < K2) {
+        const int32_t j32 = static_cast<int32_t>(j);
+        const int64_t sy = y + (j32 / K - r) * d, sx = x + (j32 % K - r) * d;
+        if (sy >= 0 && sy < H && sx >= 0 && sx < W) s = static_cast<int32_t>(sy * W + sx);
+      }
+      sel[i] = s;
+      acc[i] = T(0);
     }
-    if (it.gq >= 0) {
-      const T* k = a.k + it.sel * pitch;
-      T* gq = a.gq + it.gq * pitch;
-      for (int64_t c = 0; c < pitch; c += N) store(gq + c, S::fma(gv, load<Vec>(k + c), load<Vec>(gq + c)));
+  }
+  // <grad_out[p], value[sel]> channel by channel in increasing c; pixels selecting nothing
+  // read value pixel 0 and their sum is never used.
+  // The window of value pixels the band's pixels can select.
+  const int64_t lo = std::max<int64_t>(0, a.p0 - a.reach * (W + 1)), hi = std::min(H * W, a.p1 + a.reach * (W + 1));
+  if (a.channels > 0) Prefetcher(a.v + lo, a.v + hi, 1).all();
+  for (int64_t c = 0; c < a.channels; ++c) {
+    const T* __restrict go = a.go + c * a.channel_stride + a.p0;
+    const T* __restrict v = a.v + c * a.channel_stride;
+    const T* next = v + (c + 1 < a.channels ? a.channel_stride : 0);
+    Prefetcher pf(next + lo, next + (c + 1 < a.channels ? hi : lo), n / Simd<T>::kLanes);
+    int64_t i = 0;
+    if constexpr (std::is_same_v<T, float>) i = gather_fma_clamped(go, v, sel, acc, n, pf);
+    for (; i < n; ++i) acc[i] = scalar_fma(go[i], v[sel[i] < 0 ? 0 : sel[i]], acc[i]);
+  }
+  T* __restrict g = a.g + a.p0;
+  const T* __restrict gs = a.gs + a.p0;
+  for (int64_t i = 0; i < n; ++i) g[i] = a.scale * (gs[i] + acc[i]);
+}
+
+template <typename T>
+inline void key_band_impl(const KeyBandArgs<T>& a) {
+  T* __restrict gq = a.gq;
+  const T* __restrict q = a.q;
+  for (int64_t p = a.p0; p < a.p1; ++p) gq[p] = T(0);
+  // The window of key pixels the band's pixels can select.
+  const int64_t lo = std::max<int64_t>(0, a.p0 - a.reach * (a.width + 1)),
+                hi = std::min(a.pixels, a.p1 + a.reach * (a.width + 1));
+  if (a.frames > 0) Prefetcher(a.k + lo, a.k + hi, 1).all();
+  for (int64_t t = 0; t < a.frames; ++t) {
+    const int32_t* __restrict sel = a.sel + t * a.pixels;
+    const T* __restrict g = a.g + t * a.pixels;
+    const T* __restrict k = a.k + t * a.frame_stride;
+    T* __restrict gk = a.gk + t * a.frame_stride;
+    for (int64_t p = a.zero0; p < a.zero1; ++p) gk[p] = T(0);
+    const T* next = k + (t + 1 < a.frames ? a.frame_stride : 0);
+    Prefetcher pf(next + lo, next + (t + 1 < a.frames ? hi : lo), (a.p1 - a.p0) / Simd<T>::kLanes);
+    int64_t p = a.p0;
+    if constexpr (std::is_same_v<T, float>) p = gather_fma_masked(g, k, sel, gq, p, a.p1, pf);
+    for (; p < a.p1; ++p)
+      if (const int32_t s = sel[p]; s >= 0) gq[p] = scalar_fma(g[p], k[s], gq[p]);
+    if (const ValueBandArgs<T>* v = a.value) {
+      // The value channel's scatter in the same pass: one sel load and test for both.
+      const T* __restrict score = v->score + t * a.pixels;
+      const T* __restrict go = v->go + t * v->frame_stride;
+      T* __restrict gv = v->gv + t * v->frame_stride;
+      for (p = v->zero0; p < v->zero1; ++p) gv[p] = T(0);
+      for (p = a.p0; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) {
+          gk[s] = scalar_fma(g[p], q[p], gk[s]);
+          gv[s] = scalar_fma(score[p], go[p], gv[s]);
+        }
+    } else {
+      for (p = a.p0; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) gk[s] = scalar_fma(g[p], q[p], gk[s]);
     }
   }
 }
 
-void backward_row(const BackwardRowArgs<float>& a) { backward_row_impl(a); }
-void backward_row(const BackwardRowArgs<double>& a) { backward_row_impl(a); }
-
-void transpose(const float* src, int64_t src_stride, int64_t rows, int64_t cols, float* dst, int64_t dst_stride,
-               bool add) {
-  if (add)
-    transpose_impl<float, true>(src, src_stride, rows, cols, dst, dst_stride);
-  else
-    transpose_impl<float, false>(src, src_stride, rows, cols, dst, dst_stride);
+template <typename T>
+inline void value_band_impl(const ValueBandArgs<T>& a) {
+  for (int64_t t = 0; t < a.frames; ++t) {
+    const int32_t* __restrict sel = a.sel + t * a.pixels;
+    const T* __restrict score = a.score + t * a.pixels;
+    const T* __restrict go = a.go + t * a.frame_stride;
+    T* __restrict gv = a.gv + t * a.frame_stride;
+    for (int64_t p = a.zero0; p < a.zero1; ++p) gv[p] = T(0);
+    for (int64_t p = a.p0; p < a.p1; ++p) {
+      const int32_t s = sel[p];
+      if (s < 0) continue;
+      gv[s] = scalar_fma(score[p], go[p], gv[s]);
+    }
+  }
 }
 
-void transpose(const double* src, int64_t src_stride, int64_t rows, int64_t cols, double* dst, int64_t dst_stride,
-               bool add) {
-  if (add)
-    transpose_impl<double, true>(src, src_stride, rows, cols, dst, dst_stride);
-  else
-    transpose_impl<double, false>(src, src_stride, rows, cols, dst, dst_stride);
-}
+void selection_grad(const SelectionArgs<float>& a) { selection_grad_impl(a); }
+void selection_grad(const SelectionArgs<double>& a) { selection_grad_impl(a); }
+void key_band(const KeyBandArgs<float>& a) { key_band_impl(a); }
+void key_band(const KeyBandArgs<double>& a) { key_band_impl(a); }
+void value_band(const ValueBandArgs<float>& a) { value_band_impl(a); }
+void value_band(const ValueBandArgs<double>& a) { value_band_impl(a); }
 
 void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j) {
   RowKernel<float>(a).run(jy, best, best_j);
