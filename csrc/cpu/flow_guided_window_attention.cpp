@@ -254,10 +254,10 @@ void forward_planes(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key
   const int64_t B = query.size(0), HW = g.pixels(), C = g.channels(), cells = g.cells(), W = g.width;
   const auto qf = channels_first(query), kf = channels_first(key), vf = channels_first(value);
   const bool biased = kb.defined() || vb.defined();
-  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one
+  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one; (C, cells), a channel's cells adjacent
   if (biased) {
-    kbz = kb.defined() ? kb : at::zeros({cells, C}, query.options());
-    vbz = vb.defined() ? vb : at::zeros({cells, C}, query.options());
+    kbz = (kb.defined() ? kb : at::zeros({cells, C}, query.options())).t().contiguous();
+    vbz = (vb.defined() ? vb : at::zeros({cells, C}, query.options())).t().contiguous();
   }
   const int lanes = plane_lanes(isa, std::is_same_v<T, double>);
   const int64_t Wp = (W + lanes - 1) / lanes * lanes;
@@ -395,10 +395,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
              vf = channels_first(value);
   const auto ls = lse.contiguous();
   const bool biased = kb.defined() || vb.defined();
-  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one
+  at::Tensor kbz, vbz;  // both or neither: zeros for the absent one; (C, cells), a channel's cells adjacent
   if (biased) {
-    kbz = kb.defined() ? kb : at::zeros({cells, C}, query.options());
-    vbz = vb.defined() ? vb : at::zeros({cells, C}, query.options());
+    kbz = (kb.defined() ? kb : at::zeros({cells, C}, query.options())).t().contiguous();
+    vbz = (vb.defined() ? vb : at::zeros({cells, C}, query.options())).t().contiguous();
   }
   auto grad_query = at::empty(query.sizes(), query.options());
   auto prob = at::empty({B, HW, g.heads, cells}, query.options()), dscore = at::empty({B, HW, g.heads, cells}, query.options());

@@ -418,7 +418,7 @@ inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, Gather
       V kv[kCells];
       gather(k, kv);
       for (int n = 0; n < kCells; ++n) {
-        if (kBiased) kv[n] = kv[n] + a.key_bias[n * C + c];
+        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
         s[n] = pfma(q, kv[n], s[n]);
       }
     }
@@ -445,7 +445,7 @@ inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, Gather
       gather(v, vv);
       V o = {};
       for (int n = 0; n < kCells; ++n) {
-        if (kBiased) vv[n] = vv[n] + a.value_bias[n * C + c];
+        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];
         o = n == 0 ? s[0] * vv[0] : pfma(s[n], vv[n], o);
       }
       T* out = a.out + c * os + x0;
@@ -630,12 +630,12 @@ struct Window {
 template <typename T, int kRows>
 struct WindowCells {
   using V = typename Plane<T>::Vec;
-  int64_t row[kRows];
+  int64_t row[kRows];  // Window::row in bytes: the second vector of a segment is a displacement away
   __m512i ix[2];
   uint32_t mask[2];
 
   explicit WindowCells(const Window<T>& w) {
-    for (int k = 0; k < kRows; ++k) row[k] = w.row[k];
+    for (int k = 0; k < kRows; ++k) row[k] = w.row[k] * int64_t(sizeof(T));  // bytes
     for (int b = 0; b < 2; ++b) {
       if constexpr (sizeof(T) == 4)
         ix[b] = (__m512i)w.ix[b];
@@ -645,16 +645,20 @@ struct WindowCells {
     }
   }
 
+  const T* at(const T* base, int k) const {
+    return reinterpret_cast<const T*>(reinterpret_cast<const char*>(base) + row[k]);
+  }
+
   // The next block's segments reach about L elements further: the line of element 3L - 1.
   void prefetch(const T* base) const {
-    for (int k = 0; k < kRows; ++k) __builtin_prefetch(base + row[k] + 3 * Plane<T>::kLanes - 1, 0, 2);
+    for (int k = 0; k < kRows; ++k) __builtin_prefetch(at(base, k) + 3 * Plane<T>::kLanes - 1, 0, 2);
   }
 
   void operator()(const T* base, V* cell) const {
     if constexpr (sizeof(T) == 4) {
       __m512 p[2][kRows];
       for (int k = 0; k < kRows; ++k) {
-        const __m512 lo = _mm512_loadu_ps(base + row[k]), hi = _mm512_loadu_ps(base + row[k] + 16);
+        const __m512 lo = _mm512_loadu_ps(at(base, k)), hi = _mm512_loadu_ps(at(base, k) + 16);
         for (int b = 0; b < 2; ++b) p[b][k] = _mm512_permutex2var_ps(lo, ix[b], hi);
       }
       for (int b = 0; b < 2; ++b) {
@@ -664,7 +668,7 @@ struct WindowCells {
     } else {
       __m512d p[2][kRows];
       for (int k = 0; k < kRows; ++k) {
-        const __m512d lo = _mm512_loadu_pd(base + row[k]), hi = _mm512_loadu_pd(base + row[k] + 8);
+        const __m512d lo = _mm512_loadu_pd(at(base, k)), hi = _mm512_loadu_pd(at(base, k) + 8);
         for (int b = 0; b < 2; ++b) p[b][k] = _mm512_permutex2var_pd(lo, ix[b], hi);
       }
       for (int b = 0; b < 2; ++b) {
@@ -778,9 +782,9 @@ inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int6
       gather(k, kv);
       gather(v, vv);
       for (int n = 0; n < kCells; ++n) {
-        if (kBiased) kv[n] = kv[n] + a.key_bias[n * C + c];
+        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
         s[n] = pfma(q, kv[n], s[n]);
-        if (kBiased) vv[n] = vv[n] + a.value_bias[n * C + c];
+        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];
         dp[n] = pfma(g, vv[n], dp[n]);
       }
     }
@@ -806,7 +810,7 @@ inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int6
       gather(k, kv);
       V o = {};
       for (int n = 0; n < kCells; ++n) {
-        if (kBiased) kv[n] = kv[n] + a.key_bias[n * C + c];
+        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
         o = n == 0 ? dp[0] * kv[0] : pfma(dp[n], kv[n], o);
       }
       T* out = a.grad_query + c * os + x0;

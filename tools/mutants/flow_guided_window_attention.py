@@ -53,7 +53,7 @@ MUTANTS = [
            "const acc_t ds = scale * prob[h * cells + n] * dscore[h * cells + n];", "cpu", "dropped gradient"),
     # The per-ISA CPU forward (every ISA copy is compiled from SIMD; the tests force each).
     Mutant("simd-planes-drop-value-bias", SIMD,
-           "        if (kBiased) vv[n] = vv[n] + a.value_bias[n * C + c];\n        o = n == 0",
+           "        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];\n        o = n == 0",
            "        o = n == 0", "cpu", "dropped gradient", "the value bias in the channels-first forward"),
     Mutant("simd-window-row-decode", SIMD, "rel[n] = (d < 0) - (d >= W) - (d >= 2 * W);",
            "rel[n] = (d < 0) - (d >= W);", "cpu", "window radius",
