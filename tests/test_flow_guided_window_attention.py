@@ -15,6 +15,7 @@ tests/test_flow_guided_window_attention_reference.py, whose input generators thi
   precision, autocast, and determinism (bitwise, across runs and thread counts) of a backward
   where many pixels read the same key positions.
 """
+import math
 import random
 
 import pytest
@@ -601,3 +602,52 @@ def test_cpu_planes_backward_deterministic(isa, monkeypatch):
     for out, grads in results[1:]:
         assert torch.equal(out, results[0][0])
         assert all(torch.equal(a, b) for a, b in zip(grads, results[0][1]))
+
+
+# The cell loads of the channels-first kernels, exactly: with a zero query every logit is 0, so
+# P_n = 1/4 (w = 2) and out = sum_n v(cell n) / 4 with integer-valued values: exact in float32
+# and float64, whichever way the kernel loads the cells (AVX-512: the 2x2 window built from row
+# segments by permutes, where the block's rows and columns allow; shared runs; generic runs;
+# one load per lane). Shapes around the vector widths (W = 1 .. 65: segments of 2 vectors that
+# must stay inside the row, or inside the plane for narrow frames, partial blocks), flows with
+# one, two or three row bases per block, clamped at every border, columns spanning more than
+# two vectors, and non-finite flow.
+GATHER_WIDTHS = (1, 3, 8, 15, 16, 17, 31, 32, 33, 40, 47, 48, 65)
+GATHER_FLOWS = ("smooth", "steep", "rows", "outside", "random", "integer", "nonfinite")
+
+
+def _gather_flow(kind, H, W, generator, dtype):
+    if kind == "smooth":
+        return _smooth_flow(1, H, W, generator, dtype)
+    if kind == "steep":  # the column offset changes by ~1 every 3 pixels: wide column spans
+        xs = torch.arange(W, dtype=dtype).view(1, 1, 1, W)
+        return torch.cat([(xs / 3 - 2).expand(1, 1, H, W), torch.rand(1, 1, H, W, generator=generator, dtype=dtype) * 2.5 - 1.25], 1)
+    if kind == "rows":  # dy in [-1.5, 1.5): up to four row bases per block, top and bottom clamping
+        return torch.cat([torch.rand(1, 1, H, W, generator=generator, dtype=dtype) - 0.5,
+                          torch.rand(1, 1, H, W, generator=generator, dtype=dtype) * 3 - 1.5], 1)
+    return make_flow(kind, 1, H, W, generator, dtype)
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", GATHER_FLOWS)
+def test_cpu_planes_cell_loads_exact(isa, dtype, kind, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    generator = torch.Generator().manual_seed(GATHER_FLOWS.index(kind))
+    for H_ in (1, 2, 3, 6):
+        for W in GATHER_WIDTHS:
+            C = 3
+            value = (torch.arange(H_ * W, dtype=dtype).view(1, 1, H_, W) * 4
+                     + torch.arange(C, dtype=dtype).view(1, C, 1, 1) * 100000)
+            query = torch.zeros(1, C, H_, W, dtype=dtype)
+            key = torch.randn(1, C, H_, W, generator=generator, dtype=dtype)
+            flow = _gather_flow(kind, H_, W, generator, dtype)
+            out, lse = torch.ops.vsr_kernels.flow_guided_window_attention(query, key, value, flow, 2, 1, None, None,
+                                                                          1.0)
+            want = reference.flow_guided_window_attention(query.double(), key.double(), value.double(),
+                                                          flow.double(), 2, 1)
+            assert torch.equal(torch.isnan(out), torch.isnan(want)), (H_, W)
+            assert torch.equal(out.double().nan_to_num(-1), want.nan_to_num(-1)), (H_, W)
+            finite = ~torch.isnan(want[:, :1])
+            assert torch.equal(lse[finite], torch.full_like(lse[finite], math.log(4))), (H_, W)

@@ -44,7 +44,8 @@ struct RowArgs {
 // - query, key, value, out: the batch element's planes, channel c at c * channel[i]
 //   (i = 0, 1, 2, 3 for query, key, value, out); pixels unit-stride; query and out point at
 //   the row's first pixel, key and value at pixel 0 of the frame;
-// - key_bias, value_bias: (cells, C) unpadded, or null (both given or both null);
+// - key_bias, value_bias: (C, cells) (transposed: a channel's cells adjacent), unpadded, or
+//   null (both given or both null);
 // - cell[n * cell_stride + x]: int32 pixel index (y * W + x) of cell n of pixel x, for
 //   x < width rounded up to the vector (pixels with non-finite flow: any valid index; the
 //   launcher overwrites their results);

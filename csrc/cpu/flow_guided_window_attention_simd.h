@@ -341,6 +341,29 @@ inline Plane<double>::Vec vexp(Plane<double>::Vec x) {
 }
 
 constexpr bool kPrefetch = VSR_SIMD_BYTES > 16;
+
+inline bool aligned_vector(const void* p) { return reinterpret_cast<uintptr_t>(p) % VSR_SIMD_BYTES == 0; }
+
+// A non-temporal store of a whole vector at an aligned address (then an sfence before the
+// results are handed over: forward_planes_row).
+inline void stream_store(float* p, Plane<float>::Vec v) {
+#if VSR_SIMD_BYTES == 64
+  _mm512_stream_ps(p, (__m512)v);
+#elif VSR_SIMD_BYTES == 32
+  _mm256_stream_ps(p, (__m256)v);
+#else
+  store(p, v);  // the base copy: any CPU
+#endif
+}
+inline void stream_store(double* p, Plane<double>::Vec v) {
+#if VSR_SIMD_BYTES == 64
+  _mm512_stream_pd(p, (__m512d)v);
+#elif VSR_SIMD_BYTES == 32
+  _mm256_stream_pd(p, (__m256d)v);
+#else
+  store(p, v);
+#endif
+}
 constexpr bool kWideRows = VSR_SIMD_BYTES == 64;  // a vector's row spans two lines
 
 // Where the next block's key/value rows start (after the block's last pixel's first and last
@@ -367,8 +390,9 @@ inline void prefetch_rows(const T* base, const int64_t* ahead) {
 }
 
 template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
-inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, const Gather& gather,
-                        const int64_t* ahead) {
+inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, Gather gather) {
+  // gather by value: its offsets, indices, masks and prefetch targets stay in registers (through
+  // a reference they were reloaded for every channel, as the stores might alias them).
   using V = typename Plane<T>::Vec;
   constexpr int L = Plane<T>::kLanes;
   constexpr T inf = std::numeric_limits<T>::infinity();
@@ -380,6 +404,9 @@ inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, const 
     std::memcpy(&v, p, valid * sizeof(T));
     return v;
   };
+  // out's vectors are whole aligned lines (AVX-512) where out and its channel stride are
+  // aligned: stored non-temporally (no read for ownership of a line about to be overwritten).
+  const bool stream = kFull && aligned_vector(a.out + x0) && (os * sizeof(T)) % VSR_SIMD_BYTES == 0;
   for (int64_t h = 0; h < a.heads; ++h) {
     V s[kCells];
     for (int n = 0; n < kCells; ++n) s[n] = V{};
@@ -387,11 +414,12 @@ inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, const 
       const V q = load_q(a.query + c * qs + x0);
       const T* k = a.key + c * ks;
       if (kPrefetch) __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
-      prefetch_rows(k, ahead);
+      gather.prefetch(k);
+      V kv[kCells];
+      gather(k, kv);
       for (int n = 0; n < kCells; ++n) {
-        V kv = gather(k, n);
-        if (kBiased) kv = kv + a.key_bias[n * C + c];
-        s[n] = pfma(q, kv, s[n]);
+        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
+        s[n] = pfma(q, kv[n], s[n]);
       }
     }
     V m = V{} - inf;
@@ -411,16 +439,19 @@ inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, const 
     for (int n = 0; n < kCells; ++n) s[n] = s[n] * inv;
     for (int64_t c = h * D; c < (h + 1) * D; ++c) {
       const T* v = a.value + c * vs;
-      if (kPrefetch) __builtin_prefetch(a.out + c * os + x0 + L, 1, 2);
-      prefetch_rows(v, ahead);
+      if (kPrefetch && !stream) __builtin_prefetch(a.out + c * os + x0 + L, 1, 2);
+      gather.prefetch(v);
+      V vv[kCells];
+      gather(v, vv);
       V o = {};
       for (int n = 0; n < kCells; ++n) {
-        V vv = gather(v, n);
-        if (kBiased) vv = vv + a.value_bias[n * C + c];
-        o = n == 0 ? s[0] * vv : pfma(s[n], vv, o);
+        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];
+        o = n == 0 ? s[0] * vv[0] : pfma(s[n], vv[n], o);
       }
       T* out = a.out + c * os + x0;
-      if (kFull)
+      if (kFull && stream)
+        stream_store(out, o);
+      else if (kFull)
         store(out, o);
       else
         std::memcpy(out, &o, valid * sizeof(T));
@@ -436,12 +467,17 @@ struct SharedRuns {
   using V = typename Plane<T>::Vec;
   int64_t off[kCount];
   int64_t shift[kCells];
+  int64_t ahead[2];  // prefetch targets (prefetch_targets)
+  void prefetch(const T* base) const { prefetch_rows(base, ahead); }
 #if VSR_SIMD_BYTES == 64
   uint32_t mask[kCount];
 #elif VSR_SIMD_BYTES == 32
   typename Runs<T>::M mask[kCount];
 #endif
-  V operator()(const T* base, int n) const {
+  void operator()(const T* base, V* cell) const {
+    for (int n = 0; n < kCells; ++n) cell[n] = one(base, n);
+  }
+  V one(const T* base, int n) const {
     const T* p = base + shift[n];
 #if VSR_SIMD_BYTES == 64
     if constexpr (sizeof(T) == 4) {
@@ -489,8 +525,11 @@ inline int shared_runs(const Runs<T>* runs, int64_t* shift) {
 }
 
 template <typename T, int kCount, int kCells>
-inline SharedRuns<T, kCount, kCells> make_shared_runs(const Runs<T>* runs, const int64_t* shift) {
+inline SharedRuns<T, kCount, kCells> make_shared_runs(const Runs<T>* runs, const int64_t* shift,
+                                                      const int64_t* ahead) {
   SharedRuns<T, kCount, kCells> sr;
+  sr.ahead[0] = ahead[0];
+  sr.ahead[1] = ahead[1];
   for (int r = 0; r < kCount; ++r) {
     sr.off[r] = runs[0].off[r];
 #if VSR_SIMD_BYTES > 16
@@ -501,33 +540,202 @@ inline SharedRuns<T, kCount, kCells> make_shared_runs(const Runs<T>* runs, const
   return sr;
 }
 
-template <typename T, int kCells, bool kBiased, bool kFull>
-inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
-  Runs<T> runs[kCells];
-  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
-  // Software prefetch (into L2) of the next block's lines in every plane this block reads:
-  // the block touches ~10 lines in each of the 4 * C planes, more streams than the hardware
-  // prefetchers follow. Key and value: the first and last cell's rows, one vector ahead.
+// A 2x2 window's cells (w = 2) from whole row segments, AVX-512: cell (a, b) of lane j lies at
+// row R_a[j], column X_b[j] (cell n = 2a + b; rows depend on a only, columns on b only). Where
+// the block's columns lie within 2L consecutive elements of a row (X in [xb, xb + 2L)) and its
+// rows within three consecutive rows u, u + 1, u + 2 (R_0 in {u, u + 1}; R_1 in {u, u + 1} or
+// {u + 1, u + 2}), each channel loads those rows' segments once (two vectors per row) and
+// builds the four cells in registers: per row and column b one two-source permute
+// (vpermt2ps/pd, index X_b - xb), per cell one blend of its two rows. The same elements as
+// one load per lane: the arithmetic and its bits do not change. 4 or 6 loads, 4 or 6 permutes
+// and 4 blends per plane instead of 4 cells x (number of runs) loads.
+#if VSR_SIMD_BYTES == 64
+template <typename T>
+struct Window {
+  using I = typename Plane<T>::Idx;
+  static constexpr int L = Plane<T>::kLanes;
+  int rows;           // 2 or 3 rows loaded; 0: not this layout
+  int64_t row[3];     // row segment k starts at row[k] in each plane: (u + k) * W + xb
+  I ix[2];            // X_b - xb, in [0, 2L)
+  uint32_t mask[2];   // lanes of cell row a that read the second of its two rows
+
+  static uint32_t bits(I m) {
+    if constexpr (sizeof(I) == 64)
+      return _mm512_test_epi32_mask((__m512i)m, (__m512i)m);
+    else
+      return _mm256_test_epi32_mask((__m256i)m, (__m256i)m);
+  }
+  static int32_t lane_min(I v) {
+    int32_t r = v[0];
+    for (int j = 1; j < L; ++j) r = v[j] < r ? v[j] : r;
+    return r;
+  }
+  static int32_t lane_max(I v) {
+    int32_t r = v[0];
+    for (int j = 1; j < L; ++j) r = v[j] > r ? v[j] : r;
+    return r;
+  }
+
+  // cell[n * cell_stride + j]: the block's pixel indices (valid lanes; the others repeat lane 0).
+  void build(const int32_t* cell, int64_t cell_stride, int64_t width, int64_t plane, int64_t valid) {
+    rows = 0;
+    const int32_t W = static_cast<int32_t>(width);
+    I id[4];
+    for (int n = 0; n < 4; ++n) {
+      id[n] = load<I>(cell + n * cell_stride);
+      for (int64_t j = valid; j < L; ++j) id[n][j] = id[n][0];
+    }
+    // Rows relative to r0 (the row of cell 0 of lane 0): d = index - r0 W, row -1 .. 2.
+    const int32_t r0 = id[0][0] / W;
+    I rel[4], col[4], bad = {};
+    for (int n = 0; n < 4; ++n) {
+      const I d = id[n] - r0 * W;
+      bad |= (d < -W) | (d >= 3 * W);
+      rel[n] = (d < 0) - (d >= W) - (d >= 2 * W);  // -1, 0, 1, 2 (comparisons are -1 where true)
+      col[n] = d - rel[n] * W;
+    }
+    bad |= (rel[1] != rel[0]) | (rel[3] != rel[2]) | (col[2] != col[0]) | (col[3] != col[1]);
+    if (bits(bad)) return;
+    const int32_t u = lane_min(rel[0]), top = lane_max(rel[0] > rel[2] ? rel[0] : rel[2]);
+    const I t0 = rel[0] - u, t1 = rel[2] - u;
+    if (lane_max(t0) > 1) return;
+    const int32_t t1_lo = lane_min(t1), t1_hi = lane_max(t1);
+    if (t1_lo >= 0 && t1_hi <= 1) {
+      rows = 2;
+      mask[1] = bits(t1 == 1);
+    } else if (t1_lo >= 1 && t1_hi <= 2) {
+      rows = 3;
+      mask[1] = bits(t1 == 2);
+    } else {
+      return;
+    }
+    mask[0] = bits(t0 == 1);
+    const I lo = col[0] < col[1] ? col[0] : col[1], hi = col[0] > col[1] ? col[0] : col[1];
+    int64_t xb = lane_min(lo);
+    if (lane_max(hi) - xb >= 2 * L) {
+      rows = 0;
+      return;
+    }
+    if (W >= 2 * L && xb > W - 2 * L) xb = W - 2 * L;  // the segments stay inside the row
+    for (int k = 0; k < 3; ++k) {
+      const int64_t r = r0 + (u + k < top ? u + k : top);
+      row[k] = r * W + xb;
+      if (row[k] + 2 * L > plane) rows = 0;  // narrow frames: the segments run into later rows
+    }
+    ix[0] = col[0] - static_cast<int32_t>(xb);
+    ix[1] = col[1] - static_cast<int32_t>(xb);
+  }
+};
+
+template <typename T, int kRows>
+struct WindowCells {
+  using V = typename Plane<T>::Vec;
+  int64_t row[kRows];  // Window::row in bytes: the second vector of a segment is a displacement away
+  __m512i ix[2];
+  uint32_t mask[2];
+
+  explicit WindowCells(const Window<T>& w) {
+    for (int k = 0; k < kRows; ++k) row[k] = w.row[k] * int64_t(sizeof(T));  // bytes
+    for (int b = 0; b < 2; ++b) {
+      if constexpr (sizeof(T) == 4)
+        ix[b] = (__m512i)w.ix[b];
+      else
+        ix[b] = _mm512_cvtepi32_epi64((__m256i)w.ix[b]);
+      mask[b] = w.mask[b];
+    }
+  }
+
+  const T* at(const T* base, int k) const {
+    return reinterpret_cast<const T*>(reinterpret_cast<const char*>(base) + row[k]);
+  }
+
+  // The next block's segments reach about L elements further: the line of element 3L - 1.
+  void prefetch(const T* base) const {
+    for (int k = 0; k < kRows; ++k) __builtin_prefetch(at(base, k) + 3 * Plane<T>::kLanes - 1, 0, 2);
+  }
+
+  void operator()(const T* base, V* cell) const {
+    if constexpr (sizeof(T) == 4) {
+      __m512 p[2][kRows];
+      for (int k = 0; k < kRows; ++k) {
+        const __m512 lo = _mm512_loadu_ps(at(base, k)), hi = _mm512_loadu_ps(at(base, k) + 16);
+        for (int b = 0; b < 2; ++b) p[b][k] = _mm512_permutex2var_ps(lo, ix[b], hi);
+      }
+      for (int b = 0; b < 2; ++b) {
+        cell[b] = (V)_mm512_mask_blend_ps((__mmask16)mask[0], p[b][0], p[b][1]);
+        cell[2 + b] = (V)_mm512_mask_blend_ps((__mmask16)mask[1], p[b][kRows - 2], p[b][kRows - 1]);
+      }
+    } else {
+      __m512d p[2][kRows];
+      for (int k = 0; k < kRows; ++k) {
+        const __m512d lo = _mm512_loadu_pd(at(base, k)), hi = _mm512_loadu_pd(at(base, k) + 8);
+        for (int b = 0; b < 2; ++b) p[b][k] = _mm512_permutex2var_pd(lo, ix[b], hi);
+      }
+      for (int b = 0; b < 2; ++b) {
+        cell[b] = (V)_mm512_mask_blend_pd((__mmask8)mask[0], p[b][0], p[b][1]);
+        cell[2 + b] = (V)_mm512_mask_blend_pd((__mmask8)mask[1], p[b][kRows - 2], p[b][kRows - 1]);
+      }
+    }
+  }
+};
+#endif
+
+// The generic runs of every cell (Runs::gather), prefetching like SharedRuns.
+template <typename T, int kCells>
+struct RunsGather {
+  using V = typename Plane<T>::Vec;
+  const Runs<T>* runs;
   int64_t ahead[2];
-  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
+  void operator()(const T* base, V* cell) const {
+    for (int n = 0; n < kCells; ++n) cell[n] = runs[n].gather(base);
+  }
+  void prefetch(const T* base) const { prefetch_rows(base, ahead); }
+};
+
+// The loads of one block's cells for the forward and the backward's step 1: calls body(gather)
+// with the cheapest gather that serves the block (gather(base, cell) fills cell[n] with the
+// lanes' values of cell n in the plane at base; gather.prefetch(base) prefetches the next
+// block's new lines in that plane, into L2). In order: the 2x2 window from row segments (AVX-512, w = 2); the shared
+// runs (every cell's runs cell 0's shifted, 1 to 4 runs); the generic runs (one load per lane
+// where there are too many).
+template <typename T, int kCells, typename Body>
+inline void with_block_gather(const int32_t* cell, int64_t cell_stride, int64_t width, int64_t plane, int64_t valid,
+                              const Body& body) {
+#if VSR_SIMD_BYTES == 64
+  if constexpr (kCells == 4) {
+    Window<T> w;
+    w.build(cell, cell_stride, width, plane, valid);
+    if (w.rows == 2) return body(WindowCells<T, 2>(w));
+    if (w.rows == 3) return body(WindowCells<T, 3>(w));
+  }
+#else
+  (void)width;
+#endif
+  Runs<T> runs[kCells];
+  for (int n = 0; n < kCells; ++n) runs[n].build(cell + n * cell_stride, plane);
+  int64_t ahead[2];
+  prefetch_targets<T, kCells>(cell, cell_stride, plane, valid, ahead);
 #if VSR_SIMD_BYTES > 16
   int64_t shift[kCells];
   switch (shared_runs<T, kCells>(runs, shift)) {
-    case 1: return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 1, kCells>(runs, shift), ahead);
-    case 2: return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 2, kCells>(runs, shift), ahead);
+    case 1: return body(make_shared_runs<T, 1, kCells>(runs, shift, ahead));
+    case 2: return body(make_shared_runs<T, 2, kCells>(runs, shift, ahead));
     case 3:
-      if constexpr (Runs<T>::kMaxRuns >= 3)
-        return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 3, kCells>(runs, shift), ahead);
+      if constexpr (Runs<T>::kMaxRuns >= 3) return body(make_shared_runs<T, 3, kCells>(runs, shift, ahead));
       break;
     case 4:
-      if constexpr (Runs<T>::kMaxRuns >= 4)
-        return planes_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 4, kCells>(runs, shift), ahead);
+      if constexpr (Runs<T>::kMaxRuns >= 4) return body(make_shared_runs<T, 4, kCells>(runs, shift, ahead));
       break;
     default: break;
   }
 #endif
-  planes_body<T, kCells, kBiased, kFull>(a, x0, valid, [&](const T* base, int n) { return runs[n].gather(base); },
-                                         ahead);
+  return body(RunsGather<T, kCells>{runs, {ahead[0], ahead[1]}});
+}
+
+template <typename T, int kCells, bool kBiased, bool kFull>
+inline void planes_block(const PlaneArgs<T>& a, int64_t x0, int64_t valid) {
+  with_block_gather<T, kCells>(a.cell + x0, a.cell_stride, a.width, a.plane, valid,
+                               [&](const auto& gather) { planes_body<T, kCells, kBiased, kFull>(a, x0, valid, gather); });
 }
 
 template <typename T, int kCells, bool kBiased>
@@ -544,8 +752,7 @@ inline void planes_row(const PlaneArgs<T>& a) {
 // delta = sum_n P_n dP_n in n order, dS_n = (scale P_n) (dP_n - delta),
 // grad_query = sum_n dS_n (k_n + kb_n) in n order.
 template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
-inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid, const Gather& gather,
-                                 const int64_t* ahead) {
+inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid, Gather gather) {
   using V = typename Plane<T>::Vec;
   using I = typename Plane<T>::Idx;
   constexpr int L = Plane<T>::kLanes;
@@ -569,15 +776,16 @@ inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int6
         __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
         __builtin_prefetch(a.grad_out + c * gs + x0 + L, 0, 2);
       }
-      prefetch_rows(k, ahead);
-      prefetch_rows(v, ahead);
+      gather.prefetch(k);
+      gather.prefetch(v);
+      V kv[kCells], vv[kCells];
+      gather(k, kv);
+      gather(v, vv);
       for (int n = 0; n < kCells; ++n) {
-        V kv = gather(k, n);
-        if (kBiased) kv = kv + a.key_bias[n * C + c];
-        s[n] = pfma(q, kv, s[n]);
-        V vv = gather(v, n);
-        if (kBiased) vv = vv + a.value_bias[n * C + c];
-        dp[n] = pfma(g, vv, dp[n]);
+        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
+        s[n] = pfma(q, kv[n], s[n]);
+        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];
+        dp[n] = pfma(g, vv[n], dp[n]);
       }
     }
     const V lse = load_part(a.lse + h * a.lse_head + x0);
@@ -598,11 +806,12 @@ inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int6
     }
     for (int64_t c = h * D; c < (h + 1) * D; ++c) {
       const T* k = a.key + c * ks;
+      V kv[kCells];
+      gather(k, kv);
       V o = {};
       for (int n = 0; n < kCells; ++n) {
-        V kv = gather(k, n);
-        if (kBiased) kv = kv + a.key_bias[n * C + c];
-        o = n == 0 ? dp[0] * kv : pfma(dp[n], kv, o);
+        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
+        o = n == 0 ? dp[0] * kv[0] : pfma(dp[n], kv[n], o);
       }
       T* out = a.grad_query + c * os + x0;
       if (kFull)
@@ -625,34 +834,10 @@ inline void planes_backward_body(const PlaneBackwardArgs<T>& a, int64_t x0, int6
 
 template <typename T, int kCells, bool kBiased, bool kFull>
 inline void planes_backward_block(const PlaneBackwardArgs<T>& a, int64_t x0, int64_t valid) {
-  Runs<T> runs[kCells];
-  for (int n = 0; n < kCells; ++n) runs[n].build(a.cell + n * a.cell_stride + x0, a.plane);
-  int64_t ahead[2];
-  prefetch_targets<T, kCells>(a.cell + x0, a.cell_stride, a.plane, valid, ahead);
-#if VSR_SIMD_BYTES > 16
-  int64_t shift[kCells];
-  switch (shared_runs<T, kCells>(runs, shift)) {
-    case 1:
-      return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 1, kCells>(runs, shift),
-                                                             ahead);
-    case 2:
-      return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, make_shared_runs<T, 2, kCells>(runs, shift),
-                                                             ahead);
-    case 3:
-      if constexpr (Runs<T>::kMaxRuns >= 3)
-        return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid,
-                                                               make_shared_runs<T, 3, kCells>(runs, shift), ahead);
-      break;
-    case 4:
-      if constexpr (Runs<T>::kMaxRuns >= 4)
-        return planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid,
-                                                               make_shared_runs<T, 4, kCells>(runs, shift), ahead);
-      break;
-    default: break;
-  }
-#endif
-  planes_backward_body<T, kCells, kBiased, kFull>(
-      a, x0, valid, [&](const T* base, int n) { return runs[n].gather(base); }, ahead);
+  with_block_gather<T, kCells>(a.cell + x0, a.cell_stride, a.width, a.plane, valid,
+                               [&](const auto& gather) {
+                                 planes_backward_body<T, kCells, kBiased, kFull>(a, x0, valid, gather);
+                               });
 }
 
 template <typename T, int kCells, bool kBiased>
@@ -686,8 +871,19 @@ inline void forward_planes_row_t(const PlaneArgs<T>& a) {
   }
 }
 
-void forward_planes_row(const PlaneArgs<float>& a) { forward_planes_row_t<float>(a); }
-void forward_planes_row(const PlaneArgs<double>& a) { forward_planes_row_t<double>(a); }
+inline void store_fence() {
+#if VSR_SIMD_BYTES > 16
+  _mm_sfence();  // the non-temporal stores of out (stream_store)
+#endif
+}
+void forward_planes_row(const PlaneArgs<float>& a) {
+  forward_planes_row_t<float>(a);
+  store_fence();
+}
+void forward_planes_row(const PlaneArgs<double>& a) {
+  forward_planes_row_t<double>(a);
+  store_fence();
+}
 int plane_lanes(float) { return Plane<float>::kLanes; }
 int plane_lanes(double) { return Plane<double>::kLanes; }
 
