@@ -1,13 +1,14 @@
 // CPU launchers of deform_kernel_conv2d (depthwise deformable-kernel convolution).
 //
 // Layout: the work runs channels-last. The input (and, in the backward, grad_out) is copied
-// once into a (B, pixels, C) buffer in the accumulation dtype, and every channel's kernel
-// scope into a zero-padded, transposed (scope position, C) table. A sampling tap (its two
-// bilinear samplers, common/bilinear.h) is then built once per (position, tap, group) and
-// applied to all channels of its group by unit-stride loops over the channels (vectorised by
-// the compiler: no gathers), reading four neighbour rows of the scope table and four of the
-// input buffer; a neighbour outside the input or the scope reads a row of zeros. Nothing of
-// the size of the output times the taps is ever built.
+// once into a buffer in the accumulation dtype, the input in a zero border (Padded), and every
+// channel's kernel scope into a zero-padded, transposed (scope position, C) table. The
+// sampling taps (the bilinear rule of common/bilinear.h, in a branch-free vectorised copy:
+// sample_lanes) are built for 16 output positions of a row at a time, then applied to all
+// channels of their group by unit-stride loops over the channels (vectors, no gathers),
+// reading four neighbour rows of the scope table and four of the input buffer from one base
+// each; a neighbour outside the input or the scope reads a zero of the border. Nothing of the
+// size of the output times the taps is ever built.
 //
 // Forward: one task per (batch element b, output row); a row's (Wo, C) accumulator stays in
 // cache and is written out channels-first.
@@ -314,8 +315,9 @@ VSR_ALWAYS_INLINE void kernel_samples(Samples<acc_t>& s, const Geometry& g, cons
                                       int64_t i, int64_t j, int64_t p0, int len) {
   const T* __restrict oy = kernel_offset_b + pair_channel(g, gk, i * g.kw + j) * g.positions() + p0;
   const T* __restrict ox = oy + g.positions();
-  // kernel_point()'s centre, then + dky, + dkx.
-  const acc_t cy = acc_t(i) + acc_t(g.Sh - g.kh) * acc_t(0.5), cx = acc_t(j) + acc_t(g.Sw - g.kw) * acc_t(0.5);
+  // kernel_point()'s centre (+ 0: the same bits), then + dky, + dkx.
+  acc_t cy, cx;
+  kernel_point(g, i, j, acc_t(0), acc_t(0), &cy, &cx);
   const acc_t rows = acc_t(g.Sh), cols = acc_t(g.Sw);
   const int32_t rows1 = static_cast<int32_t>(g.Sh - 1), cols1 = static_cast<int32_t>(g.Sw - 1);
   alignas(64) acc_t ys[kSeg], xs[kSeg];
