@@ -35,10 +35,6 @@ MUTANTS = [
     Mutant("cpp-grid-mask", CPU, "      s.vy[l] = row_in && gx >= 0 && gx < g.W ? static_cast<int32_t>(gy + 1) : -1;",
            "      s.vy[l] = row_in && gx >= 0 ? static_cast<int32_t>(gy + 1) : -1;", "cpu", "dropped mask",
            "the regular grid reads past the end of a row"),
-    # The CPU backend's vectorised copy of the sampler's rule (sample_lanes).
-    Mutant("cpp-lane-neighbour-mask", CPU, "ox0 = x0 >= 0, ox1 = x0 < I{} + cols1;",
-           "ox0 = x0 >= 0, ox1 = x0 <= I{} + cols1;", "cpu", "dropped mask",
-           "reads one past the last column of the input / the scope (vectorised sampler)"),
     Mutant("cpp-scope-centre", MATH, "  *ky = (acc_t(i) + acc_t(g.Sh - g.kh) * acc_t(0.5)) + dky;",
            "  *ky = (acc_t(i) + acc_t((g.Sh - g.kh) / 2)) + dky;", "cpu", "window radius"),
     Mutant("cpp-dilation", MATH, "  return wo * g.stride_w - g.pad_w + j * g.dil_w;",
