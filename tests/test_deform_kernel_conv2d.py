@@ -293,6 +293,40 @@ def test_random_sweep_matches_reference(backend, seed):
     check_against_reference(backend, *make_case(_random_case(seed), seed=seed + 100))
 
 
+# Shapes wide enough for the CPU backend's vector paths (the sweep's are not): 16 output
+# positions per tap-building segment plus a tail (W not a multiple of 16), 64 float32 (32
+# float64) channels summed in registers plus a scalar channel tail (C not a multiple of them),
+# groups, borders, no offset; float64 and float32, and the float32 results independent of the
+# thread count.
+WIDE = [
+    (1, 72, 5, 37, (3, 3), (5, 5), 1, 1, 1, 1, 1, True, True, "mixed"),
+    (1, 64, 4, 33, (3, 3), (5, 5), 2, 2, 1, 1, 1, True, True, "boundary"),
+    (1, 80, 4, 18, (3, 3), (5, 5), 1, 1, 2, 1, 1, False, True, "random"),
+    (2, 64, 3, 17, (3, 3), (4, 5), 1, 4, 1, 2, 2, True, False, "outside"),
+]
+
+
+@needs_cpu
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", WIDE, ids=case_id)
+def test_cpu_vector_paths_match_reference(case):
+    cpu = next(p.values[0] for p in BACKENDS if p.values[0].name == "cpu")
+    check_against_reference(cpu, *make_case(case, seed=11))
+    # NaN canaries around every input and upstream gradient: no read outside them.
+    check_against_reference(cpu, *make_case(case, seed=13), canary=next(iter(H.CANARY_VARIANTS)))
+    tensors, geometry = make_case(case, seed=12, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(H.forward_and_grads_optional(_forward("cpu", *geometry), H.optional_leaf_copies(tensors)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(H._flatten(runs[0]), H._flatten(runs[1])):
+        assert torch.equal(a, b)
+
+
 # ---------------------------------------------------------------------------------------
 # Gradients, registration, compile.
 
