@@ -367,6 +367,23 @@ VSR_ALWAYS_INLINE void input_samples(Samples<acc_t>& s, const Geometry& g, const
   sample_all<kGrad>(s, ys, xs, rows, cols, rows1, cols1);
 }
 
+// Every tap's kernel samples (ks[gk * kk + k]) and input samples (xs[og * kk + k]) of output
+// row ho, columns wo0 .. wo0 + len - 1: what the forward and the backward's pass A build
+// before their channel loops.
+template <bool kGrad, typename acc_t, typename T>
+VSR_ALWAYS_INLINE void segment_samples(std::vector<Samples<acc_t>>& ks, std::vector<Samples<acc_t>>& xs,
+                                       const Geometry& g, const T* kernel_offset_b, const T* offset_b,
+                                       const T* mask_b, int64_t ho, int64_t wo0, int len, const acc_t* grid_x_f) {
+  const int64_t kk = g.kernel_points();
+  for (int64_t i = 0, k = 0; i < g.kh; ++i)
+    for (int64_t j = 0; j < g.kw; ++j, ++k) {
+      for (int64_t gk = 0; gk < g.kernel_groups; ++gk)
+        kernel_samples<kGrad, acc_t>(ks[gk * kk + k], g, kernel_offset_b, gk, i, j, ho * g.Wo + wo0, len);
+      for (int64_t og = 0; og < g.offset_groups; ++og)
+        input_samples<kGrad, acc_t>(xs[og * kk + k], g, offset_b, mask_b, og, i, j, ho, wo0, len, grid_x_f);
+    }
+}
+
 // acc_t(grid_x(g, j, wo)) for every tap column j and output column wo: [j * Wo + wo].
 template <typename acc_t>
 std::vector<acc_t> grid_x_table(const Geometry& g) {
@@ -625,13 +642,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
       const acc_t* x_b = x_pad + b * XL.size * C;
       for (int64_t wo0 = 0; wo0 < Wo; wo0 += kSeg) {
         const int len = static_cast<int>(std::min<int64_t>(kSeg, Wo - wo0));
-        for (int64_t i = 0, k = 0; i < g.kh; ++i)
-          for (int64_t j = 0; j < g.kw; ++j, ++k) {
-            for (int64_t gk = 0; gk < Gk; ++gk)
-              kernel_samples<false, acc_t>(ks[gk * kk + k], g, ko_b, gk, i, j, ho * Wo + wo0, len);
-            for (int64_t og = 0; og < G; ++og)
-              input_samples<false, acc_t>(xs[og * kk + k], g, off_b, msk_b, og, i, j, ho, wo0, len, grid_x_f.data());
-          }
+        segment_samples<false, acc_t>(ks, xs, g, ko_b, off_b, msk_b, ho, wo0, len, grid_x_f.data());
         for (int l = 0; l < len; ++l) {
           for (int64_t q = 0; q < Gk * kk; ++q) {
             const Samples<acc_t>& t = ks[q];
@@ -722,13 +733,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const acc_t* x_b = x_pad + b * XL.size * C;
       for (int64_t wo0 = 0; wo0 < Wo; wo0 += kSeg) {
         const int len = static_cast<int>(std::min<int64_t>(kSeg, Wo - wo0));
-        for (int64_t i = 0, k = 0; i < g.kh; ++i)
-          for (int64_t j = 0; j < g.kw; ++j, ++k) {
-            for (int64_t gk = 0; gk < Gk; ++gk)
-              kernel_samples<true, acc_t>(ks[gk * kk + k], g, ko_b, gk, i, j, ho * Wo + wo0, len);
-            for (int64_t og = 0; og < G; ++og)
-              input_samples<true, acc_t>(xs[og * kk + k], g, off_b, msk_b, og, i, j, ho, wo0, len, grid_x_f.data());
-          }
+        segment_samples<true, acc_t>(ks, xs, g, ko_b, off_b, msk_b, ho, wo0, len, grid_x_f.data());
         for (int l = 0; l < len; ++l) {
           const int64_t p = ho * Wo + wo0 + l;
           const acc_t* go = go_cl + (b * HoWo + p) * C;
