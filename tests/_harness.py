@@ -172,6 +172,16 @@ def forward_and_grads_optional(fn: Callable, tensors: Sequence[torch.Tensor | No
     return forward_and_grads(call, present, grad_outputs=grad_outputs)
 
 
+def assert_compiled_matches_eager(fn: Callable, tensors: Sequence[torch.Tensor | None], device) -> None:
+    """torch.compile(fn, fullgraph=True) gives fn's outputs and gradients (optional inputs may be
+    None): the op's fake and autograd registrations trace without graph breaks."""
+    tensors = [None if t is None else t.to(device) for t in tensors]
+    want = forward_and_grads_optional(fn, optional_leaf_copies(tensors))
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    assert_same(forward_and_grads_optional(compiled, optional_leaf_copies(tensors)), want, rtol=1e-6, atol=1e-6)
+
+
 def check_optional_against_reference(forward: Callable, reference: Callable, backend: Backend,
                                      tensors: Sequence[torch.Tensor | None], canary_variant: str | None = None,
                                      dtype=torch.float64, tol: Mapping | None = None) -> None:

@@ -169,12 +169,7 @@ def test_opcheck(backend, optional):
 @pytest.mark.parametrize("backend", H.backend_params(OP, ("cpu", "triton", "cuda")))
 def test_compile_fullgraph_matches_eager(backend):
     tensors, geometry = _tensors(_tiny(torch.float32))
-    tensors = [t.to(backend.device) for t in tensors]
-    fn = _forward(backend, *geometry)
-    want = H.forward_and_grads_optional(fn, H.optional_leaf_copies(tensors))
-    torch._dynamo.reset()
-    got = H.forward_and_grads_optional(torch.compile(fn, fullgraph=True, backend="aot_eager"), H.optional_leaf_copies(tensors))
-    H.assert_same(got, want, rtol=1e-6, atol=1e-6)
+    H.assert_compiled_matches_eager(_forward(backend, *geometry), tensors, backend.device)
 
 
 # ---------------------------------------------------------------------------------------
