@@ -256,35 +256,40 @@ void band_offsets(const int64_t* frame, const int64_t* token, int64_t n, int64_t
   }
 }
 
-// The forward in float32: per band, the T frames' channel sums (key_sums), the selection, and
-// the chosen value tokens (gather). A token's sums are a chain of multiply-adds over the
-// channels in order, in its own lane: the same bits for any band, lane or thread count.
+// Channels per task of the forward's value gather.
+constexpr int64_t kValueChannels = 64;
+
+// The forward in float32, in two parallel passes. 1. Per band: the T frames' channel sums
+// (key_pass) and the selection. A token's sums are a chain of multiply-adds over the channels
+// in order, in its own lane: the same bits for any band, lane or thread count. 2. Per block of
+// kValueChannels channels: the chosen value tokens of all the batch element's tokens
+// (gather). Split by channels, not by bands: each task reads whole rows, so no value line is
+// read by two threads (bands share the rows within a trajectory's reach of their edges: ~13 %
+// of the lines at 2 threads) and the threads write disjoint runs of out's pages.
 void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::vector<at::Tensor>& vs,
                   const at::Tensor& pos, std::vector<at::Tensor>& outs, at::Tensor& score, at::Tensor& index,
                   const Extent& e) {
   const int64_t B = k.size(0), T = e.frames, D = e.channels, N = e.tokens();
   const Rows<const float> qr(q, q.const_data_ptr<float>()), kr(k, k.const_data_ptr<float>());
-  std::vector<Rows<const float>> vr;
-  for (const auto& v : vs) vr.emplace_back(v, v.const_data_ptr<float>());
   const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
   const int64_t* pos_data = pos.const_data_ptr<int64_t>();
   float* score_data = score.mutable_data_ptr<float>();
   int64_t* index_data = index.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> chosen_data(B * N);  // the chosen token of each (b, token), -1 outside
   at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
     const int64_t stride = round_lanes(kTokens);
-    std::vector<int32_t> idx(T * stride), vidx(stride);
+    std::vector<int32_t> idx(T * stride);
     std::vector<float> qk(T * stride), kk(T * stride), qq(stride), poison(stride);
-    std::vector<int64_t> rows(T), lo(T), hi(T), chosen(stride), frame(stride);
+    std::vector<int64_t> lo(T), hi(T), zero(stride, 0);
     for (int64_t task = begin; task < end; ++task) {
       for (auto& o : outs) populate(o, task, B * runs);
       const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
       const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
-      std::fill(frame.begin(), frame.end(), int64_t(0));  // offsets within each frame
       for (int64_t t = 0; t < T; ++t) {
         lo[t] = N;
         hi[t] = 0;
-        band_offsets(frame.data(), pb + t * N, n, stride, 0, idx.data() + t * stride, lo[t], hi[t]);
+        band_offsets(zero.data(), pb + t * N, n, stride, 0, idx.data() + t * stride, lo[t], hi[t]);
       }
       key_pass(isa, KeyPass{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, kr.frame, idx.data(),
                             lo.data(), hi.data(), stride, T, D, n, qk.data(), kk.data(), qq.data(), poison.data()});
@@ -295,24 +300,42 @@ void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::
                      t);
         score_data[b * N + p0 + i] = best.sim;
         index_data[b * N + p0 + i] = best.frame;
-        frame[i] = best.frame;
-        chosen[i] = pb[best.frame * N + i];
-      }
-      for (size_t m = 0; m < vs.size(); ++m) {
-        int64_t vlo = N, vhi = 0;
-        band_offsets(frame.data(), chosen.data(), n, stride, vr[m].frame, vidx.data(), vlo, vhi);
-        for (int64_t t = 0; t < T; ++t) rows[t] = t * vr[m].frame;
-        float* out = outs[m].mutable_data_ptr<float>() + b * outs[m].stride(0) + p0;
-        if (fits_int32(T, vr[m].frame, N)) {
-          gather(isa, Gather{vr[m].row(b, 0, 0), vr[m].channel, vidx.data(), vs[m].size(2), n, out, N,
-                             Prefetch{rows.data(), T, vlo, vhi, lead(e)}});
-        } else {
-          for (int64_t c = 0; c < vs[m].size(2); ++c)
-            for (int64_t i = 0; i < n; ++i) out[c * N + i] = chosen[i] >= 0 ? vr[m].row(b, frame[i], c)[chosen[i]] : 0.f;
-        }
+        chosen_data[b * N + p0 + i] = pb[best.frame * N + i];
       }
     }
   });
+  for (size_t m = 0; m < vs.size(); ++m) {
+    const Rows<const float> vr(vs[m], vs[m].const_data_ptr<float>());
+    const int64_t Dv = vs[m].size(2), blocks = (Dv + kValueChannels - 1) / kValueChannels;
+    const bool simd = fits_int32(T, vr.frame, N);
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t stride = round_lanes(N);
+      std::vector<int32_t> vidx(stride);
+      std::vector<int64_t> rows(T);
+      for (int64_t t = 0; t < T; ++t) rows[t] = t * vr.frame;
+      int64_t ready = -1;  // the batch element vidx holds
+      int64_t vlo = N, vhi = 0;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, c0 = task % blocks * kValueChannels, cn = std::min(kValueChannels, Dv - c0);
+        const int64_t* frame = index_data + b * N;
+        const int64_t* chosen = chosen_data.data() + b * N;
+        float* out = outs[m].mutable_data_ptr<float>() + b * outs[m].stride(0) + c0 * N;
+        if (!simd) {
+          for (int64_t c = c0; c < c0 + cn; ++c, out += N)
+            for (int64_t i = 0; i < N; ++i) out[i] = chosen[i] >= 0 ? vr.row(b, frame[i], c)[chosen[i]] : 0.f;
+          continue;
+        }
+        if (ready != b) {
+          vlo = N;
+          vhi = 0;
+          band_offsets(frame, chosen, N, stride, vr.frame, vidx.data(), vlo, vhi);
+          ready = b;
+        }
+        gather(isa, Gather{vr.row(b, 0, c0), vr.channel, vidx.data(), cn, N, out, N,
+                           Prefetch{rows.data(), T, vlo, vhi, lead(e)}});
+      }
+    });
+  }
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
