@@ -24,9 +24,9 @@
 //
 // float32 (where the key's gather offsets fit 32 bits) takes the per-ISA kernels of
 // trajectory_attention_simd.h instead: the forward's key pass without gathers (channel blocks
-// transposed in registers into token-major rows), the value gather and the backward's first
-// pass vectorised across a band's tokens, with software prefetch ahead of the band (see that
-// file). A token's qk is a chain over the channel blocks of a fixed pairwise tree per block,
+// transposed in registers into token-major rows), then, in a second parallel pass over blocks
+// of channels, the value gather vectorised across all the tokens; the backward's first pass
+// vectorised across a band's tokens; software prefetch ahead of the gathers (see that file). A token's qk is a chain over the channel blocks of a fixed pairwise tree per block,
 // its |k|^2, |q|^2 a chain over the channels, in both the forward and the backward's
 // recomputation, so the two scores agree bit for bit, for any band size and thread count, as
 // in the generic path (whose block sums query_block / block_sums are shared likewise).
@@ -77,10 +77,10 @@ constexpr int64_t kChannels = 16;
 // advise_huge_pages advised, faulted in writable without changing its contents
 // (MADV_POPULATE_WRITE, Linux 5.14+; elsewhere, or on error, nothing happens and the stores
 // fault the pages in as before). Each forward task populates its share before its key pass:
-// the faults, which zero each 2 MiB page, then run on all threads at once, each page once,
-// instead of inside the value gather's stream of stores, where every thread reaches the same
-// fresh page together (the bands write a slice of every channel row). (A candidate for
-// huge_pages.h; kept here so this session edits no shared header.)
+// the faults, which zero each 2 MiB page, then run on all threads at once during the key
+// pass, not inside the value gather's stream of stores (measured at the shape, 2
+// threads: 3 ms of CPU per call less). (A candidate for huge_pages.h; kept here so that this
+// op's work edits no shared header.)
 void populate(const at::Tensor& t, int64_t part, int64_t parts) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20, kPage = uintptr_t(4) << 10;
