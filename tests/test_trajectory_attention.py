@@ -516,6 +516,27 @@ def test_cpu_isa_float32_same_bits_for_any_thread_count(isa, monkeypatch):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_cpu_large_outputs_populated_in_shares(dtype):
+    """Outputs of >= 8 MiB (B = 2 here) get the huge-page hint and are faulted in by the
+    forward's tasks, one 2 MiB-aligned share each, before they compute: the same values as the
+    reference's gather (out is copied, bit for bit) for 1, 2 and 3 threads."""
+    q, k, vs, loc = _case(9, 2, 3, 4, 20, 50, outside=True, dvs=(1100, 5))
+    q, k, vs = q.to(dtype), k.to(dtype), [v.to(dtype) for v in vs]
+    assert vs[0][:, 0].nbytes >= 8 << 20
+    want = op("reference")(q, k, *vs, loc)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = op("cpu")(q, k, *vs, loc)
+            assert torch.equal(got[-1], want[-1])
+            assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_cpu_kernels
 def test_cpu_isa_switch_rejects_unknown(monkeypatch):
     (q, k, vs, loc), _ = _float32_case((1, 2, 3, 2, 3), {}, 1, False)
     monkeypatch.setenv("VSR_KERNELS_CPU_ISA", "sse9")

@@ -24,9 +24,9 @@
 //
 // float32 (where the key's gather offsets fit 32 bits) takes the per-ISA kernels of
 // trajectory_attention_simd.h instead: the forward's key pass without gathers (channel blocks
-// transposed in registers into token-major rows), the value gather and the backward's first
-// pass vectorised across a band's tokens, with software prefetch ahead of the band (see that
-// file). A token's qk is a chain over the channel blocks of a fixed pairwise tree per block,
+// transposed in registers into token-major rows), then, in a second parallel pass over blocks
+// of channels, the value gather vectorised across all the tokens; the backward's first pass
+// vectorised across a band's tokens; software prefetch ahead of the gathers (see that file). A token's qk is a chain over the channel blocks of a fixed pairwise tree per block,
 // its |k|^2, |q|^2 a chain over the channels, in both the forward and the backward's
 // recomputation, so the two scores agree bit for bit, for any band size and thread count, as
 // in the generic path (whose block sums query_block / block_sums are shared likewise).
@@ -40,6 +40,10 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../glue/trajectory_attention.h"
 #include "huge_pages.h"
@@ -68,6 +72,34 @@ int64_t band_size(int64_t tokens) {
 constexpr int64_t kBlock = 4;
 // Channels per gradient-scatter task.
 constexpr int64_t kChannels = 16;
+
+// Share `part` of `parts` (disjoint, split at 2 MiB boundaries) of a fresh output that
+// advise_huge_pages advised, faulted in writable without changing its contents
+// (MADV_POPULATE_WRITE, Linux 5.14+; elsewhere, or on error, nothing happens and the stores
+// fault the pages in as before). Each forward task populates its share before its key pass:
+// the faults, which zero each 2 MiB page, then run on all threads at once during the key
+// pass, not inside the value gather's stream of stores (measured at the shape, 2
+// threads: 3 ms of CPU per call less). (A candidate for huge_pages.h; kept here so that this
+// op's work edits no shared header.)
+void populate(const at::Tensor& t, int64_t part, int64_t parts) {
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20, kPage = uintptr_t(4) << 10;
+  const size_t bytes = t.nbytes();
+  if (bytes < 4 * kHuge || parts <= 0 || part < 0 || part >= parts) return;  // as advise_huge_pages
+  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr()) & ~(kPage - 1);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes;
+  auto boundary = [&](int64_t k) {  // where share k starts
+    if (k >= parts) return end;
+    return k <= 0 ? start : std::max(start, (start + (end - start) / uintptr_t(parts) * uintptr_t(k)) & ~(kHuge - 1));
+  };
+  const uintptr_t lo = boundary(part), hi = boundary(part + 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+#else
+  (void)t;
+  (void)part;
+  (void)parts;
+#endif
+}
 
 // (B, T, h*w) int64: the token each trajectory location reads, or -1 outside.
 at::Tensor positions(const at::Tensor& location, const Extent& e) {
@@ -224,34 +256,40 @@ void band_offsets(const int64_t* frame, const int64_t* token, int64_t n, int64_t
   }
 }
 
-// The forward in float32: per band, the T frames' channel sums (key_sums), the selection, and
-// the chosen value tokens (gather). A token's sums are a chain of multiply-adds over the
-// channels in order, in its own lane: the same bits for any band, lane or thread count.
+// Channels per task of the forward's value gather.
+constexpr int64_t kValueChannels = 64;
+
+// The forward in float32, in two parallel passes. 1. Per band: the T frames' channel sums
+// (key_pass) and the selection. A token's sums are a chain of multiply-adds over the channels
+// in order, in its own lane: the same bits for any band, lane or thread count. 2. Per block of
+// kValueChannels channels: the chosen value tokens of all the batch element's tokens
+// (gather). Split by channels, not by bands: each task reads whole rows, so no value line is
+// read by two threads (bands share the rows within a trajectory's reach of their edges: ~13 %
+// of the lines at 2 threads) and the threads write disjoint runs of out's pages.
 void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::vector<at::Tensor>& vs,
                   const at::Tensor& pos, std::vector<at::Tensor>& outs, at::Tensor& score, at::Tensor& index,
                   const Extent& e) {
   const int64_t B = k.size(0), T = e.frames, D = e.channels, N = e.tokens();
   const Rows<const float> qr(q, q.const_data_ptr<float>()), kr(k, k.const_data_ptr<float>());
-  std::vector<Rows<const float>> vr;
-  for (const auto& v : vs) vr.emplace_back(v, v.const_data_ptr<float>());
   const int64_t kTokens = band_size(N);
   const int64_t runs = (N + kTokens - 1) / kTokens;
   const int64_t* pos_data = pos.const_data_ptr<int64_t>();
   float* score_data = score.mutable_data_ptr<float>();
   int64_t* index_data = index.mutable_data_ptr<int64_t>();
+  std::vector<int64_t> chosen_data(B * N);  // the chosen token of each (b, token), -1 outside
   at::parallel_for(0, B * runs, 1, [&](int64_t begin, int64_t end) {
     const int64_t stride = round_lanes(kTokens);
-    std::vector<int32_t> idx(T * stride), vidx(stride);
+    std::vector<int32_t> idx(T * stride);
     std::vector<float> qk(T * stride), kk(T * stride), qq(stride), poison(stride);
-    std::vector<int64_t> rows(T), lo(T), hi(T), chosen(stride), frame(stride);
+    std::vector<int64_t> lo(T), hi(T), zero(stride, 0);
     for (int64_t task = begin; task < end; ++task) {
+      for (auto& o : outs) populate(o, task, B * runs);
       const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
       const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
-      std::fill(frame.begin(), frame.end(), int64_t(0));  // offsets within each frame
       for (int64_t t = 0; t < T; ++t) {
         lo[t] = N;
         hi[t] = 0;
-        band_offsets(frame.data(), pb + t * N, n, stride, 0, idx.data() + t * stride, lo[t], hi[t]);
+        band_offsets(zero.data(), pb + t * N, n, stride, 0, idx.data() + t * stride, lo[t], hi[t]);
       }
       key_pass(isa, KeyPass{qr.row(b, 0, 0) + p0, qr.channel, kr.row(b, 0, 0), kr.channel, kr.frame, idx.data(),
                             lo.data(), hi.data(), stride, T, D, n, qk.data(), kk.data(), qq.data(), poison.data()});
@@ -262,24 +300,42 @@ void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::
                      t);
         score_data[b * N + p0 + i] = best.sim;
         index_data[b * N + p0 + i] = best.frame;
-        frame[i] = best.frame;
-        chosen[i] = pb[best.frame * N + i];
-      }
-      for (size_t m = 0; m < vs.size(); ++m) {
-        int64_t vlo = N, vhi = 0;
-        band_offsets(frame.data(), chosen.data(), n, stride, vr[m].frame, vidx.data(), vlo, vhi);
-        for (int64_t t = 0; t < T; ++t) rows[t] = t * vr[m].frame;
-        float* out = outs[m].mutable_data_ptr<float>() + b * outs[m].stride(0) + p0;
-        if (fits_int32(T, vr[m].frame, N)) {
-          gather(isa, Gather{vr[m].row(b, 0, 0), vr[m].channel, vidx.data(), vs[m].size(2), n, out, N,
-                             Prefetch{rows.data(), T, vlo, vhi, lead(e)}});
-        } else {
-          for (int64_t c = 0; c < vs[m].size(2); ++c)
-            for (int64_t i = 0; i < n; ++i) out[c * N + i] = chosen[i] >= 0 ? vr[m].row(b, frame[i], c)[chosen[i]] : 0.f;
-        }
+        chosen_data[b * N + p0 + i] = pb[best.frame * N + i];
       }
     }
   });
+  for (size_t m = 0; m < vs.size(); ++m) {
+    const Rows<const float> vr(vs[m], vs[m].const_data_ptr<float>());
+    const int64_t Dv = vs[m].size(2), blocks = (Dv + kValueChannels - 1) / kValueChannels;
+    const bool simd = fits_int32(T, vr.frame, N);
+    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+      const int64_t stride = round_lanes(N);
+      std::vector<int32_t> vidx(stride);
+      std::vector<int64_t> rows(T);
+      for (int64_t t = 0; t < T; ++t) rows[t] = t * vr.frame;
+      int64_t ready = -1;  // the batch element vidx holds
+      int64_t vlo = N, vhi = 0;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, c0 = task % blocks * kValueChannels, cn = std::min(kValueChannels, Dv - c0);
+        const int64_t* frame = index_data + b * N;
+        const int64_t* chosen = chosen_data.data() + b * N;
+        float* out = outs[m].mutable_data_ptr<float>() + b * outs[m].stride(0) + c0 * N;
+        if (!simd) {
+          for (int64_t c = c0; c < c0 + cn; ++c, out += N)
+            for (int64_t i = 0; i < N; ++i) out[i] = chosen[i] >= 0 ? vr.row(b, frame[i], c)[chosen[i]] : 0.f;
+          continue;
+        }
+        if (ready != b) {
+          vlo = N;
+          vhi = 0;
+          band_offsets(frame, chosen, N, stride, vr.frame, vidx.data(), vlo, vhi);
+          ready = b;
+        }
+        gather(isa, Gather{vr.row(b, 0, c0), vr.channel, vidx.data(), cn, N, out, N,
+                           Prefetch{rows.data(), T, vlo, vhi, lead(e)}});
+      }
+    });
+  }
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
@@ -311,6 +367,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
       std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), poison(kTokens), qk(T * kTokens), kk(T * kTokens);
       std::vector<int64_t> chosen(kTokens), frame(kTokens), grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
+        for (auto& o : outs) populate(o, task, B * runs);
         const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
         const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
         std::fill(qq.begin(), qq.end(), acc_t(0));
