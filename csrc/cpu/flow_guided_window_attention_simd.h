@@ -344,8 +344,8 @@ inline Plane<double>::Vec vexp(Plane<double>::Vec x) {
 // results within ~1e-15 of a rounding boundary; libm's logf, called per lane before, cost ~12 %
 // of the forward's instructions): x = 2^e m with m in [sqrt(1/2), sqrt(2)), s = (m - 1) / (m + 1),
 // log m = 2 atanh(s) = 2 (s + s^3/3 + ... + s^21/21) (|s| <= 0.1716: the next term is below
-// 1e-17 of the sum). Exact at powers of two (s = 0). x = 0: -inf; +inf: +inf; NaN or x < 0:
-// NaN; subnormal x does not occur (x = l, a sum of weights whose largest is 1, or 0).
+// 1e-17 of the sum). Exact at powers of two (s = 0). x = +-0: -inf; +inf: +inf; NaN or x < 0:
+// NaN; float32 subnormals are normal in float64.
 inline Plane<float>::Vec vlog(Plane<float>::Vec x) {
   constexpr int L = Plane<float>::kLanes;
   typedef double D __attribute__((vector_size(L * 8)));
@@ -360,10 +360,10 @@ inline Plane<float>::Vec vlog(Plane<float>::Vec x) {
   const auto high = m > 1.4142135623730951;
   m = high ? m * 0.5 : m;
   e = high ? e + 1 : e;
-  const D t = (m - 1.0) / (m + 1.0), t2 = t * t;
+  const D s = (m - 1.0) / (m + 1.0), s2 = s * s;
   D poly = D{} + 1.0 / 21;
-  for (int k = 9; k >= 0; --k) poly = poly * t2 + 1.0 / (2 * k + 1);
-  const D r = __builtin_convertvector(e, D) * 0.69314718055994530942 + 2.0 * t * poly;
+  for (int k = 9; k >= 0; --k) poly = poly * s2 + 1.0 / (2 * k + 1);
+  const D r = __builtin_convertvector(e, D) * 0.69314718055994530942 + 2.0 * s * poly;
   Plane<float>::Vec y = __builtin_convertvector(r, Plane<float>::Vec);
   constexpr float inf = std::numeric_limits<float>::infinity();
   y = x == 0.0f ? Plane<float>::Vec{} - inf : y;
