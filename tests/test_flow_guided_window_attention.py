@@ -651,3 +651,22 @@ def test_cpu_planes_cell_loads_exact(isa, dtype, kind, monkeypatch):
             assert torch.equal(out.double().nan_to_num(-1), want.nan_to_num(-1)), (H_, W)
             finite = ~torch.isnan(want[:, :1])
             assert torch.equal(lse[finite], torch.full_like(lse[finite], math.log(4))), (H_, W)
+
+
+# lse's logarithm (float32: a vector log in float64, rounded once): with a zero query every
+# logit is 0, so lse = log(w * w) exactly, the correctly rounded float32 of log 1, 4 and 9 (the
+# polynomial's path for 9), at full and partial vectors.
+@needs_cpu_kernels
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_planes_lse_exact(isa, dtype, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    generator = torch.Generator().manual_seed(0)
+    for w in (1, 2, 3):
+        for W in (5, 16, 37):
+            query = torch.zeros(1, 4, 3, W, dtype=dtype)
+            key, value = (torch.randn(1, 4, 3, W, generator=generator, dtype=dtype) for _ in range(2))
+            flow = _smooth_flow(1, 3, W, generator, dtype)
+            out, lse = torch.ops.vsr_kernels.flow_guided_window_attention(query, key, value, flow, w, 2, None, None,
+                                                                          1.0)
+            assert torch.equal(lse, torch.full_like(lse, math.log(w * w))), (w, W)

@@ -63,6 +63,8 @@ MUTANTS = [
            "the 2x2 window's second cell row blends by the first row's mask"),
     Mutant("simd-run-offset", SIMD, "const int32_t o = idx[j] - j;", "const int32_t o = idx[j] - j + (j & 1);", "cpu",
            "swapped stride", "the runs' lane offset (loads the neighbour for odd lanes)"),
+    Mutant("simd-vlog-halving", SIMD, "m = high ? m * 0.5 : m;", "m = high ? m : m;", "cpu", "dropped mask",
+           "lse's vector log keeps mantissas above sqrt(2) unhalved (log off by up to log 2)"),
     Mutant("simd-planes-drop-delta", SIMD, "dp[n] = live ? (s[n] * a.scale) * (dp[n] - delta) : V{};",
            "dp[n] = live ? (s[n] * a.scale) * dp[n] : V{};", "cpu", "dropped gradient",
            "the channels-first backward's dS"),
