@@ -15,6 +15,23 @@ namespace local_argmax_attention {
 template <typename T>
 using LaneIndex = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
 
+// Software prefetch of one cache line into L1 (Level 0) or L2 (Level 1): the forward's row
+// copies and the backward's gathers read channel planes a power of two apart, or a window of
+// rows, that the hardware prefetchers do not follow. GCC 12 drops __builtin_prefetch whose
+// addresses come from run-time strides, so on x86 the instruction is written out.
+template <int Level>
+inline void prefetch_line(const void* p) {
+  static_assert(Level == 0 || Level == 1);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (Level == 0)
+    asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  else
+    asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3 - Level);
+#endif
+}
+
 // One query row against one candidate row, in buffers laid out by the launcher:
 // - query[c * qstride + x]: the row's channels, x < rounded_width (a multiple of every
 //   vector width, 16), zero for x >= width;
@@ -35,6 +52,19 @@ struct RowArgs {
   T scale;
   bool zero_border;  // every candidate counts; else only those inside the frame
   bool row_inside;   // the candidate row lies inside the frame
+};
+
+// The forward's output of one query row: out[c * out_stride + x] = best[x] *
+// value[c * value_stride + sel[x]] for c < channels, x < width, with a zero value where
+// sel[x] < 0 (nothing selected, or a zero-padded candidate: multiplied for real).
+template <typename T>
+struct SelectArgs {
+  const T* best;
+  const int32_t* sel;
+  const T* value;
+  int64_t value_stride;
+  T* out;
+  int64_t out_stride, channels, width;
 };
 
 // The backward's three kernels, over contiguous channel planes of P = height * width pixels
@@ -90,6 +120,8 @@ struct KeyBandArgs {
   namespace ns {                                                                                             \
   void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
   void score_row(const RowArgs<double>& a, int jy, double* best, int64_t* best_j);                           \
+  void select_values(const SelectArgs<float>& a);                                                            \
+  void select_values(const SelectArgs<double>& a);                                                           \
   void selection_grad(const SelectionArgs<float>& a);                                                        \
   void selection_grad(const SelectionArgs<double>& a);                                                       \
   void key_band(const KeyBandArgs<float>& a);                                                                \

@@ -183,6 +183,47 @@ struct RowKernel : RowArgs<T> {
   }
 };
 
+// out = best * value[sel] for whole vectors of pixels, gathered from the value planes (a window
+// of 2 * reach + 1 rows of each, in L1/L2); returns how far.
+inline int64_t select_vectors(const SelectArgs<float>& a, int64_t c) {
+  int64_t x = 0;
+  const float* __restrict v = a.value + c * a.value_stride;
+  float* __restrict out = a.out + c * a.out_stride;
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+  const __m512i zero = _mm512_setzero_si512();
+  for (; x + 16 <= a.width; x += 16) {
+    const __m512i s = _mm512_loadu_si512(a.sel + x);
+    const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), _mm512_cmpge_epi32_mask(s, zero), s, v, 4);
+    _mm512_storeu_ps(out + x, _mm512_mul_ps(_mm512_loadu_ps(a.best + x), value));
+  }
+#elif VSR_SIMD_FMA && VSR_SIMD_BYTES == 32
+  const __m256i minus = _mm256_set1_epi32(-1);
+  for (; x + 8 <= a.width; x += 8) {
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sel + x));
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(s, minus));
+    const __m256 value = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), v, s, m, 4);
+    _mm256_storeu_ps(out + x, _mm256_mul_ps(_mm256_loadu_ps(a.best + x), value));
+  }
+#else
+  (void)v, (void)out;
+#endif
+  return x;
+}
+
+template <typename T>
+inline void select_values_impl(const SelectArgs<T>& a) {
+  for (int64_t c = 0; c < a.channels; ++c) {
+    int64_t x = 0;
+    if constexpr (std::is_same_v<T, float>) x = select_vectors(a, c);
+    const T* __restrict v = a.value + c * a.value_stride;
+    T* __restrict out = a.out + c * a.out_stride;
+    for (; x < a.width; ++x) out[x] = a.best[x] * (a.sel[x] < 0 ? T(0) : v[a.sel[x]]);
+  }
+}
+
+void select_values(const SelectArgs<float>& a) { select_values_impl(a); }
+void select_values(const SelectArgs<double>& a) { select_values_impl(a); }
+
 // ---------------------------------------------------------------------------------------
 // Backward (see backward_cpu in local_argmax_attention.cpp for the phases and tasks). Scalar
 // loops over unit-stride channel planes: every access streams or hits a window of 2 * reach + 1
@@ -206,17 +247,6 @@ inline float scalar_fma<float>(float a, float b, float c) {
 #endif
 }
 
-// Software prefetch of the lines a later gather reads: gathers index a window of 2 * reach + 1
-// rows of a plane the hardware prefetchers do not follow. GCC 12 drops __builtin_prefetch
-// whose addresses come from run-time strides, so on x86 the instruction is written out.
-inline void prefetch_line(const void* p) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 3);
-#endif
-}
-
 // The lines of [begin, end), `per_step` of them at each call of step().
 struct Prefetcher {
   const char *next, *end;
@@ -225,10 +255,10 @@ struct Prefetcher {
       : next(static_cast<const char*>(begin)), end(static_cast<const char*>(end_)),
         per_step(steps > 0 ? ((end - next) / 64 + steps) / steps : 0) {}
   inline void step() {
-    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) prefetch_line(next);
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) prefetch_line<0>(next);
   }
   inline void all() {
-    for (; next < end; next += 64) prefetch_line(next);
+    for (; next < end; next += 64) prefetch_line<0>(next);
   }
 };
 
