@@ -58,19 +58,37 @@ void select_values(Isa isa, const SelectArgs<T>& a) {
 // Pixels per row in the buffers: a multiple of every vector width (16 floats).
 constexpr int64_t kRowAlign = 16;
 
+// A zero-filled buffer of n elements starting on a 64-byte boundary (a cache line, and the
+// AVX-512 kernel's aligned loads: see RowArgs).
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n) : storage_(n + 64 / sizeof(T), T(0)) {
+    const auto misalignment = reinterpret_cast<uintptr_t>(storage_.data()) % 64;
+    data_ = storage_.data() + (misalignment ? (64 - misalignment) / sizeof(T) : 0);
+  }
+  T* data() { return data_; }
+  T& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  std::vector<T> storage_;
+  T* data_;
+};
+
 // The most recently used rows of a (T, C, H, W) frame stack, converted to T, with unit
 // pixel stride and zero padding: slot i holds a row cy with cy / dilation = i (mod K), so
 // the K rows y + (jy - r) * dilation one query row reads sit in K different slots, channel c at
 // data[(i * C + c) * stride + pad + x], x in [0, W), zero for x in [-pad, W + pad') (the
-// padding is never written). Slot K is an all-zero row: what outside candidates read.
+// padding is never written). Slot K is an all-zero row: what outside candidates read. With
+// stride and pad multiples of 16 elements, every row's x = 0 starts a 64-byte line.
 template <typename T>
 struct RowCache {
   int64_t channels, stride, pad, dilation;
-  std::vector<T> data;
+  AlignedBuffer<T> data;
   std::vector<int64_t> tags;  // the (frame, row) each slot holds, -1: none
 
   RowCache(int kernel_size, int dilation, int64_t channels, int64_t stride, int64_t pad)
-      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 1) * channels * stride, T(0)),
+      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 1) * channels * stride),
         tags(kernel_size, -1) {}
 
   T* zeros() { return row(static_cast<int64_t>(tags.size())); }
@@ -142,9 +160,10 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t T_ = e.frames, C = e.channels, Cv = e.value_channels, H = w.height, W = w.width;
   const int K = w.kernel_size, r = K / 2;
   const int64_t reach = static_cast<int64_t>(r) * w.dilation;
-  const int64_t Wr = (W + kRowAlign - 1) / kRowAlign * kRowAlign, pad = reach < W ? reach : W,
-                Ws = Wr + 2 * pad;
-  std::vector<T> qbuf(C * Wr, T(0)), best(Wr);
+  auto align = [](int64_t n) { return (n + kRowAlign - 1) / kRowAlign * kRowAlign; };
+  const int64_t Wr = align(W), pad = align(std::max<int64_t>(reach < W ? reach : W, 1)), Ws = Wr + 2 * pad;
+  AlignedBuffer<T> qbuf(C * Wr);
+  std::vector<T> best(Wr);
   RowCache<T> keys(K, w.dilation, C, Ws, pad);
   std::vector<LaneIndex<T>> best_j(Wr);
   std::vector<int32_t> sel(W);

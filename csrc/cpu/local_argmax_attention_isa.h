@@ -35,9 +35,10 @@ inline void prefetch_line(const void* p) {
 // One query row against one candidate row, in buffers laid out by the launcher:
 // - query[c * qstride + x]: the row's channels, x < rounded_width (a multiple of every
 //   vector width, 16), zero for x >= width;
-// - key[c * kstride + x] for x in [-pad, rounded_width + pad), pad = min(r * dilation, width):
-//   the candidate row's channels, zero outside [0, width); `zeros` is an all-zero row laid
-//   out the same (read for candidates outside the frame);
+// - key[c * kstride + x] for x in [-pad, rounded_width + pad), pad >= min(r * dilation, width)
+//   and >= 16: the candidate row's channels, zero outside [0, width); `zeros` is an all-zero
+//   row laid out the same (read for candidates outside the frame). Where key + c * kstride
+//   starts a 64-byte line, the AVX-512 float kernel reads it with aligned loads;
 // - best[x], best_j[x] (rounded_width long): the running best score and candidate, best_j -1
 //   before the first.
 template <typename T>

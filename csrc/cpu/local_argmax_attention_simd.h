@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "local_argmax_attention_isa.h"
 
@@ -133,11 +134,56 @@ struct RowKernel : RowArgs<T> {
     Vec acc[NJ];
     for (int i = 0; i < NJ; ++i) acc[i] = Vec{};
     const T* q = query + x0;
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+    bool all_inside = row_inside;
+    for (int i = 0; i < NJ; ++i) all_inside &= inside[i];
+    if constexpr (std::is_same_v<T, float> && NJ % 2 == 1) {
+      if (all_inside && NJ == kernel_size && dilation == 1 && reinterpret_cast<uintptr_t>(key + x0) % 64 == 0) {
+        shifted_candidates<NJ>(q, key + x0, acc);
+        return finish<NJ>(jy, jx0, x0, inside, acc, best, best_j);
+      }
+    }
+#endif
     for (int64_t c = 0; c < channels; ++c) {
       const Vec qv = load<Vec>(q + c * qstride);
       const int64_t k = c * kstride;
       for (int i = 0; i < NJ; ++i) acc[i] = S::fma(qv, load<Vec>(base[i] + k), acc[i]);
     }
+    finish<NJ>(jy, jx0, x0, inside, acc, best, best_j);
+  }
+
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+  // Key elements x0 + O .. x0 + O + 15 from the aligned vectors at x0 - 16, x0 and x0 + 16.
+  template <int O>
+  static inline Vec shifted(__m512i lo, __m512i mid, __m512i hi) {
+    if constexpr (O < 0) return (Vec)_mm512_castsi512_ps(_mm512_alignr_epi32(mid, lo, 16 + O));
+    else if constexpr (O == 0) return (Vec)_mm512_castsi512_ps(mid);
+    else return (Vec)_mm512_castsi512_ps(_mm512_alignr_epi32(hi, mid, O));
+  }
+
+  // All NJ = kernel_size candidates of dilation 1 (column offsets -r .. r, r <= 4) of pixels
+  // x0 .. x0 + 15, their key row read with three aligned loads per channel and shifted in
+  // registers (valignd) instead of NJ loads each crossing a cache line, which bound the
+  // kernel. The same products and sums as the generic loop: the same bits.
+  template <int NJ>
+  inline void shifted_candidates(const T* q, const T* key_x0, Vec* acc) const {
+    constexpr int r = NJ / 2;
+    for (int64_t c = 0; c < channels; ++c) {
+      const Vec qv = load<Vec>(q + c * qstride);
+      const T* k = key_x0 + c * kstride;
+      const __m512i lo = _mm512_load_si512(k - 16), mid = _mm512_load_si512(k), hi = _mm512_load_si512(k + 16);
+      [&]<int... I>(std::integer_sequence<int, I...>) {
+        ((acc[I] = S::fma(qv, shifted<I - r>(lo, mid, hi), acc[I])), ...);
+      }(std::make_integer_sequence<int, NJ>{});
+    }
+  }
+#endif
+
+  // Folds candidates (jy, jx0 .. jx0 + NJ - 1) of pixels x0 .. x0 + lanes - 1 with their dot
+  // products acc into best and best_j.
+  template <int NJ>
+  inline void finish(int jy, int jx0, int64_t x0, const bool* inside, const Vec* acc, T* best, Lane* best_j) const {
+    const int r = kernel_size / 2;
     Vec bs = load<Vec>(best + x0);
     Mask bj = load<Mask>(best_j + x0);
     Mask lane;
