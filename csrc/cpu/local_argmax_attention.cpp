@@ -352,19 +352,27 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
         const int64_t y0 = band * band_rows, y1 = std::min(H, y0 + band_rows);
         // The band's terms reach rows up to y1 - 1 + reach.
         const int64_t zero_until = reach >= H - y1 ? H : y1 + reach;
-        for (int64_t c = c0; c < c0 + kChannelBlock; ++c) {
-          const ValueBandArgs<T> value{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
-                                       grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
-                                       zeroed * W, zero_until * W};
-          // Key channel c and value channel c in one pass where both exist.
-          if (c < C)
-            key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
-                                            k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
-                                            std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
-                                            zero_until * W, c < Cv ? &value : nullptr});
-          else if (c < Cv)
-            value_band<T>(isa, value);
+        auto value_args = [&](int64_t c) {
+          return ValueBandArgs<T>{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
+                                  grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
+                                  zeroed * W, zero_until * W};
+        };
+        // Key channels [c, c + n), with as many value channels in the same pass or none.
+        auto keys = [&](int64_t c, int64_t n, const ValueBandArgs<T>* value) {
+          key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
+                                          k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
+                                          std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
+                                          zero_until * W, n, value});
+        };
+        // The block's channels that are both key and value channels in one pass, then the
+        // key-only or value-only rest.
+        const int64_t c1 = c0 + kChannelBlock, both_end = std::max(c0, std::min({c1, C, Cv}));
+        if (both_end > c0) {
+          const ValueBandArgs<T> value = value_args(c0);
+          keys(c0, both_end - c0, &value);
         }
+        if (std::min(c1, C) > both_end) keys(both_end, std::min(c1, C) - both_end, nullptr);
+        for (int64_t c = both_end; c < std::min(c1, Cv); ++c) value_band<T>(isa, value_args(c));
         zeroed = zero_until;
       }
     }

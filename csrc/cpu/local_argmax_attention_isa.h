@@ -98,10 +98,11 @@ struct ValueBandArgs {
   int64_t pixels, frame_stride, frames, p0, p1, zero0, zero1;
 };
 
-// One key channel, query pixels [p0, p1): gq[p] = sum over frames t in order of g_t[p] *
-// k_t[sel_t[p]] (gq zeroed first), and gk_t[sel_t[p]] += g_t[p] * q[p] in increasing p, after
-// gk_t[zero0, zero1) is zeroed (the caller zeroes every key pixel before the first term it
-// can receive). sel, g: frames of `pixels` apart; k, gk: frames `frame_stride` apart.
+// `channels` consecutive key channels (planes `pixels` apart in q, gq, k and gk), query pixels
+// [p0, p1): gq[p] = sum over frames t in order of g_t[p] * k_t[sel_t[p]] (gq zeroed first), and
+// gk_t[sel_t[p]] += g_t[p] * q[p] in increasing p, after gk_t[zero0, zero1) is zeroed (the
+// caller zeroes every key pixel before the first term it can receive). sel, g: frames of
+// `pixels` apart; k, gk: frames `frame_stride` apart.
 template <typename T>
 struct KeyBandArgs {
   const int32_t* sel;
@@ -110,8 +111,10 @@ struct KeyBandArgs {
   T* gq;
   const T* k;
   T* gk;
-  int64_t pixels, width, reach, frame_stride, frames, p0, p1, zero0, zero1;
-  const ValueBandArgs<T>* value;  // a value channel scattered in the same pass (same sel), or null
+  int64_t pixels, width, reach, frame_stride, frames, p0, p1, zero0, zero1, channels;
+  // As many value channels (planes `pixels` apart in go and gv) scattered in the same pass
+  // (same sel), or null.
+  const ValueBandArgs<T>* value;
 };
 
 

@@ -406,42 +406,79 @@ inline void selection_grad_impl(const SelectionArgs<T>& a) {
   for (int64_t i = 0; i < n; ++i) g[i] = a.scale * (gs[i] + acc[i]);
 }
 
-template <typename T>
-inline void key_band_impl(const KeyBandArgs<T>& a) {
+// key_band over NC channels: sel, g (and score) are loaded and tested once per pixel for all of
+// them, which the scatters' instruction count was bound by.
+template <typename T, int NC>
+inline void key_band_channels(const KeyBandArgs<T>& a) {
+  const int64_t P = a.pixels;
   T* __restrict gq = a.gq;
   const T* __restrict q = a.q;
-  for (int64_t p = a.p0; p < a.p1; ++p) gq[p] = T(0);
+  for (int c = 0; c < NC; ++c)
+    for (int64_t p = a.p0; p < a.p1; ++p) gq[c * P + p] = T(0);
   // The window of key pixels the band's pixels can select.
   const int64_t lo = std::max<int64_t>(0, a.p0 - a.reach * (a.width + 1)),
                 hi = std::min(a.pixels, a.p1 + a.reach * (a.width + 1));
-  if (a.frames > 0) Prefetcher(a.k + lo, a.k + hi, 1).all();
+  if (a.frames > 0)
+    for (int c = 0; c < NC; ++c) Prefetcher(a.k + c * P + lo, a.k + c * P + hi, 1).all();
+  const ValueBandArgs<T>* v = a.value;
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* __restrict sel = a.sel + t * a.pixels;
     const T* __restrict g = a.g + t * a.pixels;
-    const T* __restrict k = a.k + t * a.frame_stride;
     T* __restrict gk = a.gk + t * a.frame_stride;
-    for (int64_t p = a.zero0; p < a.zero1; ++p) gk[p] = T(0);
-    const T* next = k + (t + 1 < a.frames ? a.frame_stride : 0);
-    Prefetcher pf(next + lo, next + (t + 1 < a.frames ? hi : lo), (a.p1 - a.p0) / Simd<T>::kLanes);
-    int64_t p = a.p0;
-    if constexpr (std::is_same_v<T, float>) p = gather_fma_masked(g, k, sel, gq, p, a.p1, pf);
-    for (; p < a.p1; ++p)
-      if (const int32_t s = sel[p]; s >= 0) gq[p] = scalar_fma(g[p], k[s], gq[p]);
-    if (const ValueBandArgs<T>* v = a.value) {
-      // The value channel's scatter in the same pass: one sel load and test for both.
+    for (int c = 0; c < NC; ++c) {
+      const T* __restrict k = a.k + t * a.frame_stride + c * P;
+      for (int64_t p = a.zero0; p < a.zero1; ++p) gk[c * P + p] = T(0);
+      const T* next = k + (t + 1 < a.frames ? a.frame_stride : 0);
+      Prefetcher pf(next + lo, next + (t + 1 < a.frames ? hi : lo), (a.p1 - a.p0) / Simd<T>::kLanes);
+      T* __restrict gqc = gq + c * P;
+      int64_t p = a.p0;
+      if constexpr (std::is_same_v<T, float>) p = gather_fma_masked(g, k, sel, gqc, p, a.p1, pf);
+      for (; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) gqc[p] = scalar_fma(g[p], k[s], gqc[p]);
+    }
+    if (v) {
+      // The value channels' scatters in the same pass: one sel load and test for all.
       const T* __restrict score = v->score + t * a.pixels;
       const T* __restrict go = v->go + t * v->frame_stride;
       T* __restrict gv = v->gv + t * v->frame_stride;
-      for (p = v->zero0; p < v->zero1; ++p) gv[p] = T(0);
-      for (p = a.p0; p < a.p1; ++p)
+      for (int c = 0; c < NC; ++c)
+        for (int64_t p = v->zero0; p < v->zero1; ++p) gv[c * P + p] = T(0);
+      for (int64_t p = a.p0; p < a.p1; ++p)
         if (const int32_t s = sel[p]; s >= 0) {
-          gk[s] = scalar_fma(g[p], q[p], gk[s]);
-          gv[s] = scalar_fma(score[p], go[p], gv[s]);
+          const T gp = g[p], sp = score[p];
+          for (int c = 0; c < NC; ++c) {
+            gk[s + c * P] = scalar_fma(gp, q[p + c * P], gk[s + c * P]);
+            gv[s + c * P] = scalar_fma(sp, go[p + c * P], gv[s + c * P]);
+          }
         }
     } else {
-      for (p = a.p0; p < a.p1; ++p)
-        if (const int32_t s = sel[p]; s >= 0) gk[s] = scalar_fma(g[p], q[p], gk[s]);
+      for (int64_t p = a.p0; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) {
+          const T gp = g[p];
+          for (int c = 0; c < NC; ++c) gk[s + c * P] = scalar_fma(gp, q[p + c * P], gk[s + c * P]);
+        }
     }
+  }
+}
+
+// Channels per key_band_channels call: 4 keeps a pixel's 8 scatter targets and 8 sources in
+// distinct registers' reach (one index add per channel).
+constexpr int kScatterChannels = 4;
+
+template <typename T>
+inline void key_band_impl(const KeyBandArgs<T>& a) {
+  KeyBandArgs<T> part = a;
+  ValueBandArgs<T> value_part = a.value ? *a.value : ValueBandArgs<T>{};
+  for (int64_t c = 0; c < a.channels;) {
+    const int64_t n = a.channels - c >= kScatterChannels ? kScatterChannels : 1, offset = c * a.pixels;
+    part.q = a.q + offset, part.gq = a.gq + offset, part.k = a.k + offset, part.gk = a.gk + offset;
+    if (a.value) {
+      value_part.go = a.value->go + offset, value_part.gv = a.value->gv + offset;
+      part.value = &value_part;
+    }
+    if (n == kScatterChannels) key_band_channels<T, kScatterChannels>(part);
+    else key_band_channels<T, 1>(part);
+    c += n;
   }
 }
 
