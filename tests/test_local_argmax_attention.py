@@ -380,6 +380,25 @@ def test_cpu_isa_low_precision_index_matches_reference(backend, isa, dtype, case
         H.assert_same(got[:2], tuple(w.to(dtype) for w in want[:2]), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_zero_padded_selection_ignores_value_pixel_zero(backend, isa, dtype, monkeypatch):
+    """A zero-padded candidate's value is 0, not the value plane's pixel 0 (the out gather masks
+    sel < 0): with an infinite value there, out stays 0 where the padding wins, not 0 * inf."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    # Every inside candidate scores -C, the padding 0: border pixels select the padding,
+    # inner ones (tie) their first candidate, which for pixel (1, 1) is the infinite pixel 0.
+    q = torch.ones(1, 4, 5, 19, dtype=dtype)
+    k = -torch.ones(1, 2, 4, 5, 19, dtype=dtype)
+    v = make_inputs(1, 2, 4, 3, 5, 19, dtype=dtype, seed=3)[2]
+    v[..., 0, 0] = float("inf")
+    got = op(backend, 3, 1, 1.0, "zeros")(q, k, v)
+    want = reference.local_argmax_attention(q.double(), k.double(), v.double(), 3, 1, 1.0, "zeros")
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0].double(), want[0], rtol=0, atol=0, equal_nan=False)
+
+
 # The CPU backward (backward_cpu in csrc/cpu/local_argmax_attention.cpp): phase 1 per (b, t, band
 # of rows of about 2048 pixels), phase 2 per (b, block of 8 key and value channels) walking the
 # bands in order, each band's terms reaching r * dilation rows beyond it, the gradient rows zeroed
