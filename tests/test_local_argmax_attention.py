@@ -355,20 +355,48 @@ def test_cpu_isa_matches_reference(backend, isa, case, monkeypatch):
     check_against_reference(backend, shape, window, 1.0, border, seed, canary=True, integers=True)
 
 
+# float32 shapes (B, T, C, Cv, H, W), kernel_size: the AVX-512 float kernel reads dilation-1
+# windows of K <= 9 columns through aligned loads shifted in registers: W below, at and above
+# the 16 lanes, K = 9 wider than W / 2, candidates reaching into both paddings.
+LOW_PRECISION_CASES = [((1, 2, 3, 2, 5, 19), 3), ((1, 2, 4, 3, 6, 33), 9), ((1, 1, 5, 2, 7, 16), 7),
+                       ((1, 2, 3, 2, 9, 8), 9), ((1, 1, 2, 3, 4, 40), 5)]
+
+
 @pytest.mark.parametrize("backend", CPU_ONLY)
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_isa_low_precision_index_matches_reference(backend, isa, dtype, monkeypatch):
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
+def test_cpu_isa_low_precision_index_matches_reference(backend, isa, dtype, case, monkeypatch):
     """float32 and bfloat16 go through the float kernel: exact ties (integer inputs) and NaN
     pick what the reference picks, scores equal the float64 reference's on the rounded inputs."""
     monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    shape, kernel_size = case
     for border in BORDERS:
-        q, k, v = make_inputs(1, 2, 3, 2, 5, 19, seed=7, integers=True)
+        q, k, v = make_inputs(*shape, seed=7, integers=True)
         q[0, 1, 2, 3] = float("nan")
-        got = op(backend, 3, 1, 1.0, border)(q.to(dtype), k.to(dtype), v.to(dtype))
-        want = reference.local_argmax_attention(q, k, v, 3, 1, 1.0, border)
+        got = op(backend, kernel_size, 1, 1.0, border)(q.to(dtype), k.to(dtype), v.to(dtype))
+        want = reference.local_argmax_attention(q, k, v, kernel_size, 1, 1.0, border)
         assert torch.equal(got[2], want[2])
         H.assert_same(got[:2], tuple(w.to(dtype) for w in want[:2]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_zero_padded_selection_ignores_value_pixel_zero(backend, isa, dtype, monkeypatch):
+    """A zero-padded candidate's value is 0, not the value plane's pixel 0 (the out gather masks
+    sel < 0): with an infinite value there, out stays 0 where the padding wins, not 0 * inf."""
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    # Every inside candidate scores -C, the padding 0: border pixels select the padding,
+    # inner ones (tie) their first candidate, which for pixel (1, 1) is the infinite pixel 0.
+    q = torch.ones(1, 4, 5, 19, dtype=dtype)
+    k = -torch.ones(1, 2, 4, 5, 19, dtype=dtype)
+    v = make_inputs(1, 2, 4, 3, 5, 19, dtype=dtype, seed=3)[2]
+    v[..., 0, 0] = float("inf")
+    got = op(backend, 3, 1, 1.0, "zeros")(q, k, v)
+    want = reference.local_argmax_attention(q.double(), k.double(), v.double(), 3, 1, 1.0, "zeros")
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0].double(), want[0], rtol=0, atol=0, equal_nan=False)
 
 
 # The CPU backward (backward_cpu in csrc/cpu/local_argmax_attention.cpp): phase 1 per (b, t, band

@@ -44,22 +44,51 @@ void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best
   }
 }
 
+template <typename T>
+void select_values(Isa isa, const SelectArgs<T>& a) {
+  switch (isa) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    case Isa::kAvx512: avx512::select_values(a); break;
+    case Isa::kAvx2: avx2::select_values(a); break;
+#endif
+    default: base::select_values(a); break;
+  }
+}
+
 // Pixels per row in the buffers: a multiple of every vector width (16 floats).
 constexpr int64_t kRowAlign = 16;
+
+// A zero-filled buffer of n elements starting on a 64-byte boundary (a cache line, and the
+// AVX-512 kernel's aligned loads: see RowArgs).
+template <typename T>
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t n) : storage_(n + 64 / sizeof(T), T(0)) {
+    const auto misalignment = reinterpret_cast<uintptr_t>(storage_.data()) % 64;
+    data_ = storage_.data() + (misalignment ? (64 - misalignment) / sizeof(T) : 0);
+  }
+  T* data() { return data_; }
+  T& operator[](int64_t i) { return data_[i]; }
+
+ private:
+  std::vector<T> storage_;
+  T* data_;
+};
 
 // The most recently used rows of a (T, C, H, W) frame stack, converted to T, with unit
 // pixel stride and zero padding: slot i holds a row cy with cy / dilation = i (mod K), so
 // the K rows y + (jy - r) * dilation one query row reads sit in K different slots, channel c at
 // data[(i * C + c) * stride + pad + x], x in [0, W), zero for x in [-pad, W + pad') (the
-// padding is never written). Slot K is an all-zero row: what outside candidates read.
+// padding is never written). Slot K is an all-zero row: what outside candidates read. With
+// stride and pad multiples of 16 elements, every row's x = 0 starts a 64-byte line.
 template <typename T>
 struct RowCache {
   int64_t channels, stride, pad, dilation;
-  std::vector<T> data;
+  AlignedBuffer<T> data;
   std::vector<int64_t> tags;  // the (frame, row) each slot holds, -1: none
 
   RowCache(int kernel_size, int dilation, int64_t channels, int64_t stride, int64_t pad)
-      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 1) * channels * stride, T(0)),
+      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 1) * channels * stride),
         tags(kernel_size, -1) {}
 
   T* zeros() { return row(static_cast<int64_t>(tags.size())); }
@@ -82,10 +111,48 @@ struct RowCache {
   }
 };
 
+// The channel rows the next query row will copy that this row does not (its query row, and
+// the key and value rows entering its window), prefetched into L2 a part at a time while this
+// row computes: without it the copies wait on memory, one 64-byte line of each of C planes a
+// power of two apart at a time, which the hardware prefetchers do not follow.
+class RowPrefetch {
+ public:
+  // Row cy of channels [0, channels) of a plane stack: `row0` is channel 0's row.
+  void add(const void* row0, int64_t channel_stride_bytes, int64_t channels, int64_t row_bytes) {
+    // Every channel's row from its line down to row_bytes past it: row_bytes / 64 + 1 lines.
+    rows_.push_back({static_cast<const char*>(row0), channel_stride_bytes, channels, row_bytes / 64 + 1});
+    lines_ += channels * (row_bytes / 64 + 1);
+  }
+  // The next ~1/steps of the lines.
+  void step(int64_t steps) {
+    int64_t n = lines_ / steps + 1;
+    for (; n > 0 && next_ < rows_.size(); ++next_, channel_ = 0) {
+      const Rows r = rows_[next_];
+      for (; channel_ < r.channels && n > 0; ++channel_, n -= r.lines) {
+        const char* p = r.row0 + channel_ * r.stride;
+        p -= reinterpret_cast<uintptr_t>(p) & 63;
+        for (int64_t l = 0; l < r.lines; ++l) prefetch_line<1>(p + l * 64);
+      }
+      if (channel_ < r.channels) break;
+    }
+  }
+  void clear() { rows_.clear(), next_ = 0, channel_ = 0, lines_ = 0; }
+
+ private:
+  struct Rows {
+    const char* row0;
+    int64_t stride, channels, lines;
+  };
+  std::vector<Rows> rows_;
+  size_t next_ = 0;
+  int64_t channel_ = 0, lines_ = 0;
+};
+
 // The forward of rows [begin, end) of the (B, T, H) rows, computed in T (float32 for
-// float16 and bfloat16). Query, key and value rows are copied (converted, padded) into the
-// kernel's buffers, the key and value rows through RowCaches, so consecutive query rows of a
-// frame share K - 1 of them and a frame's rows are read from memory about once.
+// float16 and bfloat16). Query and key rows are copied (converted, padded) into the kernel's
+// buffers, the key rows through a RowCache, so consecutive query rows of a frame share K - 1 of
+// them and a frame's rows are read from memory about once. out is gathered from v (in T) in
+// place: each channel's selected pixels lie in a window of 2 * reach + 1 contiguous rows.
 template <typename scalar_t, typename T>
 void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& score, at::Tensor& index, const Window& w, const Extent& e, T scale, int64_t begin,
@@ -93,16 +160,35 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
   const int64_t T_ = e.frames, C = e.channels, Cv = e.value_channels, H = w.height, W = w.width;
   const int K = w.kernel_size, r = K / 2;
   const int64_t reach = static_cast<int64_t>(r) * w.dilation;
-  const int64_t Wr = (W + kRowAlign - 1) / kRowAlign * kRowAlign, pad = reach < W ? reach : W,
-                Ws = Wr + 2 * pad;
-  std::vector<T> qbuf(C * Wr, T(0)), best(Wr);
-  RowCache<T> keys(K, w.dilation, C, Ws, pad), values(K, w.dilation, Cv, Ws, pad);
+  auto align = [](int64_t n) { return (n + kRowAlign - 1) / kRowAlign * kRowAlign; };
+  const int64_t Wr = align(W), pad = align(std::max<int64_t>(reach < W ? reach : W, 1)), Ws = Wr + 2 * pad;
+  AlignedBuffer<T> qbuf(C * Wr);
+  std::vector<T> best(Wr);
+  RowCache<T> keys(K, w.dilation, C, Ws, pad);
   std::vector<LaneIndex<T>> best_j(Wr);
-  std::vector<const T*> picked(W);
+  std::vector<int32_t> sel(W);
+  // out's row in T, converted into out where out is not in T.
+  std::vector<T> out_row(std::is_same_v<scalar_t, T> ? 0 : Cv * W);
+  RowPrefetch ahead;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / (T_ * H), t = row / H % T_, y = row % H, bt = b * T_ + t;
     const auto qf = frames_at<const scalar_t>(q, b), kf = frames_at<const scalar_t>(k, b),
-               vf = frames_at<const scalar_t>(v, b);
+               vf = frames_at<const T>(v, b);
+    ahead.clear();
+    if (row + 1 < end) {
+      const int64_t nb = (row + 1) / (T_ * H), nt = (row + 1) / H % T_, ny = (row + 1) % H, nbt = nb * T_ + nt;
+      const auto nqf = frames_at<const scalar_t>(q, nb), nkf = frames_at<const scalar_t>(k, nb),
+                 nvf = frames_at<const T>(v, nb);
+      constexpr int64_t e_ = sizeof(scalar_t);
+      ahead.add(&nqf.at(0, 0, ny * W), nqf.stride.channel * e_, C, W * e_);
+      for (int jy = 0; jy < K; ++jy) {
+        const int64_t cy = ny + static_cast<int64_t>(jy - r) * w.dilation;
+        const bool cached = nbt == bt && (cy - y) % w.dilation == 0 && std::abs(cy - y) <= reach;
+        if (cy < 0 || cy >= H || cached) continue;
+        ahead.add(&nkf.at(nt, 0, cy * W), nkf.stride.channel * e_, C, W * e_);
+        ahead.add(&nvf.at(nt, 0, cy * W), nvf.stride.channel * sizeof(T), Cv, W * sizeof(T));
+      }
+    }
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* src = &qf.at(0, c, y * W);
       for (int64_t x = 0; x < W; ++x) qbuf[c * Wr + x] = vsr_kernels::convert<T>(src[x]);
@@ -110,6 +196,7 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
     std::fill(best_j.begin(), best_j.end(), LaneIndex<T>(-1));
     std::fill(best.begin(), best.end(), T(0));
     for (int jy = 0; jy < K; ++jy) {
+      ahead.step(K);
       const int64_t cy = y + static_cast<int64_t>(jy - r) * w.dilation;
       const bool inside = cy >= 0 && cy < H;
       if (!inside && !w.zero_border) continue;
@@ -122,17 +209,23 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
     int64_t* ix = index.data_ptr<int64_t>() + bt * H * W + y * W;
     for (int64_t x = 0; x < W; ++x) {
       const int64_t j = best_j[x];
-      const int64_t sel = j < 0 ? -1 : w.candidate_pixel(y, x, static_cast<int>(j));
-      // The selected value pixel's channel 0 in the value cache, or the zero row.
-      picked[x] = sel < 0 ? values.zeros() : values.fetch(vf, bt, t, sel / W, H, W) + sel % W;
+      // The selected value pixel, -1 for none or a zero-padded one (H * W < 2^31: checked).
+      sel[x] = static_cast<int32_t>(j < 0 ? -1 : w.candidate_pixel(y, x, static_cast<int>(j)));
       sc[x] = vsr_kernels::convert<scalar_t>(best[x]);
       ix[x] = j;
     }
     // out = score * the selected value (0 for a zero-padded one, multiplied for real).
     const auto of = frames_at<scalar_t>(out, b);
-    for (int64_t c = 0; c < Cv; ++c) {
-      scalar_t* dst = &of.at(t, c, y * W);
-      for (int64_t x = 0; x < W; ++x) dst[x] = vsr_kernels::convert<scalar_t>(best[x] * picked[x][c * Ws]);
+    if constexpr (std::is_same_v<scalar_t, T>) {
+      select_values<T>(isa, SelectArgs<T>{best.data(), sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
+                                          &of.at(t, 0, y * W), of.stride.channel, Cv, W});
+    } else {
+      select_values<T>(isa, SelectArgs<T>{best.data(), sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
+                                          out_row.data(), W, Cv, W});
+      for (int64_t c = 0; c < Cv; ++c) {
+        scalar_t* dst = &of.at(t, c, y * W);
+        for (int64_t x = 0; x < W; ++x) dst[x] = vsr_kernels::convert<scalar_t>(out_row[c * W + x]);
+      }
     }
   }
 }
@@ -146,12 +239,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   if (score.numel() == 0) return {out, score, index};
   for (const auto& t : {out, score, index}) cpu::advise_huge_pages(t);
   const Isa isa = cpu::select_isa(kForwardOp);
-  // Rows of query, key and value are copied (converted, padded) into the kernel's buffers
-  // and out is written row by row: channels-first inputs, unit pixel stride, no copies.
-  const auto q = channels_first(query), k = channels_first(key), v = channels_first(value);
+  // Rows of query and key are copied (converted, padded) into the kernel's buffers and out is
+  // written row by row: channels-first inputs, unit pixel stride, no copies.
+  // out's values are gathered in place, in the accumulation type: float16 and bfloat16 value
+  // is converted once.
+  const auto q = channels_first(query), k = channels_first(key);
   const Extent e = make_extent(key, value);
+  TORCH_CHECK(key.size(3) * key.size(4) <= std::numeric_limits<int32_t>::max(), kForwardOp,
+              ": frames of 2^31 pixels or more are not supported on CPU, got ", key.size(3), "x", key.size(4));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "local_argmax_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const auto v = channels_first(value.to(accumulation_dtype(query.scalar_type())));
     at::parallel_for(0, B * T * H, kRowsPerTask, [&](int64_t begin, int64_t end) {
       forward_rows<scalar_t, acc_t>(isa, q, k, v, out, score, index, w, e, static_cast<acc_t>(scale), begin, end);
     });
@@ -254,19 +352,27 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
         const int64_t y0 = band * band_rows, y1 = std::min(H, y0 + band_rows);
         // The band's terms reach rows up to y1 - 1 + reach.
         const int64_t zero_until = reach >= H - y1 ? H : y1 + reach;
-        for (int64_t c = c0; c < c0 + kChannelBlock; ++c) {
-          const ValueBandArgs<T> value{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
-                                       grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
-                                       zeroed * W, zero_until * W};
-          // Key channel c and value channel c in one pass where both exist.
-          if (c < C)
-            key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
-                                            k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
-                                            std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
-                                            zero_until * W, c < Cv ? &value : nullptr});
-          else if (c < Cv)
-            value_band<T>(isa, value);
+        auto value_args = [&](int64_t c) {
+          return ValueBandArgs<T>{bsel, sc + b * T_ * P, go + (b * T_ * Cv + c) * P,
+                                  grad_value + (b * T_ * Cv + c) * P, P, Cv * P, T_, y0 * W, y1 * W,
+                                  zeroed * W, zero_until * W};
+        };
+        // Key channels [c, c + n), with as many value channels in the same pass or none.
+        auto keys = [&](int64_t c, int64_t n, const ValueBandArgs<T>* value) {
+          key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
+                                          k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
+                                          std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
+                                          zero_until * W, n, value});
+        };
+        // The block's channels that are both key and value channels in one pass, then the
+        // key-only or value-only rest.
+        const int64_t c1 = c0 + kChannelBlock, both_end = std::max(c0, std::min({c1, C, Cv}));
+        if (both_end > c0) {
+          const ValueBandArgs<T> value = value_args(c0);
+          keys(c0, both_end - c0, &value);
         }
+        if (std::min(c1, C) > both_end) keys(both_end, std::min(c1, C) - both_end, nullptr);
+        for (int64_t c = both_end; c < std::min(c1, Cv); ++c) value_band<T>(isa, value_args(c));
         zeroed = zero_until;
       }
     }

@@ -15,12 +15,30 @@ namespace local_argmax_attention {
 template <typename T>
 using LaneIndex = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
 
+// Software prefetch of one cache line into L1 (Level 0) or L2 (Level 1): the forward's row
+// copies and the backward's gathers read channel planes a power of two apart, or a window of
+// rows, that the hardware prefetchers do not follow. GCC 12 drops __builtin_prefetch whose
+// addresses come from run-time strides, so on x86 the instruction is written out.
+template <int Level>
+inline void prefetch_line(const void* p) {
+  static_assert(Level == 0 || Level == 1);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (Level == 0)
+    asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  else
+    asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3 - Level);
+#endif
+}
+
 // One query row against one candidate row, in buffers laid out by the launcher:
 // - query[c * qstride + x]: the row's channels, x < rounded_width (a multiple of every
 //   vector width, 16), zero for x >= width;
-// - key[c * kstride + x] for x in [-pad, rounded_width + pad), pad = min(r * dilation, width):
-//   the candidate row's channels, zero outside [0, width); `zeros` is an all-zero row laid
-//   out the same (read for candidates outside the frame);
+// - key[c * kstride + x] for x in [-pad, rounded_width + pad), pad >= min(r * dilation, width)
+//   and >= 16: the candidate row's channels, zero outside [0, width); `zeros` is an all-zero
+//   row laid out the same (read for candidates outside the frame). Where key + c * kstride
+//   starts a 64-byte line, the AVX-512 float kernel reads it with aligned loads;
 // - best[x], best_j[x] (rounded_width long): the running best score and candidate, best_j -1
 //   before the first.
 template <typename T>
@@ -35,6 +53,19 @@ struct RowArgs {
   T scale;
   bool zero_border;  // every candidate counts; else only those inside the frame
   bool row_inside;   // the candidate row lies inside the frame
+};
+
+// The forward's output of one query row: out[c * out_stride + x] = best[x] *
+// value[c * value_stride + sel[x]] for c < channels, x < width, with a zero value where
+// sel[x] < 0 (nothing selected, or a zero-padded candidate: multiplied for real).
+template <typename T>
+struct SelectArgs {
+  const T* best;
+  const int32_t* sel;
+  const T* value;
+  int64_t value_stride;
+  T* out;
+  int64_t out_stride, channels, width;
 };
 
 // The backward's three kernels, over contiguous channel planes of P = height * width pixels
@@ -67,10 +98,11 @@ struct ValueBandArgs {
   int64_t pixels, frame_stride, frames, p0, p1, zero0, zero1;
 };
 
-// One key channel, query pixels [p0, p1): gq[p] = sum over frames t in order of g_t[p] *
-// k_t[sel_t[p]] (gq zeroed first), and gk_t[sel_t[p]] += g_t[p] * q[p] in increasing p, after
-// gk_t[zero0, zero1) is zeroed (the caller zeroes every key pixel before the first term it
-// can receive). sel, g: frames of `pixels` apart; k, gk: frames `frame_stride` apart.
+// `channels` consecutive key channels (planes `pixels` apart in q, gq, k and gk), query pixels
+// [p0, p1): gq[p] = sum over frames t in order of g_t[p] * k_t[sel_t[p]] (gq zeroed first), and
+// gk_t[sel_t[p]] += g_t[p] * q[p] in increasing p, after gk_t[zero0, zero1) is zeroed (the
+// caller zeroes every key pixel before the first term it can receive). sel, g: frames of
+// `pixels` apart; k, gk: frames `frame_stride` apart.
 template <typename T>
 struct KeyBandArgs {
   const int32_t* sel;
@@ -79,8 +111,10 @@ struct KeyBandArgs {
   T* gq;
   const T* k;
   T* gk;
-  int64_t pixels, width, reach, frame_stride, frames, p0, p1, zero0, zero1;
-  const ValueBandArgs<T>* value;  // a value channel scattered in the same pass (same sel), or null
+  int64_t pixels, width, reach, frame_stride, frames, p0, p1, zero0, zero1, channels;
+  // As many value channels (planes `pixels` apart in go and gv) scattered in the same pass
+  // (same sel), or null.
+  const ValueBandArgs<T>* value;
 };
 
 
@@ -90,6 +124,8 @@ struct KeyBandArgs {
   namespace ns {                                                                                             \
   void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
   void score_row(const RowArgs<double>& a, int jy, double* best, int64_t* best_j);                           \
+  void select_values(const SelectArgs<float>& a);                                                            \
+  void select_values(const SelectArgs<double>& a);                                                           \
   void selection_grad(const SelectionArgs<float>& a);                                                        \
   void selection_grad(const SelectionArgs<double>& a);                                                       \
   void key_band(const KeyBandArgs<float>& a);                                                                \

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "local_argmax_attention_isa.h"
 
@@ -133,11 +134,56 @@ struct RowKernel : RowArgs<T> {
     Vec acc[NJ];
     for (int i = 0; i < NJ; ++i) acc[i] = Vec{};
     const T* q = query + x0;
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+    bool all_inside = row_inside;
+    for (int i = 0; i < NJ; ++i) all_inside &= inside[i];
+    if constexpr (std::is_same_v<T, float> && NJ % 2 == 1) {
+      if (all_inside && NJ == kernel_size && dilation == 1 && reinterpret_cast<uintptr_t>(key + x0) % 64 == 0) {
+        shifted_candidates<NJ>(q, key + x0, acc);
+        return finish<NJ>(jy, jx0, x0, inside, acc, best, best_j);
+      }
+    }
+#endif
     for (int64_t c = 0; c < channels; ++c) {
       const Vec qv = load<Vec>(q + c * qstride);
       const int64_t k = c * kstride;
       for (int i = 0; i < NJ; ++i) acc[i] = S::fma(qv, load<Vec>(base[i] + k), acc[i]);
     }
+    finish<NJ>(jy, jx0, x0, inside, acc, best, best_j);
+  }
+
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+  // Key elements x0 + O .. x0 + O + 15 from the aligned vectors at x0 - 16, x0 and x0 + 16.
+  template <int O>
+  static inline Vec shifted(__m512i lo, __m512i mid, __m512i hi) {
+    if constexpr (O < 0) return (Vec)_mm512_castsi512_ps(_mm512_alignr_epi32(mid, lo, 16 + O));
+    else if constexpr (O == 0) return (Vec)_mm512_castsi512_ps(mid);
+    else return (Vec)_mm512_castsi512_ps(_mm512_alignr_epi32(hi, mid, O));
+  }
+
+  // All NJ = kernel_size candidates of dilation 1 (column offsets -r .. r, r <= 4) of pixels
+  // x0 .. x0 + 15, their key row read with three aligned loads per channel and shifted in
+  // registers (valignd) instead of NJ loads each crossing a cache line, which bound the
+  // kernel. The same products and sums as the generic loop: the same bits.
+  template <int NJ>
+  inline void shifted_candidates(const T* q, const T* key_x0, Vec* acc) const {
+    constexpr int r = NJ / 2;
+    for (int64_t c = 0; c < channels; ++c) {
+      const Vec qv = load<Vec>(q + c * qstride);
+      const T* k = key_x0 + c * kstride;
+      const __m512i lo = _mm512_load_si512(k - 16), mid = _mm512_load_si512(k), hi = _mm512_load_si512(k + 16);
+      [&]<int... I>(std::integer_sequence<int, I...>) {
+        ((acc[I] = S::fma(qv, shifted<I - r>(lo, mid, hi), acc[I])), ...);
+      }(std::make_integer_sequence<int, NJ>{});
+    }
+  }
+#endif
+
+  // Folds candidates (jy, jx0 .. jx0 + NJ - 1) of pixels x0 .. x0 + lanes - 1 with their dot
+  // products acc into best and best_j.
+  template <int NJ>
+  inline void finish(int jy, int jx0, int64_t x0, const bool* inside, const Vec* acc, T* best, Lane* best_j) const {
+    const int r = kernel_size / 2;
     Vec bs = load<Vec>(best + x0);
     Mask bj = load<Mask>(best_j + x0);
     Mask lane;
@@ -183,6 +229,47 @@ struct RowKernel : RowArgs<T> {
   }
 };
 
+// out = best * value[sel] for whole vectors of pixels, gathered from the value planes (a window
+// of 2 * reach + 1 rows of each, in L1/L2); returns how far.
+inline int64_t select_vectors(const SelectArgs<float>& a, int64_t c) {
+  int64_t x = 0;
+  const float* __restrict v = a.value + c * a.value_stride;
+  float* __restrict out = a.out + c * a.out_stride;
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+  const __m512i zero = _mm512_setzero_si512();
+  for (; x + 16 <= a.width; x += 16) {
+    const __m512i s = _mm512_loadu_si512(a.sel + x);
+    const __m512 value = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), _mm512_cmpge_epi32_mask(s, zero), s, v, 4);
+    _mm512_storeu_ps(out + x, _mm512_mul_ps(_mm512_loadu_ps(a.best + x), value));
+  }
+#elif VSR_SIMD_FMA && VSR_SIMD_BYTES == 32
+  const __m256i minus = _mm256_set1_epi32(-1);
+  for (; x + 8 <= a.width; x += 8) {
+    const __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.sel + x));
+    const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(s, minus));
+    const __m256 value = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), v, s, m, 4);
+    _mm256_storeu_ps(out + x, _mm256_mul_ps(_mm256_loadu_ps(a.best + x), value));
+  }
+#else
+  (void)v, (void)out;
+#endif
+  return x;
+}
+
+template <typename T>
+inline void select_values_impl(const SelectArgs<T>& a) {
+  for (int64_t c = 0; c < a.channels; ++c) {
+    int64_t x = 0;
+    if constexpr (std::is_same_v<T, float>) x = select_vectors(a, c);
+    const T* __restrict v = a.value + c * a.value_stride;
+    T* __restrict out = a.out + c * a.out_stride;
+    for (; x < a.width; ++x) out[x] = a.best[x] * (a.sel[x] < 0 ? T(0) : v[a.sel[x]]);
+  }
+}
+
+void select_values(const SelectArgs<float>& a) { select_values_impl(a); }
+void select_values(const SelectArgs<double>& a) { select_values_impl(a); }
+
 // ---------------------------------------------------------------------------------------
 // Backward (see backward_cpu in local_argmax_attention.cpp for the phases and tasks). Scalar
 // loops over unit-stride channel planes: every access streams or hits a window of 2 * reach + 1
@@ -206,17 +293,6 @@ inline float scalar_fma<float>(float a, float b, float c) {
 #endif
 }
 
-// Software prefetch of the lines a later gather reads: gathers index a window of 2 * reach + 1
-// rows of a plane the hardware prefetchers do not follow. GCC 12 drops __builtin_prefetch
-// whose addresses come from run-time strides, so on x86 the instruction is written out.
-inline void prefetch_line(const void* p) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
-#else
-  __builtin_prefetch(p, 0, 3);
-#endif
-}
-
 // The lines of [begin, end), `per_step` of them at each call of step().
 struct Prefetcher {
   const char *next, *end;
@@ -225,10 +301,10 @@ struct Prefetcher {
       : next(static_cast<const char*>(begin)), end(static_cast<const char*>(end_)),
         per_step(steps > 0 ? ((end - next) / 64 + steps) / steps : 0) {}
   inline void step() {
-    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) prefetch_line(next);
+    for (int64_t i = 0; i < per_step && next < end; ++i, next += 64) prefetch_line<0>(next);
   }
   inline void all() {
-    for (; next < end; next += 64) prefetch_line(next);
+    for (; next < end; next += 64) prefetch_line<0>(next);
   }
 };
 
@@ -330,42 +406,79 @@ inline void selection_grad_impl(const SelectionArgs<T>& a) {
   for (int64_t i = 0; i < n; ++i) g[i] = a.scale * (gs[i] + acc[i]);
 }
 
-template <typename T>
-inline void key_band_impl(const KeyBandArgs<T>& a) {
+// key_band over NC channels: sel, g (and score) are loaded and tested once per pixel for all of
+// them, which the scatters' instruction count was bound by.
+template <typename T, int NC>
+inline void key_band_channels(const KeyBandArgs<T>& a) {
+  const int64_t P = a.pixels;
   T* __restrict gq = a.gq;
   const T* __restrict q = a.q;
-  for (int64_t p = a.p0; p < a.p1; ++p) gq[p] = T(0);
+  for (int c = 0; c < NC; ++c)
+    for (int64_t p = a.p0; p < a.p1; ++p) gq[c * P + p] = T(0);
   // The window of key pixels the band's pixels can select.
   const int64_t lo = std::max<int64_t>(0, a.p0 - a.reach * (a.width + 1)),
                 hi = std::min(a.pixels, a.p1 + a.reach * (a.width + 1));
-  if (a.frames > 0) Prefetcher(a.k + lo, a.k + hi, 1).all();
+  if (a.frames > 0)
+    for (int c = 0; c < NC; ++c) Prefetcher(a.k + c * P + lo, a.k + c * P + hi, 1).all();
+  const ValueBandArgs<T>* v = a.value;
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* __restrict sel = a.sel + t * a.pixels;
     const T* __restrict g = a.g + t * a.pixels;
-    const T* __restrict k = a.k + t * a.frame_stride;
     T* __restrict gk = a.gk + t * a.frame_stride;
-    for (int64_t p = a.zero0; p < a.zero1; ++p) gk[p] = T(0);
-    const T* next = k + (t + 1 < a.frames ? a.frame_stride : 0);
-    Prefetcher pf(next + lo, next + (t + 1 < a.frames ? hi : lo), (a.p1 - a.p0) / Simd<T>::kLanes);
-    int64_t p = a.p0;
-    if constexpr (std::is_same_v<T, float>) p = gather_fma_masked(g, k, sel, gq, p, a.p1, pf);
-    for (; p < a.p1; ++p)
-      if (const int32_t s = sel[p]; s >= 0) gq[p] = scalar_fma(g[p], k[s], gq[p]);
-    if (const ValueBandArgs<T>* v = a.value) {
-      // The value channel's scatter in the same pass: one sel load and test for both.
+    for (int c = 0; c < NC; ++c) {
+      const T* __restrict k = a.k + t * a.frame_stride + c * P;
+      for (int64_t p = a.zero0; p < a.zero1; ++p) gk[c * P + p] = T(0);
+      const T* next = k + (t + 1 < a.frames ? a.frame_stride : 0);
+      Prefetcher pf(next + lo, next + (t + 1 < a.frames ? hi : lo), (a.p1 - a.p0) / Simd<T>::kLanes);
+      T* __restrict gqc = gq + c * P;
+      int64_t p = a.p0;
+      if constexpr (std::is_same_v<T, float>) p = gather_fma_masked(g, k, sel, gqc, p, a.p1, pf);
+      for (; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) gqc[p] = scalar_fma(g[p], k[s], gqc[p]);
+    }
+    if (v) {
+      // The value channels' scatters in the same pass: one sel load and test for all.
       const T* __restrict score = v->score + t * a.pixels;
       const T* __restrict go = v->go + t * v->frame_stride;
       T* __restrict gv = v->gv + t * v->frame_stride;
-      for (p = v->zero0; p < v->zero1; ++p) gv[p] = T(0);
-      for (p = a.p0; p < a.p1; ++p)
+      for (int c = 0; c < NC; ++c)
+        for (int64_t p = v->zero0; p < v->zero1; ++p) gv[c * P + p] = T(0);
+      for (int64_t p = a.p0; p < a.p1; ++p)
         if (const int32_t s = sel[p]; s >= 0) {
-          gk[s] = scalar_fma(g[p], q[p], gk[s]);
-          gv[s] = scalar_fma(score[p], go[p], gv[s]);
+          const T gp = g[p], sp = score[p];
+          for (int c = 0; c < NC; ++c) {
+            gk[s + c * P] = scalar_fma(gp, q[p + c * P], gk[s + c * P]);
+            gv[s + c * P] = scalar_fma(sp, go[p + c * P], gv[s + c * P]);
+          }
         }
     } else {
-      for (p = a.p0; p < a.p1; ++p)
-        if (const int32_t s = sel[p]; s >= 0) gk[s] = scalar_fma(g[p], q[p], gk[s]);
+      for (int64_t p = a.p0; p < a.p1; ++p)
+        if (const int32_t s = sel[p]; s >= 0) {
+          const T gp = g[p];
+          for (int c = 0; c < NC; ++c) gk[s + c * P] = scalar_fma(gp, q[p + c * P], gk[s + c * P]);
+        }
     }
+  }
+}
+
+// Channels per key_band_channels call: 4 keeps a pixel's 8 scatter targets and 8 sources in
+// distinct registers' reach (one index add per channel).
+constexpr int kScatterChannels = 4;
+
+template <typename T>
+inline void key_band_impl(const KeyBandArgs<T>& a) {
+  KeyBandArgs<T> part = a;
+  ValueBandArgs<T> value_part = a.value ? *a.value : ValueBandArgs<T>{};
+  for (int64_t c = 0; c < a.channels;) {
+    const int64_t n = a.channels - c >= kScatterChannels ? kScatterChannels : 1, offset = c * a.pixels;
+    part.q = a.q + offset, part.gq = a.gq + offset, part.k = a.k + offset, part.gk = a.gk + offset;
+    if (a.value) {
+      value_part.go = a.value->go + offset, value_part.gv = a.value->gv + offset;
+      part.value = &value_part;
+    }
+    if (n == kScatterChannels) key_band_channels<T, kScatterChannels>(part);
+    else key_band_channels<T, 1>(part);
+    c += n;
   }
 }
 
