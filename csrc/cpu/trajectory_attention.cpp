@@ -41,10 +41,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../glue/trajectory_attention.h"
 #include "huge_pages.h"
 #include "isa.h"
@@ -72,34 +68,6 @@ int64_t band_size(int64_t tokens) {
 constexpr int64_t kBlock = 4;
 // Channels per gradient-scatter task.
 constexpr int64_t kChannels = 16;
-
-// Share `part` of `parts` (disjoint, split at 2 MiB boundaries) of a fresh output that
-// advise_huge_pages advised, faulted in writable without changing its contents
-// (MADV_POPULATE_WRITE, Linux 5.14+; elsewhere, or on error, nothing happens and the stores
-// fault the pages in as before). Each forward task populates its share before its key pass:
-// the faults, which zero each 2 MiB page, then run on all threads at once during the key
-// pass, not inside the value gather's stream of stores (measured at the shape, 2
-// threads: 3 ms of CPU per call less). (A candidate for huge_pages.h; kept here so that this
-// op's work edits no shared header.)
-void populate(const at::Tensor& t, int64_t part, int64_t parts) {
-#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20, kPage = uintptr_t(4) << 10;
-  const size_t bytes = t.nbytes();
-  if (bytes < 4 * kHuge || parts <= 0 || part < 0 || part >= parts) return;  // as advise_huge_pages
-  const uintptr_t start = reinterpret_cast<uintptr_t>(t.data_ptr()) & ~(kPage - 1);
-  const uintptr_t end = reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes;
-  auto boundary = [&](int64_t k) {  // where share k starts
-    if (k >= parts) return end;
-    return k <= 0 ? start : std::max(start, (start + (end - start) / uintptr_t(parts) * uintptr_t(k)) & ~(kHuge - 1));
-  };
-  const uintptr_t lo = boundary(part), hi = boundary(part + 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
-#else
-  (void)t;
-  (void)part;
-  (void)parts;
-#endif
-}
 
 // (B, T, h*w) int64: the token each trajectory location reads, or -1 outside.
 at::Tensor positions(const at::Tensor& location, const Extent& e) {
@@ -283,7 +251,7 @@ void forward_simd(Isa isa, const at::Tensor& q, const at::Tensor& k, const std::
     std::vector<float> qk(T * stride), kk(T * stride), qq(stride), poison(stride);
     std::vector<int64_t> lo(T), hi(T), zero(stride, 0);
     for (int64_t task = begin; task < end; ++task) {
-      for (auto& o : outs) populate(o, task, B * runs);
+      for (auto& o : outs) cpu::populate_share(o, task, B * runs);
       const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
       const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
       for (int64_t t = 0; t < T; ++t) {
@@ -367,7 +335,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_cpu(
       std::vector<acc_t> qv(kBlock * kTokens), qq(kTokens), poison(kTokens), qk(T * kTokens), kk(T * kTokens);
       std::vector<int64_t> chosen(kTokens), frame(kTokens), grouped(kTokens), start(T + 1), next(T);
       for (int64_t task = begin; task < end; ++task) {
-        for (auto& o : outs) populate(o, task, B * runs);
+        for (auto& o : outs) cpu::populate_share(o, task, B * runs);
         const int64_t b = task / runs, p0 = task % runs * kTokens, n = std::min(kTokens, N - p0);
         const int64_t* pb = pos_data + b * T * N + p0;  // pb[t * N + i]: token p0 + i in frame t
         std::fill(qq.begin(), qq.end(), acc_t(0));
