@@ -138,11 +138,7 @@ void forward_simd(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key, 
                    biased ? kbp.const_data_ptr<T>() : nullptr, biased ? vbp.const_data_ptr<T>() : nullptr,
                    cell.data(), out_row.data(), lp + b * g.heads * HW + p0, HW, g.width, g.heads, Dp, cells,
                    static_cast<T>(scale)};
-      switch (isa) {
-        case cpu::Isa::kAvx512: avx512::forward_row(a); break;
-        case cpu::Isa::kAvx2: avx2::forward_row(a); break;
-        default: base::forward_row(a); break;
-      }
+      VSR_CPU_ISA_CALL(isa, forward_row, a);
       for (int64_t h = 0; h < g.heads; ++h)
         for (int64_t d = 0; d < D; ++d)
           for (int64_t x = 0; x < g.width; ++x) ob.at(0, h * D + d, p0 + x) = out_row[x * Cp + h * Dp + d];
@@ -237,9 +233,7 @@ void row_cells(const Geometry& g, const coord_t* f, int64_t b, int64_t y, int64_
 }
 
 int plane_lanes(cpu::Isa isa, bool is_double) {
-  if (isa == cpu::Isa::kAvx512) return is_double ? avx512::plane_lanes(0.0) : avx512::plane_lanes(0.0f);
-  if (isa == cpu::Isa::kAvx2) return is_double ? avx2::plane_lanes(0.0) : avx2::plane_lanes(0.0f);
-  return is_double ? base::plane_lanes(0.0) : base::plane_lanes(0.0f);
+  return is_double ? VSR_CPU_ISA_CALL(isa, plane_lanes, 0.0) : VSR_CPU_ISA_CALL(isa, plane_lanes, 0.0f);
 }
 
 // The forward of float32 and float64 inputs with windows of at most kPlaneCells cells: the
@@ -278,11 +272,7 @@ void forward_planes(cpu::Isa isa, const at::Tensor& query, const at::Tensor& key
                      biased ? kbz.const_data_ptr<T>() : nullptr, biased ? vbz.const_data_ptr<T>() : nullptr,
                      cell.data(), Wp, HW, lp + b * g.heads * HW + p0, HW, W, g.heads, g.head_dim, cells,
                      static_cast<T>(scale)};
-      switch (isa) {
-        case cpu::Isa::kAvx512: avx512::forward_planes_row(a); break;
-        case cpu::Isa::kAvx2: avx2::forward_planes_row(a); break;
-        default: base::forward_planes_row(a); break;
-      }
+      VSR_CPU_ISA_CALL(isa, forward_planes_row, a);
       for (const int64_t x : nonfinite) {
         for (int64_t c = 0; c < C; ++c) ob.at(0, c, p0 + x) = nan;
         for (int64_t h = 0; h < g.heads; ++h) lp[(b * g.heads + h) * HW + p0 + x] = nan;
@@ -438,11 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                                biased ? kbz.const_data_ptr<T>() : nullptr, biased ? vbz.const_data_ptr<T>() : nullptr,
                                cell.data(), Wp, HW, lp + b * g.heads * HW + p0, HW, prow, drow, live.data(),
                                biased ? lanes_partial.data() : nullptr, W, g.heads, D, cells, static_cast<T>(scale)};
-        switch (isa) {
-          case cpu::Isa::kAvx512: avx512::backward_planes_row(a); break;
-          case cpu::Isa::kAvx2: avx2::backward_planes_row(a); break;
-          default: base::backward_planes_row(a); break;
-        }
+        VSR_CPU_ISA_CALL(isa, backward_planes_row, a);
         for (const int64_t x : nonfinite)
           for (int64_t c = 0; c < C; ++c) ob.at(0, c, p0 + x) = T(0);
       }

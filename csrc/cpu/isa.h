@@ -48,3 +48,14 @@ inline Isa select_isa(const char* op) {
 
 }  // namespace cpu
 }  // namespace vsr_kernels
+
+// fn(args...) of the per-ISA copy `isa` names: avx512::fn, avx2::fn or base::fn, looked up from
+// the caller's namespace (where each op keeps its per-ISA namespaces). Off x86 only base is built.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define VSR_CPU_ISA_CALL(isa, fn, ...)                                    \
+  ((isa) == ::vsr_kernels::cpu::Isa::kAvx512 ? avx512::fn(__VA_ARGS__)    \
+   : (isa) == ::vsr_kernels::cpu::Isa::kAvx2 ? avx2::fn(__VA_ARGS__)      \
+                                             : base::fn(__VA_ARGS__))
+#else
+#define VSR_CPU_ISA_CALL(isa, fn, ...) base::fn(__VA_ARGS__)
+#endif

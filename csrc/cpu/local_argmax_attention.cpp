@@ -35,24 +35,12 @@ using cpu::Isa;
 
 template <typename T>
 void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best_j) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))  // elsewhere only base is built
-    case Isa::kAvx512: avx512::score_row(a, jy, best, best_j); break;
-    case Isa::kAvx2: avx2::score_row(a, jy, best, best_j); break;
-#endif
-    default: base::score_row(a, jy, best, best_j); break;
-  }
+  VSR_CPU_ISA_CALL(isa, score_row, a, jy, best, best_j);
 }
 
 template <typename T>
 void select_values(Isa isa, const SelectArgs<T>& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::select_values(a); break;
-    case Isa::kAvx2: avx2::select_values(a); break;
-#endif
-    default: base::select_values(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, select_values, a);
 }
 
 // Pixels per row in the buffers: a multiple of every vector width (16 floats).
@@ -285,35 +273,17 @@ constexpr int64_t kChannelBlock = 8;
 
 template <typename T>
 void selection_grad(Isa isa, const SelectionArgs<T>& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::selection_grad(a); break;
-    case Isa::kAvx2: avx2::selection_grad(a); break;
-#endif
-    default: base::selection_grad(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, selection_grad, a);
 }
 
 template <typename T>
 void key_band(Isa isa, const KeyBandArgs<T>& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::key_band(a); break;
-    case Isa::kAvx2: avx2::key_band(a); break;
-#endif
-    default: base::key_band(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, key_band, a);
 }
 
 template <typename T>
 void value_band(Isa isa, const ValueBandArgs<T>& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::value_band(a); break;
-    case Isa::kAvx2: avx2::value_band(a); break;
-#endif
-    default: base::value_band(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, value_band, a);
 }
 
 // The backward in T (float or double) over contiguous (B, C, H, W) query, (B, T, C|Cv, H, W)

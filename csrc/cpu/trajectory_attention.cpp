@@ -158,33 +158,15 @@ struct Rows {
 using cpu::Isa;
 
 void key_pass(Isa isa, const KeyPass& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))  // elsewhere only base is built
-    case Isa::kAvx512: avx512::key_pass(a); break;
-    case Isa::kAvx2: avx2::key_pass(a); break;
-#endif
-    default: base::key_pass(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, key_pass, a);
 }
 
 void chosen_sums(Isa isa, const KeySums& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::chosen_sums(a); break;
-    case Isa::kAvx2: avx2::chosen_sums(a); break;
-#endif
-    default: base::chosen_sums(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, chosen_sums, a);
 }
 
 void gather(Isa isa, const Gather& a) {
-  switch (isa) {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    case Isa::kAvx512: avx512::gather(a); break;
-    case Isa::kAvx2: avx2::gather(a); break;
-#endif
-    default: base::gather(a); break;
-  }
+  VSR_CPU_ISA_CALL(isa, gather, a);
 }
 
 // Whether every offset t * frame + token (t < frames, token < tokens) of a channel-first
