@@ -33,6 +33,12 @@ constexpr int64_t kRowsPerTask = 4;
 
 using cpu::Isa;
 
+// Both passes hold a selected pixel of a frame in int32.
+void check_int32_pixels(const char* op, int64_t H, int64_t W) {
+  TORCH_CHECK(H * W <= std::numeric_limits<int32_t>::max(), op,
+              ": frames of 2^31 pixels or more are not supported on CPU, got ", H, "x", W);
+}
+
 template <typename T>
 void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best_j) {
   VSR_CPU_ISA_CALL(isa, score_row, a, jy, best, best_j);
@@ -233,8 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   // is converted once.
   const auto q = channels_first(query), k = channels_first(key);
   const Extent e = make_extent(key, value);
-  TORCH_CHECK(key.size(3) * key.size(4) <= std::numeric_limits<int32_t>::max(), kForwardOp,
-              ": frames of 2^31 pixels or more are not supported on CPU, got ", key.size(3), "x", key.size(4));
+  check_int32_pixels(kForwardOp, key.size(3), key.size(4));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "local_argmax_attention_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto v = channels_first(value.to(accumulation_dtype(query.scalar_type())));
@@ -361,8 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     return {at::zeros_like(query), at::zeros_like(key), at::zeros_like(value)};
   if (T == 0) return {at::zeros(query.sizes(), query.options()), at::zeros(key.sizes(), key.options()),
                       at::zeros(value.sizes(), value.options())};
-  TORCH_CHECK(H * W <= std::numeric_limits<int32_t>::max(), kBackwardOp,
-              ": frames of 2^31 pixels or more are not supported on CPU, got ", H, "x", W);
+  check_int32_pixels(kBackwardOp, H, W);
   const Isa isa = cpu::select_isa(kBackwardOp);
   const auto acc_dtype = accumulation_dtype(query.scalar_type());
   const auto acc_options = query.options().dtype(acc_dtype);
