@@ -442,6 +442,61 @@ def test_cpu_backward_tiles_match_reference_with_the_same_bits_for_any_thread_co
             assert torch.equal(first, second)
 
 
+# The AVX-512 float32 backward moves the selected key and value pixels through channels-last
+# tiles of 16 channels (csrc/cpu/local_argmax_attention_tiles.h) wherever 16 channels are key and
+# value channels alike; the rest, and AVX2, take the per-element kernels. Both add the same terms
+# in the same order with fused multiply-adds, so the two ISAs must agree bit for bit: on tiles
+# and leftover channels (C != Cv), W no multiple of 16, rings of 2 * reach + 1 rows shorter and
+# longer than the frame (K = 1, K = 9, dilation), several phase-1 bands, zero-padded selections,
+# and a value and key with infinities (NaN gradients where they are selected).
+CHANNEL_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
+    ((1, 2, 16, 16, 9, 16), (9, 1), "zeros"), ((2, 3, 33, 20, 13, 37), (5, 2), "zeros"),
+    ((1, 2, 16, 48, 5, 70), (9, 1), "exclude"), ((1, 1, 32, 32, 40, 64), (3, 1), "exclude"),
+    ((1, 2, 16, 17, 3, 2100), (3, 1), "zeros"), ((1, 2, 20, 16, 6, 7), (1, 1), "exclude"),
+    ((1, 3, 16, 16, 70, 33), (7, 3), "zeros"),
+]
+
+
+@pytest.mark.parametrize("case", CHANNEL_TILE_CASES, ids=_case_id)
+def test_cpu_backward_channel_tiles_match_the_per_element_kernels_bit_for_bit(case, monkeypatch):
+    if not {"avx2", "avx512f", "fma"} <= H.CPU_FLAGS:
+        pytest.skip("needs a CPU with AVX2 and AVX-512")
+    shape, window, border = case
+    seed = zlib.crc32(repr(case).encode())
+    q, k, v = make_inputs(*shape, dtype=torch.float32, seed=seed)
+    k[..., 0, 1] = float("inf")
+    v[..., -1, -1] = float("-inf")
+    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border == "zeros")
+    go, gs = H.upstream_grads([out, score])
+    args = (go, gs, q, k, v, score, index, *window, 0.5, border == "zeros")
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for isa, n in (("avx2", 1), ("avx512", 1), ("avx512", 2), ("avx512", 3)):
+            monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+            torch.set_num_threads(n)
+            results[isa, n] = torch.ops.vsr_kernels.local_argmax_attention_backward(*args)
+    finally:
+        torch.set_num_threads(threads)
+    want = results["avx2", 1]
+    for key, got in results.items():
+        for name, g, w in zip(("grad_query", "grad_key", "grad_value"), got, want):
+            assert torch.equal(g.isnan(), w.isnan()), (key, name)
+            assert torch.equal(g.nan_to_num(), w.nan_to_num()), (key, name)
+    # Against the reference on integer inputs: every product and sum is exact in float32, so
+    # the selections and the gradients are the float64 reference's exactly.
+    q, k, v = make_inputs(*shape, dtype=torch.float32, seed=seed, integers=True)
+    out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border == "zeros")
+    go, gs = H.upstream_grads([out, score], integers=True)
+    got = torch.ops.vsr_kernels.local_argmax_attention_backward(go, gs, q, k, v, score, index, *window, 0.5,
+                                                                border == "zeros")
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_score, _ = reference.local_argmax_attention(*ref, *window, 0.5, border)
+    want = torch.autograd.grad((ref_out, ref_score), ref, (go.double(), gs.double()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=0)
+
+
 def test_cpu_isa_switch_rejects_unknown_and_unsupported(monkeypatch):
     if not HAS_CPU_OP:
         pytest.skip("no cpu backend")

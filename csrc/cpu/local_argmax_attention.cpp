@@ -266,6 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 //    term they can receive: rows below the band's last row + reach). On this Zen 5 core the
 //    vector gathers and scatters cost about as much per element as scalar accesses: see
 //    benchmarks/NOTES.md, session 4.
+// Where the ISA has them (AVX-512, float32: tile_channels), both phases move each block of 16
+// channels through channels-last tiles instead (local_argmax_attention_tiles.h): phase 1's value
+// gathers, and phase 2 as one task per (b, 16 channels that are key and value channels alike),
+// frames outer, rows inner; the leftover channels take the kernels above. Same terms, same order.
 // Each output element receives its terms in increasing p (and grad_query its frames in
 // increasing t) whatever the number of threads: the same bits for any of them. A band's rows
 // of every plane it touches (2 * reach + rows of a key or value plane) stay in L1/L2, and no
@@ -291,6 +295,16 @@ void value_band(Isa isa, const ValueBandArgs<T>& a) {
   VSR_CPU_ISA_CALL(isa, value_band, a);
 }
 
+template <typename T>
+int tile_channels(Isa isa) {
+  return VSR_CPU_ISA_CALL(isa, tile_channels, T());
+}
+
+template <typename T>
+void key_value_tiles(Isa isa, const TileArgs<T>& a) {
+  VSR_CPU_ISA_CALL(isa, key_value_tiles, a);
+}
+
 // The backward in T (float or double) over contiguous (B, C, H, W) query, (B, T, C|Cv, H, W)
 // key, value, grad_out and (B, T, H, W) grad_score, score, index, into contiguous gradients.
 template <typename T>
@@ -301,25 +315,41 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
   const int64_t reach = static_cast<int64_t>(w.kernel_size / 2) * w.dilation;
   std::vector<int32_t> sel(B * T_ * P);
   std::vector<T> g(B * T_ * P);
+  const int tile = tile_channels<T>(isa);
   const int64_t rows1 = std::max<int64_t>(1, std::min<int64_t>(H, kSelectionBandPixels / W)),
                 bands1 = (H + rows1 - 1) / rows1;
   at::parallel_for(0, B * T_ * bands1, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(rows1 * W);
+    // The tiles of the value pixels a band can select (see SelectionArgs).
+    std::vector<T> window(tile ? std::min(P, rows1 * W + 2 * std::min(reach, H + W) * (W + 1)) * tile : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / bands1, band = task % bands1;
       const int64_t o = bt * P;
       const SelectionArgs<T> a{ix + o, go + bt * Cv * P, v + bt * Cv * P, gs + o, P, sel.data() + o, g.data() + o,
-                               acc.data(), Cv, H, W, band * rows1 * W, std::min(H, (band + 1) * rows1) * W,
-                               std::min(reach, H + W), w.kernel_size, w.dilation, scale};
+                               acc.data(), window.data(), Cv, H, W, band * rows1 * W,
+                               std::min(H, (band + 1) * rows1) * W, std::min(reach, H + W), w.kernel_size,
+                               w.dilation, scale};
       selection_grad<T>(isa, a);
     }
   });
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / W)),
                 bands = (H + band_rows - 1) / band_rows;
-  const int64_t blocks = (std::max(C, Cv) + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+  // Tasks per batch element: the tiles of channels that are key and value channels alike (where
+  // the ISA has them), then blocks of the remaining channels.
+  const int64_t tiles = tile ? std::min(C, Cv) / tile : 0, tiled = tiles * tile;
+  const int64_t blocks = (std::max(C, Cv) - tiled + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, B * (tiles + blocks), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / blocks, c0 = task % blocks * kChannelBlock;
+      const int64_t b = task / (tiles + blocks), i = task % (tiles + blocks);
+      if (i < tiles) {
+        const int64_t c = i * tile;
+        key_value_tiles<T>(isa, TileArgs<T>{sel.data() + b * T_ * P, g.data() + b * T_ * P, sc + b * T_ * P,
+                                            q + (b * C + c) * P, go + (b * T_ * Cv + c) * P, k + (b * T_ * C + c) * P,
+                                            grad_query + (b * C + c) * P, grad_key + (b * T_ * C + c) * P,
+                                            grad_value + (b * T_ * Cv + c) * P, H, W, T_, reach, C * P, Cv * P});
+        continue;
+      }
+      const int64_t c0 = tiled + (i - tiles) * kChannelBlock;
       const int32_t* bsel = sel.data() + b * T_ * P;
       const T* bg = g.data() + b * T_ * P;
       int64_t zeroed = 0;  // rows of every gradient plane zeroed so far

@@ -74,14 +74,16 @@ struct SelectArgs {
 // Pixels [p0, p1) of one frame: sel[p] = the selected key/value pixel (-1: none, or a
 // zero-padded one) from index[p], and g[p] = scale * (gs[p] + <go[:, p], v[:, sel[p]]>), the
 // sum taken in increasing channel (go, v: the frame's grad_out and value, channel c at
-// c * channel_stride). acc: scratch of p1 - p0 elements.
+// c * channel_stride). acc: scratch of p1 - p0 elements; window: scratch of
+// (p1 - p0 + 2 * reach * (width + 1)) * kTileChannels elements, for the copies with tiles
+// (see tile_channels).
 template <typename T>
 struct SelectionArgs {
   const int64_t* index;
   const T *go, *v, *gs;
   int64_t channel_stride;
   int32_t* sel;
-  T *g, *acc;
+  T *g, *acc, *window;
   int64_t channels, height, width, p0, p1, reach;
   int kernel_size, dilation;
   T scale;
@@ -117,9 +119,30 @@ struct KeyBandArgs {
   const ValueBandArgs<T>* value;
 };
 
+// Channels per tile: a 64-byte line of float32 per pixel, one AVX-512 vector.
+constexpr int kTileChannels = 16;
+
+// Phase 2 of the backward for kTileChannels consecutive channels that are key and value
+// channels alike, over every frame and pixel of one batch element, through channels-last tiles
+// (the copies where tile_channels is non-zero): per frame, a ring of the key rows a query row
+// can select (transposed to kTileChannels values per pixel) and of the rows of grad_key and
+// grad_value they receive, so each gather and scatter moves one vector, and the planes are
+// read and written a row at a time (16 x 16 transposes in registers). The same terms in the
+// same order as key_band: the same bits. q, go, k, gq, gk, gv point at the block's first
+// channel plane (planes `pixels` apart; frames of k, gk `key_frame_stride` apart, of go, gv
+// `value_frame_stride` apart); sel, g, score: (frames, pixels).
+template <typename T>
+struct TileArgs {
+  const int32_t* sel;
+  const T *g, *score, *q, *go, *k;
+  T *gq, *gk, *gv;
+  int64_t height, width, frames, reach, key_frame_stride, value_frame_stride;
+};
 
 // score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
-// folded into best and best_j.
+// folded into best and best_j. tile_channels: kTileChannels where this copy has the tiled
+// backward for T (selection_grad's then use the window scratch, key_value_tiles runs), else 0
+// (key_value_tiles must not be called).
 #define VSR_DECLARE_ISA(ns)                                                                                  \
   namespace ns {                                                                                             \
   void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
@@ -132,6 +155,10 @@ struct KeyBandArgs {
   void key_band(const KeyBandArgs<double>& a);                                                               \
   void value_band(const ValueBandArgs<float>& a);                                                            \
   void value_band(const ValueBandArgs<double>& a);                                                           \
+  int tile_channels(float);                                                                                  \
+  int tile_channels(double);                                                                                 \
+  void key_value_tiles(const TileArgs<float>& a);                                                            \
+  void key_value_tiles(const TileArgs<double>& a);                                                           \
   }
 VSR_DECLARE_ISA(base)
 VSR_DECLARE_ISA(avx2)

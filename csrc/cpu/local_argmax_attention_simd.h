@@ -28,6 +28,7 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "local_argmax_attention_isa.h"
 
@@ -270,6 +271,8 @@ inline void select_values_impl(const SelectArgs<T>& a) {
 void select_values(const SelectArgs<float>& a) { select_values_impl(a); }
 void select_values(const SelectArgs<double>& a) { select_values_impl(a); }
 
+#include "local_argmax_attention_tiles.h"
+
 // ---------------------------------------------------------------------------------------
 // Backward (see backward_cpu in local_argmax_attention.cpp for the phases and tasks). Scalar
 // loops over unit-stride channel planes: every access streams or hits a window of 2 * reach + 1
@@ -391,8 +394,11 @@ inline void selection_grad_impl(const SelectionArgs<T>& a) {
   // read value pixel 0 and their sum is never used.
   // The window of value pixels the band's pixels can select.
   const int64_t lo = std::max<int64_t>(0, a.p0 - a.reach * (W + 1)), hi = std::min(H * W, a.p1 + a.reach * (W + 1));
-  if (a.channels > 0) Prefetcher(a.v + lo, a.v + hi, 1).all();
-  for (int64_t c = 0; c < a.channels; ++c) {
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, float> && kTiles)
+    for (; c + kTileChannels <= a.channels; c += kTileChannels) selection_tile(a, c, sel, acc, n, lo, hi);
+  if (c < a.channels) Prefetcher(a.v + c * a.channel_stride + lo, a.v + c * a.channel_stride + hi, 1).all();
+  for (; c < a.channels; ++c) {
     const T* __restrict go = a.go + c * a.channel_stride + a.p0;
     const T* __restrict v = a.v + c * a.channel_stride;
     const T* next = v + (c + 1 < a.channels ? a.channel_stride : 0);

@@ -13,6 +13,7 @@ MATH = "csrc/kernels/local_argmax_attention.h"
 GLUE = "csrc/torch_glue.h"
 CPU = "csrc/cpu/local_argmax_attention.cpp"
 SIMD = "csrc/cpu/local_argmax_attention_simd.h"
+TILES = "csrc/cpu/local_argmax_attention_tiles.h"
 GLUE_OP = "csrc/glue/local_argmax_attention.h"
 COMMON = "csrc/common/frames.h"
 CUDA = "csrc/cuda/local_argmax_attention.cu"
@@ -132,6 +133,15 @@ MUTANTS = [
            "gk[s + c * P] = scalar_fma(gp, q[p + c * P], gk[s + c * P]);\n            gv[",
            "gk[s + c * P] = scalar_fma(gp, q[p], gk[s + c * P]);\n            gv[", "cpu", "swapped stride",
            "the grouped scatter multiplies every channel's key gradient by the group's first query channel"),
+    Mutant("cpp-tiles-ring-wrap", TILES, "return (o >= ring ? o - ring : o) * 16;",
+           "return (o > ring ? o - ring : o) * 16;", "cpu", "window radius",
+           "the first pixel past the ring's end is not wrapped to its start"),
+    Mutant("cpp-tiles-key-scatter-weight", TILES, "_mm512_storeu_ps(gkt, _mm512_fmadd_ps(_mm512_set1_ps(g[p0 + x])",
+           "_mm512_storeu_ps(gkt, _mm512_fmadd_ps(_mm512_set1_ps(score[p0 + x])", "cpu", "dropped gradient",
+           "the key gradient weighted by the score instead of g"),
+    Mutant("cpp-tiles-flush-early", TILES, "for (; flushed <= y - reach; ++flushed) flush(flushed);",
+           "for (; flushed <= y - reach + 1; ++flushed) flush(flushed);", "cpu", "window radius",
+           "a gradient row is written out while a later query row can still add to it"),
     Mutant("cpp-glue-value-H", GLUE_OP, 'check_size(op, v, 3, "H", q, 2);', "", "cpu", "missing check",
            "value's H is no longer checked against query's"),
     Mutant("cpp-glue-map-shape", GLUE_OP, 'check_shape(op, map, {B, T, H, W}, "(B, T, H, W) of key");',
