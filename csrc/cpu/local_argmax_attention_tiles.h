@@ -76,16 +76,21 @@ inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tile
   for (int64_t x = 0; x < n; x += 16) to_tile_group(planes + x, stride, std::min<int64_t>(16, n - x), tiles + x * 16);
 }
 
-// planes[c * stride + x] = tiles[x * 16 + c] for x < n, c < 16. Where the planes' lines are
-// whole 64-byte lines (aligned, stride a multiple of 16), stored non-temporally: the results are
-// not read again here, and a plain store would first read each line from memory.
-inline void from_tiles(const float* tiles, int64_t n, float* planes, int64_t stride) {
+// planes[c * stride + x] = tiles[x * 16 + c] for x < n, c < 16, and the tiles zeroed behind (the
+// ring row is reused next, as accumulators). Where the planes' lines are whole 64-byte lines
+// (aligned, stride a multiple of 16), stored non-temporally: the results are not read again
+// here, and a plain store would first read each line from memory.
+inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t stride) {
   const bool whole_lines = reinterpret_cast<uintptr_t>(planes) % 64 == 0 && stride % 16 == 0;
   for (int64_t x = 0; x < n; x += 16) {
     const int64_t m = std::min<int64_t>(16, n - x);
     const __mmask16 lanes = first_lanes(m);
     __m512 r[16];
-    for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(i < m ? 0xFFFF : 0, tiles + (x + i) * 16);
+    for (int i = 0; i < 16; ++i) {
+      const __mmask16 row = i < m ? 0xFFFF : 0;
+      r[i] = _mm512_maskz_loadu_ps(row, tiles + (x + i) * 16);
+      _mm512_mask_storeu_ps(tiles + (x + i) * 16, row, _mm512_setzero_ps());
+    }
     transpose16(r);
     if (whole_lines && m == 16)
       for (int c = 0; c < 16; ++c) _mm512_stream_ps(planes + c * stride + x, r[c]);
@@ -118,7 +123,7 @@ inline void selection_tile(const SelectionArgs<float>& a, int64_t c, const int32
   }
 }
 
-// A 64-byte-aligned scratch of n floats.
+// A 64-byte-aligned, zero-filled scratch of n floats.
 class TileBuffer {
  public:
   explicit TileBuffer(int64_t n) : storage_(n + 16) {
@@ -133,8 +138,8 @@ class TileBuffer {
 };
 
 // See TileArgs (local_argmax_attention_isa.h). Per frame, rows in increasing y: the key row
-// entering the window of row y (y + reach) is transposed into the ring, its grad_key and
-// grad_value rows zeroed; grad_query's row gathers its 16 pixels' key tiles and transposes
+// entering the window of row y (y + reach) is transposed into the ring (its grad_key and
+// grad_value ring rows are zero: the buffer starts zeroed, and each flush clears its row); grad_query's row gathers its 16 pixels' key tiles and transposes
 // them back (the same masked fmas as gather_fma_masked, frames in increasing t); then each
 // pixel's two scatters are one vector each, in increasing x; the ring row no later query row can
 // reach (y - reach) is transposed out into grad_key and grad_value.
@@ -144,7 +149,6 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
   TileBuffer buffer((3 * ring + 3 * W) * 16);
   float *const keys = buffer.data(), *const gkeys = keys + ring * 16, *const gvalues = gkeys + ring * 16,
                *const qrow = gvalues + ring * 16, *const gorow = qrow + W * 16, *const zeros = gorow + W * 16;
-  std::fill(zeros, zeros + W * 16, 0.0f);
   auto slot = [&](int64_t y) { return y % S * W * 16; };  // where row y's tiles start in a ring
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* sel = a.sel + t * P;
@@ -152,15 +156,13 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
                 *go = a.go + t * a.value_frame_stride;
     float *gk = a.gk + t * a.key_frame_stride, *gv = a.gv + t * a.value_frame_stride;
     auto flush = [&](int64_t y) {
-      from_tiles(gkeys + slot(y), W, gk + y * W, P);
-      from_tiles(gvalues + slot(y), W, gv + y * W, P);
+      from_tiles_clearing(gkeys + slot(y), W, gk + y * W, P);
+      from_tiles_clearing(gvalues + slot(y), W, gv + y * W, P);
     };
     int64_t entered = 0, flushed = 0;  // rows taken into the ring, and out of it
     for (int64_t y = 0; y < H; ++y) {
       for (; entered < H && entered <= y + reach; ++entered) {
-        to_tiles(k + entered * W, P, W, keys + slot(entered));
-        std::fill(gkeys + slot(entered), gkeys + slot(entered) + W * 16, 0.0f);
-        std::fill(gvalues + slot(entered), gvalues + slot(entered) + W * 16, 0.0f);
+        to_tiles(k + entered * W, P, W, keys + slot(entered));  // its gradient rows are zero
       }
       to_tiles(a.q + y * W, P, W, qrow);
       to_tiles(go + y * W, P, W, gorow);
