@@ -374,6 +374,10 @@ inline void selection_grad_impl(const SelectionArgs<T>& a) {
   const int64_t n = a.p1 - a.p0;
   int32_t* __restrict sel = a.sel + a.p0;
   T* __restrict acc = a.acc;
+  // Candidate j's row and column offsets, looked up: a division by K per pixel cost ~10 % of
+  // the backward.
+  std::vector<int64_t> offsets(2 * static_cast<int64_t>(K2));
+  for (int32_t j = 0; j < K2; ++j) offsets[2 * j] = (j / K - r) * d, offsets[2 * j + 1] = (j % K - r) * d;
   // p0 and p1 are whole rows.
   for (int64_t y = a.p0 / W, i = 0; i < n; ++y) {
     for (int64_t x = 0; x < W; ++x, ++i) {
@@ -382,8 +386,7 @@ inline void selection_grad_impl(const SelectionArgs<T>& a) {
       // An index outside [0, K * K) selects nothing (only a direct call can pass one); neither
       // does a candidate outside the frame (a zero-padded key: nothing to differentiate).
       if (j >= 0 && j < K2) {
-        const int32_t j32 = static_cast<int32_t>(j);
-        const int64_t sy = y + (j32 / K - r) * d, sx = x + (j32 % K - r) * d;
+        const int64_t sy = y + offsets[2 * j], sx = x + offsets[2 * j + 1];
         if (sy >= 0 && sy < H && sx >= 0 && sx < W) s = static_cast<int32_t>(sy * W + sx);
       }
       sel[i] = s;
