@@ -335,8 +335,10 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(H, kBandPixels / W)),
                 bands = (H + band_rows - 1) / band_rows;
   // Tasks per batch element: the tiles of channels that are key and value channels alike (where
-  // the ISA has them), then blocks of the remaining channels.
-  const int64_t tiles = tile ? std::min(C, Cv) / tile : 0, tiled = tiles * tile;
+  // the ISA has them, and there are enough of them to keep every thread busy: the blocks below
+  // are half as wide), then blocks of the remaining channels. Either way the same bits.
+  const int64_t tiles = tile && B * (std::min(C, Cv) / tile) >= at::get_num_threads() ? std::min(C, Cv) / tile : 0,
+                tiled = tiles * tile;
   const int64_t blocks = (std::max(C, Cv) - tiled + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, B * (tiles + blocks), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
