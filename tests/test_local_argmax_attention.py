@@ -447,7 +447,8 @@ def test_cpu_backward_tiles_match_reference_with_the_same_bits_for_any_thread_co
 # value channels alike; the rest, and AVX2, take the per-element kernels. Both add the same terms
 # in the same order with fused multiply-adds, so the two ISAs must agree bit for bit: on tiles
 # and leftover channels (C != Cv), W no multiple of 16, rings of 2 * reach + 1 rows shorter and
-# longer than the frame (K = 1, K = 9, dilation), several phase-1 bands, zero-padded selections,
+# longer than the frame (K = 1, K = 9, dilation), several phase-1 bands, grad_query accumulated in
+# tiles (frames up to 8192 pixels) or gathered into its planes per frame, zero-padded selections,
 # and a value and key with infinities (NaN gradients where they are selected). Phase 2 takes the
 # tiles only with at least as many tile tasks as threads, so 1-3 threads cover both paths.
 CHANNEL_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
@@ -455,6 +456,7 @@ CHANNEL_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
     ((1, 2, 16, 48, 5, 70), (9, 1), "exclude"), ((1, 1, 32, 32, 40, 64), (3, 1), "exclude"),
     ((1, 2, 16, 17, 3, 2100), (3, 1), "zeros"), ((1, 2, 20, 16, 6, 7), (1, 1), "exclude"),
     ((1, 3, 16, 16, 70, 33), (7, 3), "zeros"), ((1, 2, 48, 64, 12, 40), (9, 1), "exclude"),
+    ((1, 2, 16, 16, 33, 260), (5, 1), "zeros"),  # grad_query's tiles too large: gathered per frame
 ]
 
 

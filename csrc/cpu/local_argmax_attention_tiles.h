@@ -143,12 +143,18 @@ class TileBuffer {
 // them back (the same masked fmas as gather_fma_masked, frames in increasing t); then each
 // pixel's two scatters are one vector each, in increasing x; the ring row no later query row can
 // reach (y - reach) is transposed out into grad_key and grad_value.
+constexpr int64_t kMaxQueryTileBytes = 512 << 10;
+
 inline void key_value_tiles_impl(const TileArgs<float>& a) {
   const int64_t H = a.height, W = a.width, P = H * W;
   const int64_t reach = std::min(a.reach, H - 1), S = std::min(2 * reach + 1, H), ring = S * W;
-  TileBuffer buffer((3 * ring + 3 * W) * 16);
+  // grad_query's tiles for the whole frame, accumulated over the frames and transposed out once,
+  // where they fit in L2 beside the rings; else each frame's terms are gathered into its planes.
+  const int64_t gq_pixels = P * 64 <= kMaxQueryTileBytes ? P : 0;
+  TileBuffer buffer((3 * ring + 3 * W + gq_pixels) * 16);
   float *const keys = buffer.data(), *const gkeys = keys + ring * 16, *const gvalues = gkeys + ring * 16,
-               *const qrow = gvalues + ring * 16, *const gorow = qrow + W * 16, *const zeros = gorow + W * 16;
+               *const qrow = gvalues + ring * 16, *const gorow = qrow + W * 16, *const zeros = gorow + W * 16,
+               *const gq_tiles = gq_pixels ? zeros + W * 16 : nullptr;
   auto slot = [&](int64_t y) { return y % S * W * 16; };  // where row y's tiles start in a ring
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* sel = a.sel + t * P;
@@ -177,11 +183,13 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
       // and grad_query rows), prefetched into L2 group by group: the 16-plane row reads are
       // more concurrent streams than the hardware prefetchers follow.
       const float* ahead[4] = {entered < H ? k + entered * W : nullptr, y + 1 < H ? a.q + p0 + W : nullptr,
-                               y + 1 < H ? go + p0 + W : nullptr, y + 1 < H && t > 0 ? a.gq + p0 + W : nullptr};
+                               y + 1 < H ? go + p0 + W : nullptr,
+                               y + 1 < H && t > 0 && !gq_tiles ? a.gq + p0 + W : nullptr};
       for (int64_t x = 0; x < W; x += 16) {
         for (const float* plane : ahead)
           if (plane)
             for (int c = 0; c < 16; ++c) prefetch_line<1>(plane + c * P + x);
+        if (gq_tiles) continue;
         const int64_t m = std::min<int64_t>(16, W - x);
         const __mmask16 lanes = first_lanes(m);
         __mmask16 selected = 0;
@@ -202,6 +210,11 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
       for (int64_t x = 0; x < W; ++x) {
         const int32_t s = sel[p0 + x];
         if (s < 0) continue;
+        if (gq_tiles) {
+          float* gqt = gq_tiles + (p0 + x) * 16;
+          _mm512_storeu_ps(gqt, _mm512_fmadd_ps(_mm512_set1_ps(g[p0 + x]), _mm512_loadu_ps(keys + tile(s)),
+                                                _mm512_loadu_ps(gqt)));
+        }
         float *gkt = gkeys + tile(s), *gvt = gvalues + tile(s);
         _mm512_storeu_ps(gkt, _mm512_fmadd_ps(_mm512_set1_ps(g[p0 + x]), _mm512_loadu_ps(qrow + x * 16),
                                               _mm512_loadu_ps(gkt)));
@@ -212,6 +225,7 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
     }
     for (; flushed < H; ++flushed) flush(flushed);
   }
+  if (gq_tiles) from_tiles_clearing(gq_tiles, P, a.gq, P);
   _mm_sfence();  // the non-temporal stores are visible before the task ends
 }
 
