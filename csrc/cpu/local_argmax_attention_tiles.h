@@ -139,10 +139,12 @@ class TileBuffer {
 
 // See TileArgs (local_argmax_attention_isa.h). Per frame, rows in increasing y: the key row
 // entering the window of row y (y + reach) is transposed into the ring (its grad_key and
-// grad_value ring rows are zero: the buffer starts zeroed, and each flush clears its row); grad_query's row gathers its 16 pixels' key tiles and transposes
-// them back (the same masked fmas as gather_fma_masked, frames in increasing t); then each
-// pixel's two scatters are one vector each, in increasing x; the ring row no later query row can
-// reach (y - reach) is transposed out into grad_key and grad_value.
+// grad_value ring rows are zero: the buffer starts zeroed, and each flush clears its row); then
+// each pixel's terms are one vector each, in increasing x: grad_query's (into its tile, or, for
+// frames whose tiles exceed kMaxQueryTileBytes, per 16 pixels their key tiles transposed back
+// and added to its planes: the same masked fmas as gather_fma_masked, frames in increasing t),
+// grad_key's and grad_value's; the ring row no later query row can reach (y - reach) is
+// transposed out into grad_key and grad_value.
 constexpr int64_t kMaxQueryTileBytes = 512 << 10;
 
 inline void key_value_tiles_impl(const TileArgs<float>& a) {
