@@ -523,6 +523,8 @@ PLANE_CASES = [  # (B, C, H, W, w, heads, biases ("both", "key", "value", None),
     (1, 20, 3, 40, 1, 4, "value", "random"), (1, 40, 4, 23, 3, 5, None, "outside"),
     (1, 24, 7, 8, 2, 2, "both", "nonfinite"), (1, 14, 5, 31, 2, 2, "both", "integer"),
     (1, 6, 2, 3, 3, 3, "both", "smooth"), (1, 48, 3, 64, 2, 6, "both", "random"),
+    # more heads than a block's head group (kHeadGroup = 8 in the kernels): groups of 8 and 2, 8 and 1
+    (1, 30, 4, 35, 2, 10, "both", "smooth"), (1, 18, 3, 17, 3, 9, "key", "random"),
 ]
 
 

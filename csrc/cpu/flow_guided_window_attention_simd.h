@@ -347,24 +347,34 @@ inline Plane<double>::Vec vexp(Plane<double>::Vec x) {
 // 1e-17 of the sum). Exact at powers of two (s = 0). x = +-0: -inf; +inf: +inf; NaN or x < 0:
 // NaN; float32 subnormals are normal in float64.
 inline Plane<float>::Vec vlog(Plane<float>::Vec x) {
-  constexpr int L = Plane<float>::kLanes;
-  typedef double D __attribute__((vector_size(L * 8)));
-  typedef int64_t I __attribute__((vector_size(L * 8)));
-  const D xd = __builtin_convertvector(x, D);
-  I bits;
-  std::memcpy(&bits, &xd, sizeof(bits));
-  I e = ((bits >> 52) & 0x7ff) - 1023;
-  const I mant = (bits & 0x000fffffffffffffLL) | (int64_t(1023) << 52);
-  D m;
-  std::memcpy(&m, &mant, sizeof(m));  // [1, 2)
-  const auto high = m > 1.4142135623730951;
-  m = high ? m * 0.5 : m;
-  e = high ? e + 1 : e;
-  const D s = (m - 1.0) / (m + 1.0), s2 = s * s;
-  D poly = D{} + 1.0 / 21;
-  for (int k = 9; k >= 0; --k) poly = poly * s2 + 1.0 / (2 * k + 1);
-  const D r = __builtin_convertvector(e, D) * 0.69314718055994530942 + 2.0 * s * poly;
-  Plane<float>::Vec y = __builtin_convertvector(r, Plane<float>::Vec);
+  // In two halves of L / 2 lanes, each a float64 vector of the native width: a float64 vector
+  // of all L lanes is twice the native width, and GCC turns its selects (?:) into one scalar
+  // compare and blend per lane (~300 instructions per call).
+  constexpr int L = Plane<float>::kLanes, H = L / 2;
+  typedef float F __attribute__((vector_size(H * 4)));
+  typedef double D __attribute__((vector_size(H * 8)));
+  typedef int64_t I __attribute__((vector_size(H * 8)));
+  F part[2];
+  std::memcpy(part, &x, sizeof(part));
+  for (int half = 0; half < 2; ++half) {
+    const D xd = __builtin_convertvector(part[half], D);
+    I bits;
+    std::memcpy(&bits, &xd, sizeof(bits));
+    I e = ((bits >> 52) & 0x7ff) - 1023;
+    const I mant = (bits & 0x000fffffffffffffLL) | (int64_t(1023) << 52);
+    D m;
+    std::memcpy(&m, &mant, sizeof(m));  // [1, 2)
+    const auto high = m > 1.4142135623730951;
+    m = high ? m * 0.5 : m;
+    e = high ? e + 1 : e;
+    const D s = (m - 1.0) / (m + 1.0), s2 = s * s;
+    D poly = D{} + 1.0 / 21;
+    for (int k = 9; k >= 0; --k) poly = poly * s2 + 1.0 / (2 * k + 1);
+    const D r = __builtin_convertvector(e, D) * 0.69314718055994530942 + 2.0 * s * poly;
+    part[half] = __builtin_convertvector(r, F);
+  }
+  Plane<float>::Vec y;
+  std::memcpy(&y, part, sizeof(y));
   constexpr float inf = std::numeric_limits<float>::infinity();
   y = x == 0.0f ? Plane<float>::Vec{} - inf : y;
   y = x == inf ? x : y;
@@ -424,15 +434,30 @@ inline void prefetch_rows(const T* base, const int64_t* ahead) {
   }
 }
 
+// Heads per group: the logits of a group's heads are computed before any of their softmaxes,
+// and the softmaxes before any value pass, so the out-of-order core overlaps one head's softmax
+// (a chain of ~100 cycles: the exponentials' polynomial, 1 / l) with the other heads' work; in
+// head order, each value pass waited for its softmax with a full reorder buffer.
+constexpr int64_t kHeadGroup = 8;
+
 template <typename T, int kCells, bool kBiased, bool kFull, typename Gather>
 inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, Gather gather) {
-  // gather by value: its offsets, indices, masks and prefetch targets stay in registers (through
-  // a reference they were reloaded for every channel, as the stores might alias them).
+  // gather by value, and a's fields in locals: offsets, indices, masks, prefetch targets and
+  // pointers stay in registers (through references they were reloaded for every channel, as
+  // the stores might alias them).
   using V = typename Plane<T>::Vec;
   constexpr int L = Plane<T>::kLanes;
   constexpr T inf = std::numeric_limits<T>::infinity();
-  const int64_t D = a.head_dim;
+  const int64_t D = a.head_dim, heads = a.heads, lse_head = a.lse_head;
   const int64_t qs = a.channel[0], ks = a.channel[1], vs = a.channel[2], os = a.channel[3];
+  const T* const query = a.query + x0;
+  const T* const key = a.key;
+  const T* const value = a.value;
+  const T* const key_bias = a.key_bias;
+  const T* const value_bias = a.value_bias;
+  T* const out = a.out + x0;
+  T* const lse = a.lse + x0;
+  const T scale = a.scale;
   auto load_q = [&](const T* p) {
     if (kFull) return load<V>(p);
     V v = {};
@@ -441,58 +466,69 @@ inline void planes_body(const PlaneArgs<T>& a, int64_t x0, int64_t valid, Gather
   };
   // out's vectors are whole aligned lines (AVX-512) where out and its channel stride are
   // aligned: stored non-temporally (no read for ownership of a line about to be overwritten).
-  const bool stream = kFull && aligned_vector(a.out + x0) && (os * sizeof(T)) % VSR_SIMD_BYTES == 0;
-  for (int64_t h = 0; h < a.heads; ++h) {
-    V s[kCells];
-    for (int n = 0; n < kCells; ++n) s[n] = V{};
-    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
-      const V q = load_q(a.query + c * qs + x0);
-      const T* k = a.key + c * ks;
-      if (kPrefetch) __builtin_prefetch(a.query + c * qs + x0 + L, 0, 2);
-      gather.prefetch(k);
-      V kv[kCells];
-      gather(k, kv);
-      for (int n = 0; n < kCells; ++n) {
-        if (kBiased) kv[n] = kv[n] + a.key_bias[c * kCells + n];
-        s[n] = pfma(q, kv[n], s[n]);
+  const bool stream = kFull && aligned_vector(out) && (os * sizeof(T)) % VSR_SIMD_BYTES == 0;
+  for (int64_t h0 = 0; h0 < heads; h0 += kHeadGroup) {
+    const int64_t group = heads - h0 < kHeadGroup ? heads - h0 : kHeadGroup;
+    V s[kHeadGroup][kCells];
+    for (int64_t i = 0; i < group; ++i) {
+      V acc[kCells];  // in registers (s[i] is indexed at run time: GCC kept it in memory)
+      for (int n = 0; n < kCells; ++n) acc[n] = V{};
+      for (int64_t c = (h0 + i) * D; c < (h0 + i + 1) * D; ++c) {
+        const V q = load_q(query + c * qs);
+        const T* k = key + c * ks;
+        if (kPrefetch) __builtin_prefetch(query + c * qs + L, 0, 2);
+        gather.prefetch(k);
+        V kv[kCells];
+        gather(k, kv);
+        for (int n = 0; n < kCells; ++n) {
+          if (kBiased) kv[n] = kv[n] + key_bias[c * kCells + n];
+          acc[n] = pfma(q, kv[n], acc[n]);
+        }
       }
+      for (int n = 0; n < kCells; ++n) s[i][n] = acc[n];
     }
-    V m = V{} - inf;
-    for (int n = 0; n < kCells; ++n) {
-      s[n] = s[n] * a.scale;
-      m = s[n] > m ? s[n] : m;
-    }
-    V l = V{};
-    for (int n = 0; n < kCells; ++n) {
-      const V p = vexp(s[n] - m);
-      s[n] = s[n] == -inf ? V{} : p;
-      l = l + s[n];
-    }
-    const V lse = m + vlog(l);
-    if (kFull)
-      store(a.lse + h * a.lse_head + x0, lse);
-    else
-      std::memcpy(a.lse + h * a.lse_head + x0, &lse, valid * sizeof(T));
-    const V inv = (V{} + T(1)) / l;
-    for (int n = 0; n < kCells; ++n) s[n] = s[n] * inv;
-    for (int64_t c = h * D; c < (h + 1) * D; ++c) {
-      const T* v = a.value + c * vs;
-      if (kPrefetch && !stream) __builtin_prefetch(a.out + c * os + x0 + L, 1, 2);
-      gather.prefetch(v);
-      V vv[kCells];
-      gather(v, vv);
-      V o = {};
+    for (int64_t i = 0; i < group; ++i) {
+      V m = V{} - inf;
       for (int n = 0; n < kCells; ++n) {
-        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];
-        o = n == 0 ? s[0] * vv[0] : pfma(s[n], vv[n], o);
+        s[i][n] = s[i][n] * scale;
+        m = s[i][n] > m ? s[i][n] : m;
       }
-      T* out = a.out + c * os + x0;
-      if (kFull && stream)
-        stream_store(out, o);
-      else if (kFull)
-        store(out, o);
+      V l = V{};
+      for (int n = 0; n < kCells; ++n) {
+        const V p = vexp(s[i][n] - m);
+        s[i][n] = s[i][n] == -inf ? V{} : p;
+        l = l + s[i][n];
+      }
+      const V lse_h = m + vlog(l);
+      if (kFull)
+        store(lse + (h0 + i) * lse_head, lse_h);
       else
-        std::memcpy(out, &o, valid * sizeof(T));
+        std::memcpy(lse + (h0 + i) * lse_head, &lse_h, valid * sizeof(T));
+      const V inv = (V{} + T(1)) / l;
+      for (int n = 0; n < kCells; ++n) s[i][n] = s[i][n] * inv;
+    }
+    for (int64_t i = 0; i < group; ++i) {
+      V p[kCells];
+      for (int n = 0; n < kCells; ++n) p[n] = s[i][n];
+      for (int64_t c = (h0 + i) * D; c < (h0 + i + 1) * D; ++c) {
+        const T* v = value + c * vs;
+        if (kPrefetch && !stream) __builtin_prefetch(out + c * os + L, 1, 2);
+        gather.prefetch(v);
+        V vv[kCells];
+        gather(v, vv);
+        V o = {};
+        for (int n = 0; n < kCells; ++n) {
+          if (kBiased) vv[n] = vv[n] + value_bias[c * kCells + n];
+          o = n == 0 ? p[0] * vv[0] : pfma(p[n], vv[n], o);
+        }
+        T* to = out + c * os;
+        if (kFull && stream)
+          stream_store(to, o);
+        else if (kFull)
+          store(to, o);
+        else
+          std::memcpy(to, &o, valid * sizeof(T));
+      }
     }
   }
 }
@@ -665,6 +701,15 @@ struct Window {
   }
 };
 
+// Marks two loaded vectors as opaque to the compiler, so each is loaded once into a register:
+// else GCC folds the loads into both permutes that read them (vpermt2ps overwrites its table
+// operand), loading every segment vector twice — 12 instead of 6 line-crossing 64-byte loads
+// per plane, which the load pipes could not sustain.
+template <typename V>
+inline void opaque(V& a, V& b) {
+  asm("" : "+v"(a), "+v"(b));
+}
+
 template <typename T, int kRows>
 struct WindowCells {
   using V = typename Plane<T>::Vec;
@@ -696,7 +741,8 @@ struct WindowCells {
     if constexpr (sizeof(T) == 4) {
       __m512 p[2][kRows];
       for (int k = 0; k < kRows; ++k) {
-        const __m512 lo = _mm512_loadu_ps(at(base, k)), hi = _mm512_loadu_ps(at(base, k) + 16);
+        __m512 lo = _mm512_loadu_ps(at(base, k)), hi = _mm512_loadu_ps(at(base, k) + 16);
+        opaque(lo, hi);
         for (int b = 0; b < 2; ++b) p[b][k] = _mm512_permutex2var_ps(lo, ix[b], hi);
       }
       for (int b = 0; b < 2; ++b) {
@@ -706,7 +752,8 @@ struct WindowCells {
     } else {
       __m512d p[2][kRows];
       for (int k = 0; k < kRows; ++k) {
-        const __m512d lo = _mm512_loadu_pd(at(base, k)), hi = _mm512_loadu_pd(at(base, k) + 8);
+        __m512d lo = _mm512_loadu_pd(at(base, k)), hi = _mm512_loadu_pd(at(base, k) + 8);
+        opaque(lo, hi);
         for (int b = 0; b < 2; ++b) p[b][k] = _mm512_permutex2var_pd(lo, ix[b], hi);
       }
       for (int b = 0; b < 2; ++b) {

@@ -53,8 +53,8 @@ MUTANTS = [
            "const acc_t ds = scale * prob[h * cells + n] * dscore[h * cells + n];", "cpu", "dropped gradient"),
     # The per-ISA CPU forward (every ISA copy is compiled from SIMD; the tests force each).
     Mutant("simd-planes-drop-value-bias", SIMD,
-           "        if (kBiased) vv[n] = vv[n] + a.value_bias[c * kCells + n];\n        o = n == 0",
-           "        o = n == 0", "cpu", "dropped gradient", "the value bias in the channels-first forward"),
+           "          if (kBiased) vv[n] = vv[n] + value_bias[c * kCells + n];\n          o = n == 0",
+           "          o = n == 0", "cpu", "dropped gradient", "the value bias in the channels-first forward"),
     Mutant("simd-window-second-row-mask", SIMD, "mask[1] = bits(t1 == 2);", "mask[1] = bits(t1 == 1);", "cpu",
            "dropped mask", "the 2x2 window's second cell row takes the wrong one of its two rows"),
     Mutant("simd-window-blend-mask", SIMD,
