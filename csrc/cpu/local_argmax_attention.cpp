@@ -295,14 +295,13 @@ void value_band(Isa isa, const ValueBandArgs<T>& a) {
   VSR_CPU_ISA_CALL(isa, value_band, a);
 }
 
+// kTileChannels where the ISA has the tiled backward for T (float32 only), else 0.
 template <typename T>
 int tile_channels(Isa isa) {
-  return VSR_CPU_ISA_CALL(isa, tile_channels, T());
-}
-
-template <typename T>
-void key_value_tiles(Isa isa, const TileArgs<T>& a) {
-  VSR_CPU_ISA_CALL(isa, key_value_tiles, a);
+  if constexpr (std::is_same_v<T, float>)
+    return VSR_CPU_ISA_CALL(isa, tile_channels, 0.0f);
+  else
+    return 0;
 }
 
 // The backward in T (float or double) over contiguous (B, C, H, W) query, (B, T, C|Cv, H, W)
@@ -315,19 +314,21 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
   const int64_t reach = static_cast<int64_t>(w.kernel_size / 2) * w.dilation;
   std::vector<int32_t> sel(B * T_ * P);
   std::vector<T> g(B * T_ * P);
+  // The reach in pixels of a band's selections is band_reach * (W + 1) (capped: H + W covers the frame).
+  const int64_t band_reach = std::min(reach, H + W);
   const int tile = tile_channels<T>(isa);
   const int64_t rows1 = std::max<int64_t>(1, std::min<int64_t>(H, kSelectionBandPixels / W)),
                 bands1 = (H + rows1 - 1) / rows1;
   at::parallel_for(0, B * T_ * bands1, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(rows1 * W);
     // The tiles of the value pixels a band can select (see SelectionArgs).
-    std::vector<T> window(tile ? std::min(P, rows1 * W + 2 * std::min(reach, H + W) * (W + 1)) * tile : 0);
+    std::vector<T> window(tile ? std::min(P, rows1 * W + 2 * band_reach * (W + 1)) * tile : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / bands1, band = task % bands1;
       const int64_t o = bt * P;
       const SelectionArgs<T> a{ix + o, go + bt * Cv * P, v + bt * Cv * P, gs + o, P, sel.data() + o, g.data() + o,
                                acc.data(), window.data(), Cv, H, W, band * rows1 * W,
-                               std::min(H, (band + 1) * rows1) * W, std::min(reach, H + W), w.kernel_size,
+                               std::min(H, (band + 1) * rows1) * W, band_reach, w.kernel_size,
                                w.dilation, scale};
       selection_grad<T>(isa, a);
     }
@@ -343,14 +344,16 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
   at::parallel_for(0, B * (tiles + blocks), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (tiles + blocks), i = task % (tiles + blocks);
-      if (i < tiles) {
-        const int64_t c = i * tile;
-        key_value_tiles<T>(isa, TileArgs<T>{sel.data() + b * T_ * P, g.data() + b * T_ * P, sc + b * T_ * P,
-                                            q + (b * C + c) * P, go + (b * T_ * Cv + c) * P, k + (b * T_ * C + c) * P,
-                                            grad_query + (b * C + c) * P, grad_key + (b * T_ * C + c) * P,
-                                            grad_value + (b * T_ * Cv + c) * P, H, W, T_, reach, C * P, Cv * P});
-        continue;
-      }
+      if constexpr (std::is_same_v<T, float>)
+        if (i < tiles) {
+          const int64_t c = i * tile;
+          VSR_CPU_ISA_CALL(isa, key_value_tiles,
+                           TileArgs{sel.data() + b * T_ * P, g.data() + b * T_ * P, sc + b * T_ * P,
+                                    q + (b * C + c) * P, go + (b * T_ * Cv + c) * P, k + (b * T_ * C + c) * P,
+                                    grad_query + (b * C + c) * P, grad_key + (b * T_ * C + c) * P,
+                                    grad_value + (b * T_ * Cv + c) * P, H, W, T_, reach, C * P, Cv * P});
+          continue;
+        }
       const int64_t c0 = tiled + (i - tiles) * kChannelBlock;
       const int32_t* bsel = sel.data() + b * T_ * P;
       const T* bg = g.data() + b * T_ * P;
@@ -368,7 +371,7 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
         auto keys = [&](int64_t c, int64_t n, const ValueBandArgs<T>* value) {
           key_band<T>(isa, KeyBandArgs<T>{bsel, bg, q + (b * C + c) * P, grad_query + (b * C + c) * P,
                                           k + (b * T_ * C + c) * P, grad_key + (b * T_ * C + c) * P, P, W,
-                                          std::min(reach, H + W), C * P, T_, y0 * W, y1 * W, zeroed * W,
+                                          band_reach, C * P, T_, y0 * W, y1 * W, zeroed * W,
                                           zero_until * W, n, value});
         };
         // The block's channels that are both key and value channels in one pass, then the

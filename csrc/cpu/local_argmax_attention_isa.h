@@ -130,19 +130,18 @@ constexpr int kTileChannels = 16;
 // read and written a row at a time (16 x 16 transposes in registers). The same terms in the
 // same order as key_band: the same bits. q, go, k, gq, gk, gv point at the block's first
 // channel plane (planes `pixels` apart; frames of k, gk `key_frame_stride` apart, of go, gv
-// `value_frame_stride` apart); sel, g, score: (frames, pixels).
-template <typename T>
+// `value_frame_stride` apart); sel, g, score: (frames, pixels). float32 only.
 struct TileArgs {
   const int32_t* sel;
-  const T *g, *score, *q, *go, *k;
-  T *gq, *gk, *gv;
+  const float *g, *score, *q, *go, *k;
+  float *gq, *gk, *gv;
   int64_t height, width, frames, reach, key_frame_stride, value_frame_stride;
 };
 
 // score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
 // folded into best and best_j. tile_channels: kTileChannels where this copy has the tiled
-// backward for T (selection_grad's then use the window scratch, key_value_tiles runs), else 0
-// (key_value_tiles must not be called).
+// float32 backward (selection_grad's then use the window scratch, key_value_tiles runs), else 0
+// (key_value_tiles must not be called); float64 never has it.
 #define VSR_DECLARE_ISA(ns)                                                                                  \
   namespace ns {                                                                                             \
   void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
@@ -156,9 +155,7 @@ struct TileArgs {
   void value_band(const ValueBandArgs<float>& a);                                                            \
   void value_band(const ValueBandArgs<double>& a);                                                           \
   int tile_channels(float);                                                                                  \
-  int tile_channels(double);                                                                                 \
-  void key_value_tiles(const TileArgs<float>& a);                                                            \
-  void key_value_tiles(const TileArgs<double>& a);                                                           \
+  void key_value_tiles(const TileArgs& a);                                                                   \
   }
 VSR_DECLARE_ISA(base)
 VSR_DECLARE_ISA(avx2)

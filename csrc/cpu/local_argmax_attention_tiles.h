@@ -99,6 +99,21 @@ inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t 
   }
 }
 
+// The tiles of up to 16 pixels' selections sel[0 .. m) (tile(s): where pixel s's tile starts;
+// `none`: what a pixel selecting nothing, and lanes from m on, read), transposed back into one
+// vector per channel, lanes = pixels. Returns the lanes whose pixel selects one.
+template <typename TileOf>
+inline __mmask16 gather_columns(const int32_t* sel, int64_t m, const float* none, TileOf tile, __m512 r[16]) {
+  __mmask16 selected = 0;
+  for (int j = 0; j < 16; ++j) {
+    const int32_t s = j < m ? sel[j] : -1;
+    r[j] = _mm512_loadu_ps(s < 0 ? none : tile(s));
+    selected |= __mmask16(s >= 0) << j;
+  }
+  transpose16(r);
+  return selected;
+}
+
 // Channels [c, c + 16) of selection_grad's sum over pixels [p0, p0 + n) (sel, acc: the band's):
 // acc[i] = fma(go[c'][p0 + i], v[c'][sel[i]], acc[i]) for c' in increasing order, the value
 // pixels read from tiles of the window [lo, hi) that holds every selected one. A pixel that
@@ -112,11 +127,7 @@ inline void selection_tile(const SelectionArgs<float>& a, int64_t c, const int32
     const int64_t m = std::min<int64_t>(16, n - i);
     const __mmask16 lanes = first_lanes(m);
     __m512 r[16];
-    for (int j = 0; j < 16; ++j) {
-      const int32_t s = j < m ? sel[i + j] : -1;
-      r[j] = _mm512_loadu_ps(a.window + (s < 0 ? 0 : s - lo) * 16);
-    }
-    transpose16(r);
+    gather_columns(sel + i, m, a.window, [&](int32_t s) { return a.window + (s - lo) * 16; }, r);
     __m512 sum = _mm512_maskz_loadu_ps(lanes, acc + i);
     for (int k = 0; k < 16; ++k) sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, go + k * stride + i), r[k], sum);
     _mm512_mask_storeu_ps(acc + i, lanes, sum);
@@ -147,16 +158,16 @@ class TileBuffer {
 // transposed out into grad_key and grad_value.
 constexpr int64_t kMaxQueryTileBytes = 512 << 10;
 
-inline void key_value_tiles_impl(const TileArgs<float>& a) {
+inline void key_value_tiles_impl(const TileArgs& a) {
   const int64_t H = a.height, W = a.width, P = H * W;
   const int64_t reach = std::min(a.reach, H - 1), S = std::min(2 * reach + 1, H), ring = S * W;
   // grad_query's tiles for the whole frame, accumulated over the frames and transposed out once,
   // where they fit in L2 beside the rings; else each frame's terms are gathered into its planes.
   const int64_t gq_pixels = P * 64 <= kMaxQueryTileBytes ? P : 0;
-  TileBuffer buffer((3 * ring + 3 * W + gq_pixels) * 16);
+  TileBuffer buffer((3 * ring + 2 * W + 1 + gq_pixels) * 16);
   float *const keys = buffer.data(), *const gkeys = keys + ring * 16, *const gvalues = gkeys + ring * 16,
                *const qrow = gvalues + ring * 16, *const gorow = qrow + W * 16, *const zeros = gorow + W * 16,
-               *const gq_tiles = gq_pixels ? zeros + W * 16 : nullptr;
+               *const gq_tiles = gq_pixels ? zeros + 16 : nullptr;
   auto slot = [&](int64_t y) { return y % S * W * 16; };  // where row y's tiles start in a ring
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* sel = a.sel + t * P;
@@ -194,14 +205,9 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
         if (gq_tiles) continue;
         const int64_t m = std::min<int64_t>(16, W - x);
         const __mmask16 lanes = first_lanes(m);
-        __mmask16 selected = 0;
         __m512 r[16];
-        for (int j = 0; j < 16; ++j) {
-          const int32_t s = j < m ? sel[p0 + x + j] : -1;
-          r[j] = _mm512_loadu_ps(s < 0 ? zeros : keys + tile(s));
-          selected |= __mmask16(s >= 0) << j;
-        }
-        transpose16(r);
+        const __mmask16 selected =
+            gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s); }, r);
         const __m512 gp = _mm512_maskz_loadu_ps(lanes, g + p0 + x);
         for (int c = 0; c < 16; ++c) {
           float* gq = a.gq + c * P + p0 + x;
@@ -232,15 +238,12 @@ inline void key_value_tiles_impl(const TileArgs<float>& a) {
 }
 
 int tile_channels(float) { return kTileChannels; }
-void key_value_tiles(const TileArgs<float>& a) { key_value_tiles_impl(a); }
+void key_value_tiles(const TileArgs& a) { key_value_tiles_impl(a); }
 
 #else
 constexpr bool kTiles = false;
 
 int tile_channels(float) { return 0; }
-void key_value_tiles(const TileArgs<float>&) { __builtin_trap(); }  // tile_channels() == 0: never called
+void key_value_tiles(const TileArgs&) { __builtin_trap(); }  // tile_channels() == 0: never called
 
 #endif
-
-int tile_channels(double) { return 0; }
-void key_value_tiles(const TileArgs<double>&) { __builtin_trap(); }  // tile_channels() == 0: never called
