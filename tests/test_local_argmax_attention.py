@@ -442,15 +442,17 @@ def test_cpu_backward_tiles_match_reference_with_the_same_bits_for_any_thread_co
             assert torch.equal(first, second)
 
 
-# The AVX-512 float32 backward moves the selected key and value pixels through channels-last
-# tiles of 16 channels (csrc/cpu/local_argmax_attention_tiles.h) wherever 16 channels are key and
-# value channels alike; the rest, and AVX2, take the per-element kernels. Both add the same terms
-# in the same order with fused multiply-adds, so the two ISAs must agree bit for bit: on tiles
-# and leftover channels (C != Cv), W no multiple of 16, rings of 2 * reach + 1 rows shorter and
-# longer than the frame (K = 1, K = 9, dilation), several phase-1 bands, grad_query accumulated in
-# tiles (frames up to 8192 pixels) or gathered into its planes per frame, zero-padded selections,
-# and a value and key with infinities (NaN gradients where they are selected). Phase 2 takes the
-# tiles only with at least as many tile tasks as threads, so 1-3 threads cover both paths.
+# The float32 backward moves the selected key and value pixels through channels-last tiles of 16
+# channels with AVX-512, 8 with AVX2 (csrc/cpu/local_argmax_attention_tiles.h), wherever that many
+# channels are key and value channels alike; the rest take the per-element kernels, as does phase
+# 2 when there are fewer tile tasks than threads. All add the same terms in the same order with
+# fused multiply-adds, so every ISA and thread count must agree bit for bit: on tiles and leftover
+# channels (C != Cv; 8-channel tiles where 16-channel ones leave a remainder), W no multiple of
+# 16 or 8, rings of 2 * reach + 1 rows shorter and longer than the frame (K = 1, K = 9,
+# dilation), several phase-1 bands, grad_query accumulated in tiles (frames up to 512 KiB of
+# tiles) or gathered into its planes per frame, zero-padded selections, and a value and key with
+# infinities (NaN gradients where they are selected). More threads than 8-channel tiles runs
+# phase 2's per-element kernels on both ISAs.
 CHANNEL_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
     ((1, 2, 16, 16, 9, 16), (9, 1), "zeros"), ((2, 3, 33, 20, 13, 37), (5, 2), "zeros"),
     ((1, 2, 16, 48, 5, 70), (9, 1), "exclude"), ((1, 1, 32, 32, 40, 64), (3, 1), "exclude"),
@@ -475,13 +477,15 @@ def test_cpu_backward_channel_tiles_match_the_per_element_kernels_bit_for_bit(ca
     threads = torch.get_num_threads()
     results = {}
     try:
-        for isa, n in (("avx2", 1), ("avx512", 1), ("avx512", 2), ("avx512", 3)):
+        per_element = shape[0] * min(shape[2], shape[3]) // 8 + 1
+        for isa, n in (("avx2", per_element), ("avx2", 1), ("avx2", 2), ("avx512", 1), ("avx512", 2),
+                       ("avx512", 3), ("avx512", per_element)):
             monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
             torch.set_num_threads(n)
             results[isa, n] = torch.ops.vsr_kernels.local_argmax_attention_backward(*args)
     finally:
         torch.set_num_threads(threads)
-    want = results["avx2", 1]
+    want = results["avx2", per_element]
     for key, got in results.items():
         for name, g, w in zip(("grad_query", "grad_key", "grad_value"), got, want):
             assert torch.equal(g.isnan(), w.isnan()), (key, name)

@@ -266,9 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 //    term they can receive: rows below the band's last row + reach). On this Zen 5 core the
 //    vector gathers and scatters cost about as much per element as scalar accesses: see
 //    benchmarks/NOTES.md, session 4.
-// Where the ISA has them (AVX-512, float32: tile_channels), both phases move each block of 16
-// channels through channels-last tiles instead (local_argmax_attention_tiles.h): phase 1's value
-// gathers, and phase 2 as one task per (b, 16 channels that are key and value channels alike),
+// Where the ISA has them (float32, AVX-512 or AVX2: tile_channels = 16 or 8), both phases move
+// each block of that many channels through channels-last tiles instead
+// (local_argmax_attention_tiles.h): phase 1's value gathers, and phase 2 as one task per (b,
+// block of channels that are key and value channels alike),
 // frames outer, rows inner; the leftover channels take the kernels above. Same terms, same order.
 // Each output element receives its terms in increasing p (and grad_query its frames in
 // increasing t) whatever the number of threads: the same bits for any of them. A band's rows
@@ -295,7 +296,7 @@ void value_band(Isa isa, const ValueBandArgs<T>& a) {
   VSR_CPU_ISA_CALL(isa, value_band, a);
 }
 
-// kTileChannels where the ISA has the tiled backward for T (float32 only), else 0.
+// The tile width where the ISA has the tiled backward for T (float32 only), else 0.
 template <typename T>
 int tile_channels(Isa isa) {
   if constexpr (std::is_same_v<T, float>)

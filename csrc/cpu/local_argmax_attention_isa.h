@@ -75,7 +75,7 @@ struct SelectArgs {
 // zero-padded one) from index[p], and g[p] = scale * (gs[p] + <go[:, p], v[:, sel[p]]>), the
 // sum taken in increasing channel (go, v: the frame's grad_out and value, channel c at
 // c * channel_stride). acc: scratch of p1 - p0 elements; window: scratch of
-// (p1 - p0 + 2 * reach * (width + 1)) * kTileChannels elements, for the copies with tiles
+// (p1 - p0 + 2 * reach * (width + 1)) * tile_channels() elements, for the copies with tiles
 // (see tile_channels).
 template <typename T>
 struct SelectionArgs {
@@ -119,16 +119,13 @@ struct KeyBandArgs {
   const ValueBandArgs<T>* value;
 };
 
-// Channels per tile: a 64-byte line of float32 per pixel, one AVX-512 vector.
-constexpr int kTileChannels = 16;
-
-// Phase 2 of the backward for kTileChannels consecutive channels that are key and value
-// channels alike, over every frame and pixel of one batch element, through channels-last tiles
-// (the copies where tile_channels is non-zero): per frame, a ring of the key rows a query row
-// can select (transposed to kTileChannels values per pixel) and of the rows of grad_key and
-// grad_value they receive, so each gather and scatter moves one vector, and the planes are
-// read and written a row at a time (16 x 16 transposes in registers). The same terms in the
-// same order as key_band: the same bits. q, go, k, gq, gk, gv point at the block's first
+// Phase 2 of the backward for tile_channels() consecutive channels (16 with AVX-512, 8 with
+// AVX2: one float32 vector per pixel) that are key and value channels alike, over every frame
+// and pixel of one batch element, through channels-last tiles (the copies where tile_channels
+// is non-zero): per frame, a ring of the key rows a query row can select (transposed to one
+// vector per pixel) and of the rows of grad_key and grad_value they receive, so each gather and
+// scatter moves one vector, and the planes are read and written a row at a time (transposes in
+// registers). The same terms in the same order as key_band: the same bits. q, go, k, gq, gk, gv point at the block's first
 // channel plane (planes `pixels` apart; frames of k, gk `key_frame_stride` apart, of go, gv
 // `value_frame_stride` apart); sel, g, score: (frames, pixels). float32 only.
 struct TileArgs {
@@ -139,7 +136,7 @@ struct TileArgs {
 };
 
 // score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
-// folded into best and best_j. tile_channels: kTileChannels where this copy has the tiled
+// folded into best and best_j. tile_channels: the tile width where this copy has the tiled
 // float32 backward (selection_grad's then use the window scratch, key_value_tiles runs), else 0
 // (key_value_tiles must not be called); float64 never has it.
 #define VSR_DECLARE_ISA(ns)                                                                                  \

@@ -1,136 +1,112 @@
-// The tiled backward of local argmax attention (AVX-512, float32): the gathers and scatters of
-// the selected key and value pixels go through channels-last tiles of kTileChannels channels,
-// one 64-byte vector per pixel, made and unmade by 16 x 16 transposes in registers. Included by
-// local_argmax_attention_simd.h, inside its per-ISA namespace; the other copies report
-// tile_channels() = 0 and keep the per-element kernels there.
+// The tiled backward of local argmax attention (float32, AVX-512 and AVX2): the gathers and
+// scatters of the selected key and value pixels go through channels-last tiles of L channels, one
+// vector per pixel (L = TileVector::kLanes: 16 with AVX-512, 8 with AVX2), made and unmade by
+// L x L transposes in registers. Included by local_argmax_attention_simd.h, inside its per-ISA
+// namespace; the base copy reports tile_channels() = 0 and keeps the per-element kernels.
 //
 // Why: on this Zen 5 core a hardware gather costs ~0.43 ns per element even from L1, and a
 // scalar read-modify-write scatter ~0.5 ns, while a transpose costs ~0.03 ns per element, so
-// moving a pixel's 16 channels as one vector, after transposing the planes a row at a time, does
-// the same work for a fraction of the cost (benchmarks/NOTES.md, session 6). Each result element
-// still receives the same terms in the same order as the per-element kernels: the same bits.
+// moving a pixel's L channels as one vector, after transposing the planes a row at a time, does
+// the same work for a fraction of the cost (benchmarks/NOTES.md, sessions 6 and 7). Each result
+// element still receives the same terms in the same order as the per-element kernels: the same
+// bits.
 
-#if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
+#include "local_argmax_attention_tile_vectors.h"
+
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES >= 32
 constexpr bool kTiles = true;
+constexpr int kTileLanes = TileVector::kLanes;
+using TileVec = TileVector::Vec;
+using TileLanes = TileVector::Lanes;
 
-// In place: rows r[0..15] become columns. The masked forms with every lane set are the plain
-// instructions; the unmasked intrinsics pass _mm512_undefined_ps(), which GCC 12 reports as
-// maybe-uninitialized wherever they are inlined.
-inline __m512 unpacklo(__m512 x, __m512 y) { return _mm512_mask_unpacklo_ps(x, 0xFFFF, x, y); }
-inline __m512 unpackhi(__m512 x, __m512 y) { return _mm512_mask_unpackhi_ps(x, 0xFFFF, x, y); }
-inline __m512 unpacklo2(__m512 x, __m512 y) {  // 64-bit pairs
-  const __m512d xd = _mm512_castps_pd(x);
-  return _mm512_castpd_ps(_mm512_mask_unpacklo_pd(xd, 0xFF, xd, _mm512_castps_pd(y)));
-}
-inline __m512 unpackhi2(__m512 x, __m512 y) {
-  const __m512d xd = _mm512_castps_pd(x);
-  return _mm512_castpd_ps(_mm512_mask_unpackhi_pd(xd, 0xFF, xd, _mm512_castps_pd(y)));
-}
-template <int Imm>
-inline __m512 lanes128(__m512 x, __m512 y) {
-  return _mm512_mask_shuffle_f32x4(x, 0xFFFF, x, y, Imm);
-}
-
-inline void transpose16(__m512 r[16]) {
-  __m512 a[16];
-  for (int i = 0; i < 8; ++i) {
-    a[2 * i] = unpacklo(r[2 * i], r[2 * i + 1]);
-    a[2 * i + 1] = unpackhi(r[2 * i], r[2 * i + 1]);
-  }
-  __m512 b[16];
-  for (int j = 0; j < 4; ++j) {
-    b[4 * j] = unpacklo2(a[4 * j], a[4 * j + 2]);
-    b[4 * j + 1] = unpackhi2(a[4 * j], a[4 * j + 2]);
-    b[4 * j + 2] = unpacklo2(a[4 * j + 1], a[4 * j + 3]);
-    b[4 * j + 3] = unpackhi2(a[4 * j + 1], a[4 * j + 3]);
-  }
-  // Now 128-bit lane l of b[4j + m] holds rows 4j .. 4j + 3 of column 4l + m.
-  for (int m = 0; m < 4; ++m) {
-    const __m512 c0 = lanes128<0x88>(b[m], b[4 + m]), c1 = lanes128<0xDD>(b[m], b[4 + m]),
-                 c2 = lanes128<0x88>(b[8 + m], b[12 + m]), c3 = lanes128<0xDD>(b[8 + m], b[12 + m]);
-    r[m] = lanes128<0x88>(c0, c2);
-    r[4 + m] = lanes128<0x88>(c1, c3);
-    r[8 + m] = lanes128<0xDD>(c0, c2);
-    r[12 + m] = lanes128<0xDD>(c1, c3);
-  }
-}
-
-inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-
-// tiles[i * 16 + c] = planes[c * stride + i] for i < m <= 16, c < 16. Whole groups store with
-// 16 fixed instructions: a loop over a variable count became a spill of r and a `rep movsq`
+// tiles[i * L + c] = planes[c * stride + i] for i < m <= L, c < L. Whole groups store with
+// L fixed instructions: a loop over a variable count became a spill of r and a `rep movsq`
 // copy of it, whose 8-byte reads of the 64-byte spills stall on store forwarding.
 inline void to_tile_group(const float* planes, int64_t stride, int64_t m, float* tiles) {
-  const __mmask16 lanes = first_lanes(m);
-  __m512 r[16];
-  for (int c = 0; c < 16; ++c) r[c] = _mm512_maskz_loadu_ps(lanes, planes + c * stride);
-  transpose16(r);
-  if (m == 16)
-    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(tiles + i * 16, r[i]);
+  using V = TileVector;
+  const TileLanes lanes = V::first(m);
+  TileVec r[kTileLanes];
+  for (int c = 0; c < kTileLanes; ++c) r[c] = V::load_first(lanes, planes + c * stride);
+  V::transpose(r);
+  if (m == kTileLanes)
+    for (int i = 0; i < kTileLanes; ++i) V::store(tiles + i * kTileLanes, r[i]);
   else
-    for (int i = 0; i < 16; ++i) _mm512_mask_storeu_ps(tiles + i * 16, i < m ? 0xFFFF : 0, r[i]);
+    for (int i = 0; i < kTileLanes; ++i)
+      if (i < m) V::store(tiles + i * kTileLanes, r[i]);
 }
 
-// tiles[x * 16 + c] = planes[c * stride + x] for x < n, c < 16.
+// tiles[x * L + c] = planes[c * stride + x] for x < n, c < L.
 inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tiles) {
-  for (int64_t x = 0; x < n; x += 16) to_tile_group(planes + x, stride, std::min<int64_t>(16, n - x), tiles + x * 16);
+  for (int64_t x = 0; x < n; x += kTileLanes)
+    to_tile_group(planes + x, stride, std::min<int64_t>(kTileLanes, n - x), tiles + x * kTileLanes);
 }
 
-// planes[c * stride + x] = tiles[x * 16 + c] for x < n, c < 16, and the tiles zeroed behind (the
-// ring row is reused next, as accumulators). Where the planes' lines are whole 64-byte lines
-// (aligned, stride a multiple of 16), stored non-temporally: the results are not read again
-// here, and a plain store would first read each line from memory.
+// planes[c * stride + x] = tiles[x * L + c] for x < n, c < L, and the tiles zeroed behind (the
+// ring row is reused next, as accumulators). A 64-byte line of each plane (16 pixels: one
+// transposed group with AVX-512, two with AVX2) at a time: where the planes' lines are whole
+// lines (aligned, stride a multiple of 16), each line is stored non-temporally by consecutive
+// stores, as the results are not read again here and a plain store would first read the line
+// from memory. (AVX2 stores of a line's halves a group apart left lines half written in the
+// write-combining buffers: a third slower at two threads.)
 inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t stride) {
+  using V = TileVector;
+  constexpr int kGroups = 16 / kTileLanes;  // transposed groups per line
   const bool whole_lines = reinterpret_cast<uintptr_t>(planes) % 64 == 0 && stride % 16 == 0;
   for (int64_t x = 0; x < n; x += 16) {
-    const int64_t m = std::min<int64_t>(16, n - x);
-    const __mmask16 lanes = first_lanes(m);
-    __m512 r[16];
-    for (int i = 0; i < 16; ++i) {
-      const __mmask16 row = i < m ? 0xFFFF : 0;
-      r[i] = _mm512_maskz_loadu_ps(row, tiles + (x + i) * 16);
-      _mm512_mask_storeu_ps(tiles + (x + i) * 16, row, _mm512_setzero_ps());
+    TileVec r[kGroups][kTileLanes];
+    int64_t m[kGroups];
+    for (int h = 0; h < kGroups; ++h) {
+      m[h] = std::clamp<int64_t>(n - x - h * kTileLanes, 0, kTileLanes);
+      float* group = tiles + (x + h * kTileLanes) * kTileLanes;
+      for (int i = 0; i < kTileLanes; ++i) {
+        r[h][i] = i < m[h] ? V::load(group + i * kTileLanes) : V::zero();
+        if (i < m[h]) V::store(group + i * kTileLanes, V::zero());
+      }
+      V::transpose(r[h]);
     }
-    transpose16(r);
-    if (whole_lines && m == 16)
-      for (int c = 0; c < 16; ++c) _mm512_stream_ps(planes + c * stride + x, r[c]);
-    else
-      for (int c = 0; c < 16; ++c) _mm512_mask_storeu_ps(planes + c * stride + x, lanes, r[c]);
+    if (whole_lines && n - x >= 16) {
+      for (int c = 0; c < kTileLanes; ++c)
+        for (int h = 0; h < kGroups; ++h) V::stream(planes + c * stride + x + h * kTileLanes, r[h][c]);
+    } else {
+      for (int c = 0; c < kTileLanes; ++c)
+        for (int h = 0; h < kGroups; ++h)
+          if (m[h] > 0) V::store_first(planes + c * stride + x + h * kTileLanes, V::first(m[h]), r[h][c]);
+    }
   }
 }
 
-// The tiles of up to 16 pixels' selections sel[0 .. m) (tile(s): where pixel s's tile starts;
+// The tiles of up to L pixels' selections sel[0 .. m) (tile(s): where pixel s's tile starts;
 // `none`: what a pixel selecting nothing, and lanes from m on, read), transposed back into one
 // vector per channel, lanes = pixels. Returns the lanes whose pixel selects one.
 template <typename TileOf>
-inline __mmask16 gather_columns(const int32_t* sel, int64_t m, const float* none, TileOf tile, __m512 r[16]) {
-  __mmask16 selected = 0;
-  for (int j = 0; j < 16; ++j) {
+inline TileLanes gather_columns(const int32_t* sel, int64_t m, const float* none, TileOf tile,
+                                TileVec r[kTileLanes]) {
+  for (int j = 0; j < kTileLanes; ++j) {
     const int32_t s = j < m ? sel[j] : -1;
-    r[j] = _mm512_loadu_ps(s < 0 ? none : tile(s));
-    selected |= __mmask16(s >= 0) << j;
+    r[j] = TileVector::load(s < 0 ? none : tile(s));
   }
-  transpose16(r);
-  return selected;
+  TileVector::transpose(r);
+  return TileVector::selecting(TileVector::first(m), sel);
 }
 
-// Channels [c, c + 16) of selection_grad's sum over pixels [p0, p0 + n) (sel, acc: the band's):
+// Channels [c, c + L) of selection_grad's sum over pixels [p0, p0 + n) (sel, acc: the band's):
 // acc[i] = fma(go[c'][p0 + i], v[c'][sel[i]], acc[i]) for c' in increasing order, the value
 // pixels read from tiles of the window [lo, hi) that holds every selected one. A pixel that
 // selects nothing reads the window's first pixel (its sum is never used).
 inline void selection_tile(const SelectionArgs<float>& a, int64_t c, const int32_t* sel, float* acc, int64_t n,
                            int64_t lo, int64_t hi) {
+  using V = TileVector;
   const int64_t stride = a.channel_stride;
   to_tiles(a.v + c * stride + lo, stride, hi - lo, a.window);
   const float* go = a.go + c * stride + a.p0;
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t m = std::min<int64_t>(16, n - i);
-    const __mmask16 lanes = first_lanes(m);
-    __m512 r[16];
-    gather_columns(sel + i, m, a.window, [&](int32_t s) { return a.window + (s - lo) * 16; }, r);
-    __m512 sum = _mm512_maskz_loadu_ps(lanes, acc + i);
-    for (int k = 0; k < 16; ++k) sum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, go + k * stride + i), r[k], sum);
-    _mm512_mask_storeu_ps(acc + i, lanes, sum);
+  for (int64_t i = 0; i < n; i += kTileLanes) {
+    const int64_t m = std::min<int64_t>(kTileLanes, n - i);
+    const TileLanes lanes = V::first(m);
+    TileVec r[kTileLanes];
+    gather_columns(sel + i, m, a.window, [&](int32_t s) { return a.window + (s - lo) * kTileLanes; }, r);
+    TileVec sum = V::load_first(lanes, acc + i);
+    for (int k = 0; k < kTileLanes; ++k) sum = V::fma(V::load_first(lanes, go + k * stride + i), r[k], sum);
+    V::store_first(acc + i, lanes, sum);
   }
 }
 
@@ -152,7 +128,7 @@ class TileBuffer {
 // entering the window of row y (y + reach) is transposed into the ring (its grad_key and
 // grad_value ring rows are zero: the buffer starts zeroed, and each flush clears its row); then
 // each pixel's terms are one vector each, in increasing x: grad_query's (into its tile, or, for
-// frames whose tiles exceed kMaxQueryTileBytes, per 16 pixels their key tiles transposed back
+// frames whose tiles exceed kMaxQueryTileBytes, per L pixels their key tiles transposed back
 // and added to its planes: the same masked fmas as gather_fma_masked, frames in increasing t),
 // grad_key's and grad_value's; the ring row no later query row can reach (y - reach) is
 // transposed out into grad_key and grad_value.
@@ -163,12 +139,14 @@ inline void key_value_tiles_impl(const TileArgs& a) {
   const int64_t reach = std::min(a.reach, H - 1), S = std::min(2 * reach + 1, H), ring = S * W;
   // grad_query's tiles for the whole frame, accumulated over the frames and transposed out once,
   // where they fit in L2 beside the rings; else each frame's terms are gathered into its planes.
-  const int64_t gq_pixels = P * 64 <= kMaxQueryTileBytes ? P : 0;
-  TileBuffer buffer((3 * ring + 2 * W + 1 + gq_pixels) * 16);
-  float *const keys = buffer.data(), *const gkeys = keys + ring * 16, *const gvalues = gkeys + ring * 16,
-               *const qrow = gvalues + ring * 16, *const gorow = qrow + W * 16, *const zeros = gorow + W * 16,
-               *const gq_tiles = gq_pixels ? zeros + 16 : nullptr;
-  auto slot = [&](int64_t y) { return y % S * W * 16; };  // where row y's tiles start in a ring
+  using V = TileVector;
+  constexpr int L = kTileLanes;
+  const int64_t gq_pixels = P * L * int64_t(sizeof(float)) <= kMaxQueryTileBytes ? P : 0;
+  TileBuffer buffer((3 * ring + 2 * W + 1 + gq_pixels) * L);
+  float *const keys = buffer.data(), *const gkeys = keys + ring * L, *const gvalues = gkeys + ring * L,
+               *const qrow = gvalues + ring * L, *const gorow = qrow + W * L, *const zeros = gorow + W * L,
+               *const gq_tiles = gq_pixels ? zeros + L : nullptr;
+  auto slot = [&](int64_t y) { return y % S * W * L; };  // where row y's tiles start in a ring
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* sel = a.sel + t * P;
     const float *g = a.g + t * P, *score = a.score + t * P, *k = a.k + t * a.key_frame_stride,
@@ -189,45 +167,44 @@ inline void key_value_tiles_impl(const TileArgs& a) {
       const int64_t y0 = std::max<int64_t>(0, y - reach), shift = y0 % S * W - y0 * W;
       auto tile = [&](int32_t s) {
         int64_t o = s + shift;
-        return (o >= ring ? o - ring : o) * 16;
+        return (o >= ring ? o - ring : o) * L;
       };
       const int64_t p0 = y * W;
       // The lines of the next row's planes (the key row entering next, the next query, grad_out
-      // and grad_query rows), prefetched into L2 group by group: the 16-plane row reads are
-      // more concurrent streams than the hardware prefetchers follow.
+      // and grad_query rows), prefetched into L2 a 64-byte line (16 pixels) of each plane at a
+      // time: the L-plane row reads are more concurrent streams than the hardware prefetchers follow.
       const float* ahead[4] = {entered < H ? k + entered * W : nullptr, y + 1 < H ? a.q + p0 + W : nullptr,
                                y + 1 < H ? go + p0 + W : nullptr,
                                y + 1 < H && t > 0 && !gq_tiles ? a.gq + p0 + W : nullptr};
-      for (int64_t x = 0; x < W; x += 16) {
+      for (int64_t line = 0; line < W; line += 16) {
         for (const float* plane : ahead)
           if (plane)
-            for (int c = 0; c < 16; ++c) prefetch_line<1>(plane + c * P + x);
+            for (int c = 0; c < L; ++c) prefetch_line<1>(plane + c * P + line);
         if (gq_tiles) continue;
-        const int64_t m = std::min<int64_t>(16, W - x);
-        const __mmask16 lanes = first_lanes(m);
-        __m512 r[16];
-        const __mmask16 selected =
-            gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s); }, r);
-        const __m512 gp = _mm512_maskz_loadu_ps(lanes, g + p0 + x);
-        for (int c = 0; c < 16; ++c) {
-          float* gq = a.gq + c * P + p0 + x;
-          const __m512 old = t == 0 ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, gq);
-          _mm512_mask_storeu_ps(gq, lanes, _mm512_mask3_fmadd_ps(gp, r[c], old, selected));
+        for (int64_t x = line; x < std::min(W, line + 16); x += L) {
+          const int64_t m = std::min<int64_t>(L, W - x);
+          const TileLanes lanes = V::first(m);
+          TileVec r[L];
+          const TileLanes selected =
+              gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s); }, r);
+          const TileVec gp = V::load_first(lanes, g + p0 + x);
+          for (int c = 0; c < L; ++c) {
+            float* gq = a.gq + c * P + p0 + x;
+            const TileVec old = t == 0 ? V::zero() : V::load_first(lanes, gq);
+            V::store_first(gq, lanes, V::fma_where(selected, gp, r[c], old));
+          }
         }
       }
       for (int64_t x = 0; x < W; ++x) {
         const int32_t s = sel[p0 + x];
         if (s < 0) continue;
         if (gq_tiles) {
-          float* gqt = gq_tiles + (p0 + x) * 16;
-          _mm512_storeu_ps(gqt, _mm512_fmadd_ps(_mm512_set1_ps(g[p0 + x]), _mm512_loadu_ps(keys + tile(s)),
-                                                _mm512_loadu_ps(gqt)));
+          float* gqt = gq_tiles + (p0 + x) * L;
+          V::store(gqt, V::fma(V::broadcast(g[p0 + x]), V::load(keys + tile(s)), V::load(gqt)));
         }
         float *gkt = gkeys + tile(s), *gvt = gvalues + tile(s);
-        _mm512_storeu_ps(gkt, _mm512_fmadd_ps(_mm512_set1_ps(g[p0 + x]), _mm512_loadu_ps(qrow + x * 16),
-                                              _mm512_loadu_ps(gkt)));
-        _mm512_storeu_ps(gvt, _mm512_fmadd_ps(_mm512_set1_ps(score[p0 + x]), _mm512_loadu_ps(gorow + x * 16),
-                                              _mm512_loadu_ps(gvt)));
+        V::store(gkt, V::fma(V::broadcast(g[p0 + x]), V::load(qrow + x * L), V::load(gkt)));
+        V::store(gvt, V::fma(V::broadcast(score[p0 + x]), V::load(gorow + x * L), V::load(gvt)));
       }
       for (; flushed <= y - reach; ++flushed) flush(flushed);
     }
@@ -237,11 +214,12 @@ inline void key_value_tiles_impl(const TileArgs& a) {
   _mm_sfence();  // the non-temporal stores are visible before the task ends
 }
 
-int tile_channels(float) { return kTileChannels; }
+int tile_channels(float) { return kTileLanes; }
 void key_value_tiles(const TileArgs& a) { key_value_tiles_impl(a); }
 
 #else
 constexpr bool kTiles = false;
+constexpr int kTileLanes = 0;
 
 int tile_channels(float) { return 0; }
 void key_value_tiles(const TileArgs&) { __builtin_trap(); }  // tile_channels() == 0: never called

@@ -14,6 +14,7 @@ GLUE = "csrc/torch_glue.h"
 CPU = "csrc/cpu/local_argmax_attention.cpp"
 SIMD = "csrc/cpu/local_argmax_attention_simd.h"
 TILES = "csrc/cpu/local_argmax_attention_tiles.h"
+TILE_VECTORS = "csrc/cpu/local_argmax_attention_tile_vectors.h"
 GLUE_OP = "csrc/glue/local_argmax_attention.h"
 COMMON = "csrc/common/frames.h"
 CUDA = "csrc/cuda/local_argmax_attention.cu"
@@ -133,11 +134,11 @@ MUTANTS = [
            "gk[s + c * P] = scalar_fma(gp, q[p + c * P], gk[s + c * P]);\n            gv[",
            "gk[s + c * P] = scalar_fma(gp, q[p], gk[s + c * P]);\n            gv[", "cpu", "swapped stride",
            "the grouped scatter multiplies every channel's key gradient by the group's first query channel"),
-    Mutant("cpp-tiles-ring-wrap", TILES, "return (o >= ring ? o - ring : o) * 16;",
-           "return (o > ring ? o - ring : o) * 16;", "cpu", "window radius",
+    Mutant("cpp-tiles-ring-wrap", TILES, "return (o >= ring ? o - ring : o) * L;",
+           "return (o > ring ? o - ring : o) * L;", "cpu", "window radius",
            "the first pixel past the ring's end is not wrapped to its start"),
-    Mutant("cpp-tiles-key-scatter-weight", TILES, "_mm512_storeu_ps(gkt, _mm512_fmadd_ps(_mm512_set1_ps(g[p0 + x])",
-           "_mm512_storeu_ps(gkt, _mm512_fmadd_ps(_mm512_set1_ps(score[p0 + x])", "cpu", "dropped gradient",
+    Mutant("cpp-tiles-key-scatter-weight", TILES, "V::store(gkt, V::fma(V::broadcast(g[p0 + x])",
+           "V::store(gkt, V::fma(V::broadcast(score[p0 + x])", "cpu", "dropped gradient",
            "the key gradient weighted by the score instead of g"),
     Mutant("cpp-tiles-flush-early", TILES, "for (; flushed <= y - reach; ++flushed) flush(flushed);",
            "for (; flushed <= y - reach + 1; ++flushed) flush(flushed);", "cpu", "window radius",
@@ -146,9 +147,16 @@ MUTANTS = [
            "cpu", "dropped gradient", "grad_query's accumulated tiles never written out"),
     Mutant("cpp-tiles-query-gather-neighbour", TILES,
            "gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s); }, r);",
-           "gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s) + 16; }, r);", "cpu",
+           "gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s) + L; }, r);", "cpu",
            "swapped stride",
            "grad_query's per-frame gather (frames above 8192 pixels) reads the next pixel's key tile"),
+    Mutant("cpp-tiles-line-halves", TILES,
+           "V::stream(planes + c * stride + x + h * kTileLanes, r[h][c]);",
+           "V::stream(planes + c * stride + x + (kGroups - 1 - h) * kTileLanes, r[h][c]);", "cpu", "swapped stride",
+           "AVX2 (two 8-pixel groups per line) stores a whole line's halves swapped"),
+    Mutant("cpp-tiles-avx2-transpose", TILE_VECTORS, "r[4 + m] = _mm256_permute2f128_ps(b[m], b[4 + m], 0x31);",
+           "r[4 + m] = _mm256_permute2f128_ps(b[m], b[4 + m], 0x13);", "cpu", "swapped stride",
+           "the AVX2 8 x 8 transpose swaps the row halves of columns 4-7"),
     Mutant("cpp-glue-value-H", GLUE_OP, 'check_size(op, v, 3, "H", q, 2);', "", "cpu", "missing check",
            "value's H is no longer checked against query's"),
     Mutant("cpp-glue-map-shape", GLUE_OP, 'check_shape(op, map, {B, T, H, W}, "(B, T, H, W) of key");',
