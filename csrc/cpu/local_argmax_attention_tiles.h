@@ -47,7 +47,7 @@ inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tile
 // lines (aligned, stride a multiple of 16), each line is stored non-temporally by consecutive
 // stores, as the results are not read again here and a plain store would first read the line
 // from memory. (AVX2 stores of a line's halves a group apart left lines half written in the
-// write-combining buffers: a third slower at two threads.)
+// write-combining buffers: at two threads, up to twice as slow.)
 inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t stride) {
   using V = TileVector;
   constexpr int kGroups = 16 / kTileLanes;  // transposed groups per line
