@@ -125,9 +125,10 @@ struct KeyBandArgs {
 // is non-zero): per frame, a ring of the key rows a query row can select (transposed to one
 // vector per pixel) and of the rows of grad_key and grad_value they receive, so each gather and
 // scatter moves one vector, and the planes are read and written a row at a time (transposes in
-// registers). The same terms in the same order as key_band: the same bits. q, go, k, gq, gk, gv point at the block's first
-// channel plane (planes `pixels` apart; frames of k, gk `key_frame_stride` apart, of go, gv
-// `value_frame_stride` apart); sel, g, score: (frames, pixels). float32 only.
+// registers). The same terms in the same order as key_band: the same bits. q, go, k, gq, gk,
+// gv point at the block's first channel plane (planes `pixels` apart; frames of k, gk
+// `key_frame_stride` apart, of go, gv `value_frame_stride` apart); sel, g, score: (frames,
+// pixels). float32 only.
 struct TileArgs {
   const int32_t* sel;
   const float *g, *score, *q, *go, *k;

@@ -1,15 +1,15 @@
 // The vector operations of the tiled backward (local_argmax_attention_tiles.h), one struct per
 // instruction set: TileVector::Vec holds kLanes floats (one pixel's channels of a tile, or one
 // channel's pixels), TileVector::Lanes a lane mask. AVX-512: 16 lanes and k-masks; AVX2: 8
-// lanes and vector masks. Included inside the per-ISA namespace; defines kHasTileVector (false
-// where neither exists: the base copy).
+// lanes and vector masks. Included inside the per-ISA namespace; defines VSR_TILE_VECTOR to 1
+// where one exists (not in the base copy).
 //
 // load_first / store_first touch only the first lanes of a mask built by first(n) (no access past
 // them, so they may run off an allocation's end); fma_where(lanes, a, b, c) is a * b + c fused on
 // the lanes, c elsewhere: the same bits per lane as the fused multiply-add itself.
 
 #if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
-constexpr bool kHasTileVector = true;
+#define VSR_TILE_VECTOR 1
 
 struct TileVector {
   static constexpr int kLanes = 16;
@@ -74,7 +74,7 @@ struct TileVector {
 };
 
 #elif VSR_SIMD_FMA && VSR_SIMD_BYTES == 32
-constexpr bool kHasTileVector = true;
+#define VSR_TILE_VECTOR 1
 
 struct TileVector {
   static constexpr int kLanes = 8;
@@ -123,5 +123,5 @@ struct TileVector {
 };
 
 #else
-constexpr bool kHasTileVector = false;
+#define VSR_TILE_VECTOR 0
 #endif

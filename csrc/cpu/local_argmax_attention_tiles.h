@@ -13,8 +13,7 @@
 
 #include "local_argmax_attention_tile_vectors.h"
 
-#if VSR_SIMD_FMA && VSR_SIMD_BYTES >= 32
-constexpr bool kTiles = true;
+#if VSR_TILE_VECTOR
 constexpr int kTileLanes = TileVector::kLanes;
 using TileVec = TileVector::Vec;
 using TileLanes = TileVector::Lanes;
@@ -218,8 +217,7 @@ int tile_channels(float) { return kTileLanes; }
 void key_value_tiles(const TileArgs& a) { key_value_tiles_impl(a); }
 
 #else
-constexpr bool kTiles = false;
-constexpr int kTileLanes = 0;
+constexpr int kTileLanes = 0;  // no tiles in this copy
 
 int tile_channels(float) { return 0; }
 void key_value_tiles(const TileArgs&) { __builtin_trap(); }  // tile_channels() == 0: never called
