@@ -3,7 +3,10 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip
 # Packages the tests and benchmarks need besides torch, installed only when missing.
-DEPS = triton numpy pytest pytest-benchmark ninja pybind11 matplotlib build
+DEPS = triton numpy pytest pytest-xdist pytest-benchmark ninja pybind11 matplotlib build
+# Test processes (pytest-xdist): most tests run one Python thread (Triton's interpreter,
+# gradcheck, small shapes), so one process per CPU nearly halves the suite's time on two cores.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(os.cpu_count() or 1)")
 
 .PHONY: setup build test bench clean
 
@@ -17,7 +20,7 @@ build: setup
 
 # The packaging test (sdist -> wheel -> fresh venv) is run by .ci/run, not here.
 test: build
-	$(PYTHON) -m pytest -q -m "not packaging" tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not packaging" tests
 
 bench: build
 	$(PYTHON) -m benchmarks.run
