@@ -18,9 +18,10 @@ setup:
 build: setup
 	$(PIP) install --no-build-isolation --no-deps -e .
 
-# The packaging test (sdist -> wheel -> fresh venv) is run by .ci/run, not here.
+# The packaging test (sdist -> wheel -> fresh venv) is run by .ci/run, not here. pytest-benchmark
+# is for `make bench` (it switches itself off under xdist, with a warning).
 test: build
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -m "not packaging" tests
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) -p no:benchmark -m "not packaging" tests
 
 bench: build
 	$(PYTHON) -m benchmarks.run
