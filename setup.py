@@ -107,8 +107,8 @@ WITH_CUDA = _with_cuda()
 def _extension():
     sources = _sources("csrc/registration.cpp", "csrc/cpu/*.cpp")
     # -g0: the interpreter's CFLAGS (which setuptools passes first) may carry -g; debug info for
-    # the per-ISA, per-dtype kernel instantiations made the build ~1.6x slower (the slowest
-    # file, deform_kernel_conv2d.cpp, 184 -> 117 s on one core) and its object 6x larger.
+    # the per-ISA, per-dtype kernel instantiations made the build ~1.6x slower (deform_kernel_conv2d's
+    # launchers, then one file: 184 -> 117 s on one core) and its object 6x larger.
     cxx_flags = ["-O3", "-g0"]
     link_flags = []
     if sys.platform.startswith("linux"):
