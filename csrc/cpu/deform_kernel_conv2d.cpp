@@ -85,7 +85,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
   if (out.numel() == 0) return out;
   cpu::advise_huge_pages(out);
   const Padded SL(g.Sh, g.Sw), XL(g.H, g.W);
-  const int64_t kk = g.kernel_points(), HoWo = g.positions(), Wo = g.Wo, C = g.C;
+  const int64_t kk = g.kernel_points(), Wo = g.Wo, C = g.C;
   const int64_t G = g.offset_groups, Gk = g.kernel_groups, block = common_block(g);
   const std::vector<acc_t> table = scope_table<acc_t>(g, SL, weight.const_data_ptr<scalar_t>());
   const std::vector<acc_t> grid_x_f = grid_x_table<acc_t>(g);
@@ -109,13 +109,9 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
     std::vector<const acc_t*> kbase(Gk * kk), xbase(G * kk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Ho, ho = task % g.Ho;
-      const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
-      const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
-      const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
+      const BatchTaps<scalar_t> taps = batch_taps(g, b, ko, off, msk);
       const acc_t* x_b = x_pad + b * XL.size * C;
-      for (int64_t wo0 = 0; wo0 < Wo; wo0 += kSeg) {
-        const int len = static_cast<int>(std::min<int64_t>(kSeg, Wo - wo0));
-        segment_samples<false, acc_t>(ks, xs, g, ko_b, off_b, msk_b, ho, wo0, len, grid_x_f.data());
+      for_row_segments<false, acc_t>(ks, xs, g, taps, ho, grid_x_f.data(), [&](int64_t wo0, int len) VSR_INLINE_LAMBDA {
         for (int l = 0; l < len; ++l) {
           for (int64_t q = 0; q < Gk * kk; ++q) {
             const Samples<acc_t>& t = ks[q];
@@ -135,7 +131,7 @@ at::Tensor forward_impl(const Geometry& g, const at::Tensor& input, const at::Te
                                      kweights.data() + bk.gk * kk * 4, sr, xbase.data() + bk.og * kk,
                                      xweights.data() + bk.og * kk * 4, xr);
         }
-      }
+      });
       for (int64_t c = 0; c < C; ++c) {
         const acc_t add = bi == nullptr ? acc_t(0) : vsr_kernels::convert<acc_t>(bi[c]);
         scalar_t* dst = o + ((b * C + c) * g.Ho + ho) * Wo;

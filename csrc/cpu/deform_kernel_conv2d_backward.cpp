@@ -184,13 +184,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::vector<acc_t> ksums(Gk * 2), xsums(G * 3);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Ho, ho = task % g.Ho;
-      const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
-      const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
-      const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
+      const BatchTaps<scalar_t> taps = batch_taps(g, b, ko, off, msk);
       const acc_t* x_b = x_pad + b * XL.size * C;
-      for (int64_t wo0 = 0; wo0 < Wo; wo0 += kSeg) {
-        const int len = static_cast<int>(std::min<int64_t>(kSeg, Wo - wo0));
-        segment_samples<true, acc_t>(ks, xs, g, ko_b, off_b, msk_b, ho, wo0, len, grid_x_f.data());
+      for_row_segments<true, acc_t>(ks, xs, g, taps, ho, grid_x_f.data(), [&](int64_t wo0, int len) VSR_INLINE_LAMBDA {
         for (int l = 0; l < len; ++l) {
           const int64_t p = ho * Wo + wo0 + l;
           const acc_t* go = go_cl + (b * HoWo + p) * C;
@@ -229,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             }
           }
         }
-      }
+      });
     }
   };
   at::parallel_for(0, g.B * g.Ho, grain(C * kk * Wo),
@@ -258,9 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const int64_t c0 = rest / per_block * block + rest % per_block * chunk;
       const int64_t n = std::min(chunk, (rest / per_block + 1) * block - c0);
       const int64_t gk = g.kernel_group_of(c0), og = g.offset_group_of(c0);
-      const scalar_t* ko_b = ko + b * 2 * Gk * kk * HoWo;
-      const scalar_t* off_b = off == nullptr ? nullptr : off + b * 2 * G * kk * HoWo;
-      const scalar_t* msk_b = msk == nullptr ? nullptr : msk + b * G * kk * HoWo;
+      const BatchTaps<scalar_t> taps = batch_taps(g, b, ko, off, msk);
       const acc_t* x_b = x_pad + b * XL.size * C + c0;
       acc_t* gin_b = gin_pad + b * XL.size * C + c0;
       acc_t* gscope = weight_partial.data() + b * SL.size * C + c0;
@@ -270,8 +264,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const int len = static_cast<int>(std::min<int64_t>(kSeg, Wo - wo0));
           for (int64_t i = 0, k = 0; i < g.kh; ++i)
             for (int64_t j = 0; j < g.kw; ++j, ++k) {
-              kernel_samples<false, acc_t>(ks[k], g, ko_b, gk, i, j, ho * Wo + wo0, len);
-              input_samples<false, acc_t>(xs[k], g, off_b, msk_b, og, i, j, ho, wo0, len, grid_x_f.data());
+              kernel_samples<false, acc_t>(ks[k], g, taps.kernel_offset, gk, i, j, ho * Wo + wo0, len);
+              input_samples<false, acc_t>(xs[k], g, taps.offset, taps.mask, og, i, j, ho, wo0, len, grid_x_f.data());
             }
           for (int l = 0; l < len; ++l) {
             const int64_t p = ho * Wo + wo0 + l;

@@ -366,21 +366,51 @@ VSR_ALWAYS_INLINE void input_samples(Samples<acc_t>& s, const Geometry& g, const
   sample_all<kGrad>(s, ys, xs, rows, cols, rows1, cols1);
 }
 
+// The per-tap inputs of batch element b: kernel offsets, input offsets and mask (null where absent).
+template <typename T>
+struct BatchTaps {
+  const T* kernel_offset;
+  const T* offset;
+  const T* mask;
+};
+
+template <typename T>
+BatchTaps<T> batch_taps(const Geometry& g, int64_t b, const T* kernel_offset, const T* offset, const T* mask) {
+  const int64_t kk = g.kernel_points(), HoWo = g.positions(), G = g.offset_groups;
+  return {kernel_offset + b * 2 * g.kernel_groups * kk * HoWo,
+          offset == nullptr ? nullptr : offset + b * 2 * G * kk * HoWo,
+          mask == nullptr ? nullptr : mask + b * G * kk * HoWo};
+}
+
 // Every tap's kernel samples (ks[gk * kk + k]) and input samples (xs[og * kk + k]) of output
 // row ho, columns wo0 .. wo0 + len - 1: what the forward and the backward's pass A build
 // before their channel loops.
 template <bool kGrad, typename acc_t, typename T>
 VSR_ALWAYS_INLINE void segment_samples(std::vector<Samples<acc_t>>& ks, std::vector<Samples<acc_t>>& xs,
-                                       const Geometry& g, const T* kernel_offset_b, const T* offset_b,
-                                       const T* mask_b, int64_t ho, int64_t wo0, int len, const acc_t* grid_x_f) {
+                                       const Geometry& g, const BatchTaps<T>& taps, int64_t ho, int64_t wo0, int len,
+                                       const acc_t* grid_x_f) {
   const int64_t kk = g.kernel_points();
   for (int64_t i = 0, k = 0; i < g.kh; ++i)
     for (int64_t j = 0; j < g.kw; ++j, ++k) {
       for (int64_t gk = 0; gk < g.kernel_groups; ++gk)
-        kernel_samples<kGrad, acc_t>(ks[gk * kk + k], g, kernel_offset_b, gk, i, j, ho * g.Wo + wo0, len);
+        kernel_samples<kGrad, acc_t>(ks[gk * kk + k], g, taps.kernel_offset, gk, i, j, ho * g.Wo + wo0, len);
       for (int64_t og = 0; og < g.offset_groups; ++og)
-        input_samples<kGrad, acc_t>(xs[og * kk + k], g, offset_b, mask_b, og, i, j, ho, wo0, len, grid_x_f);
+        input_samples<kGrad, acc_t>(xs[og * kk + k], g, taps.offset, taps.mask, og, i, j, ho, wo0, len, grid_x_f);
     }
+}
+
+// For output row ho, in runs of kSeg positions: every tap's samples into ks and xs
+// (segment_samples), then body(wo0, len). The body must be an always-inline lambda
+// (VSR_INLINE_LAMBDA), so that each instruction-set copy compiles it.
+template <bool kGrad, typename acc_t, typename T, typename Body>
+VSR_ALWAYS_INLINE void for_row_segments(std::vector<Samples<acc_t>>& ks, std::vector<Samples<acc_t>>& xs,
+                                        const Geometry& g, const BatchTaps<T>& taps, int64_t ho,
+                                        const acc_t* grid_x_f, const Body& body) {
+  for (int64_t wo0 = 0; wo0 < g.Wo; wo0 += kSeg) {
+    const int len = static_cast<int>(std::min<int64_t>(kSeg, g.Wo - wo0));
+    segment_samples<kGrad, acc_t>(ks, xs, g, taps, ho, wo0, len, grid_x_f);
+    body(wo0, len);
+  }
 }
 
 // acc_t(grid_x(g, j, wo)) for every tap column j and output column wo: [j * Wo + wo].
