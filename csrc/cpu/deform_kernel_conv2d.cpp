@@ -3,6 +3,8 @@
 //
 // Forward: one task per (batch element b, output row); a row's (Wo, C) accumulator stays in
 // cache and is written out channels-first.
+#include <torch/library.h>
+
 #include "deform_kernel_conv2d_cpu.h"
 
 namespace vsr_kernels {

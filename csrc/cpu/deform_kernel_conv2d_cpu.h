@@ -21,7 +21,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -56,7 +55,9 @@ int64_t grain(int64_t work_per_task) { return std::max<int64_t>(1, kMinWork / st
 // base + {0, 1, row, row + 1}, base = (y0 + 1) row + x0 + 1, all inside; a neighbour outside
 // the plane reads a zero of the border. `zero` is a base whose four neighbours are all zeros
 // of the tail (a point that samples nothing). Used for every channel's kernel scope (the
-// weight table), the channels-last input and the input gradient.
+// weight table), the channels-last input and the input gradient. With C channels a position,
+// the launchers' channel loops (unit stride; __restrict lets the compiler vectorise them) read
+// the neighbours of a base pointer b at b, b + C, b + row C and b + (row + 1) C.
 struct Padded {
   int64_t row, size, zero;
   Padded(int64_t rows, int64_t cols) : row(cols + 2), size((rows + 2) * (cols + 2) + cols + 4), zero((rows + 2) * (cols + 2)) {}
@@ -421,11 +422,6 @@ std::vector<acc_t> grid_x_table(const Geometry& g) {
     for (int64_t wo = 0; wo < g.Wo; ++wo) t[j * g.Wo + wo] = acc_t(grid_x(g, j, wo));
   return t;
 }
-
-// ---------------------------------------------------------------------------------------
-// The launchers' channel loops (unit stride; __restrict lets the compiler vectorise them). The four
-// neighbours of a base pointer b in a Padded plane of row stride `row` positions are
-// b, b + C, b + row C, b + (row + 1) C (C: the channels of a position).
 
 // The channels that share one kernel group and one offset group: blocks of `block` channels.
 int64_t common_block(const Geometry& g) {
