@@ -9,23 +9,18 @@ import re
 
 from dataclasses import dataclass
 
-import pytest
 import torch
 
 from .workloads import Case
-
-# pytest-benchmark settings of every suite: the reference takes seconds a call on CPU, so few
-# rounds for it (at least 3, after one warm-up), more for the fast backends (up to ~1 s).
-ROUNDS = pytest.mark.benchmark(min_rounds=3, max_time=1.0, warmup=True, warmup_iterations=1)
 
 
 def time_ms(benchmark, fn, device):
     """Median milliseconds of fn(), and the timer that measured it.
 
-    CPU: pytest-benchmark's rounds (set by the suites' `benchmark` marker). CUDA: CUDA events
-    through triton.testing.do_bench, after its warm-up, with the L2 cache flushed before each
-    call. pytest-benchmark then also times the synchronised call on the host clock, for its
-    own table: that number includes the launch overhead the events leave out.
+    CPU: pytest-benchmark's rounds (set by the `benchmark` marker in test_workloads.py). CUDA:
+    CUDA events through triton.testing.do_bench, after its warm-up, with the L2 cache flushed
+    before each call. pytest-benchmark then also times the synchronised call on the host clock,
+    for its own table: that number includes the launch overhead the events leave out.
     """
     if device == "cpu":
         benchmark(fn)
