@@ -52,7 +52,10 @@ def round_ms(fn, calls):
 def scaling(case, threads, rounds):
     """{thread count: [round minima, ms]} for 1 and `threads` threads, alternating."""
     inputs = case.setup()
-    fn = lambda: case.run(inputs)  # noqa: E731
+
+    def fn():
+        return case.run(inputs)
+
     counts = (1, threads)
     times = {count: [] for count in counts}
     torch.set_num_threads(1)
