@@ -127,24 +127,30 @@ class TileBuffer {
 // entering the window of row y (y + reach) is transposed into the ring (its grad_key and
 // grad_value ring rows are zero: the buffer starts zeroed, and each flush clears its row); then
 // each pixel's terms are one vector each, in increasing x: grad_query's (into its tile, or, for
-// frames whose tiles exceed kMaxQueryTileBytes, per L pixels their key tiles transposed back
+// frames whose tiles exceed kMaxFrameTileBytes, per L pixels their key tiles transposed back
 // and added to its planes: the same masked fmas as gather_fma_masked, frames in increasing t),
 // grad_key's and grad_value's; the ring row no later query row can reach (y - reach) is
 // transposed out into grad_key and grad_value.
-constexpr int64_t kMaxQueryTileBytes = 512 << 10;
+constexpr int64_t kMaxFrameTileBytes = 512 << 10;
 
 inline void key_value_tiles_impl(const TileArgs& a) {
   const int64_t H = a.height, W = a.width, P = H * W;
   const int64_t reach = std::min(a.reach, H - 1), S = std::min(2 * reach + 1, H), ring = S * W;
-  // grad_query's tiles for the whole frame, accumulated over the frames and transposed out once,
-  // where they fit in L2 beside the rings; else each frame's terms are gathered into its planes.
   using V = TileVector;
   constexpr int L = kTileLanes;
-  const int64_t gq_pixels = P * L * int64_t(sizeof(float)) <= kMaxQueryTileBytes ? P : 0;
-  TileBuffer buffer((3 * ring + 2 * W + 1 + gq_pixels) * L);
+  // Tiles of the whole frame, where they fit in L2 beside the rings (kMaxFrameTileBytes in all):
+  // grad_query's, accumulated over the frames and transposed out once (else each frame's terms
+  // are gathered into its planes); and, where both fit, the query's, transposed once rather than
+  // a row at a time in every frame (else into qrow).
+  const int64_t frame_tile_bytes = P * L * int64_t(sizeof(float));
+  const int64_t gq_pixels = frame_tile_bytes <= kMaxFrameTileBytes ? P : 0,
+                q_pixels = 2 * frame_tile_bytes <= kMaxFrameTileBytes ? P : 0;
+  TileBuffer buffer((3 * ring + 2 * W + 1 + gq_pixels + q_pixels) * L);
   float *const keys = buffer.data(), *const gkeys = keys + ring * L, *const gvalues = gkeys + ring * L,
                *const qrow = gvalues + ring * L, *const gorow = qrow + W * L, *const zeros = gorow + W * L,
-               *const gq_tiles = gq_pixels ? zeros + L : nullptr;
+               *const gq_tiles = gq_pixels ? zeros + L : nullptr,
+               *const q_tiles = q_pixels ? zeros + L + gq_pixels * L : nullptr;
+  if (q_tiles) to_tiles(a.q, P, P, q_tiles);
   auto slot = [&](int64_t y) { return y % S * W * L; };  // where row y's tiles start in a ring
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* sel = a.sel + t * P;
@@ -160,7 +166,8 @@ inline void key_value_tiles_impl(const TileArgs& a) {
       for (; entered < H && entered <= y + reach; ++entered) {
         to_tiles(k + entered * W, P, W, keys + slot(entered));  // its gradient rows are zero
       }
-      to_tiles(a.q + y * W, P, W, qrow);
+      const float* q = q_tiles ? q_tiles + y * W * L : qrow;  // the row's query tiles
+      if (!q_tiles) to_tiles(a.q + y * W, P, W, qrow);
       to_tiles(go + y * W, P, W, gorow);
       // Pixel s's tile in a ring: rows [y0, y0 + S) hold every pixel row y can select.
       const int64_t y0 = std::max<int64_t>(0, y - reach), shift = y0 % S * W - y0 * W;
@@ -170,9 +177,11 @@ inline void key_value_tiles_impl(const TileArgs& a) {
       };
       const int64_t p0 = y * W;
       // The lines of the next row's planes (the key row entering next, the next query, grad_out
-      // and grad_query rows), prefetched into L2 a 64-byte line (16 pixels) of each plane at a
-      // time: the L-plane row reads are more concurrent streams than the hardware prefetchers follow.
-      const float* ahead[4] = {entered < H ? k + entered * W : nullptr, y + 1 < H ? a.q + p0 + W : nullptr,
+      // and grad_query rows, where not in whole-frame tiles), prefetched into L2 a 64-byte line
+      // (16 pixels) of each plane at a time: the L-plane row reads are more concurrent streams
+      // than the hardware prefetchers follow.
+      const float* ahead[4] = {entered < H ? k + entered * W : nullptr,
+                               y + 1 < H && !q_tiles ? a.q + p0 + W : nullptr,
                                y + 1 < H ? go + p0 + W : nullptr,
                                y + 1 < H && t > 0 && !gq_tiles ? a.gq + p0 + W : nullptr};
       for (int64_t line = 0; line < W; line += 16) {
@@ -202,7 +211,7 @@ inline void key_value_tiles_impl(const TileArgs& a) {
           V::store(gqt, V::fma(V::broadcast(g[p0 + x]), V::load(keys + tile(s)), V::load(gqt)));
         }
         float *gkt = gkeys + tile(s), *gvt = gvalues + tile(s);
-        V::store(gkt, V::fma(V::broadcast(g[p0 + x]), V::load(qrow + x * L), V::load(gkt)));
+        V::store(gkt, V::fma(V::broadcast(g[p0 + x]), V::load(q + x * L), V::load(gkt)));
         V::store(gvt, V::fma(V::broadcast(score[p0 + x]), V::load(gorow + x * L), V::load(gvt)));
       }
       for (; flushed <= y - reach; ++flushed) flush(flushed);
