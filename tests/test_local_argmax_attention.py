@@ -443,13 +443,14 @@ def test_cpu_backward_tiles_match_reference_with_the_same_bits_for_any_thread_co
 
 
 # The float32 backward moves the selected key and value pixels through channels-last tiles of 16
-# channels with AVX-512, 8 with AVX2 (csrc/cpu/local_argmax_attention_tiles.h), wherever that many
+# or 8 channels with AVX-512, 8 with AVX2 (csrc/cpu/local_argmax_attention_tiles.h), wherever that many
 # channels are key and value channels alike; the rest take the per-element kernels, as does phase
 # 2 when there are fewer tile tasks than threads. All add the same terms in the same order with
 # fused multiply-adds, so every ISA and thread count must agree bit for bit: on tiles and leftover
 # channels (C != Cv; 8-channel tiles where 16-channel ones leave a remainder), W no multiple of
 # 16 or 8, rings of 2 * reach + 1 rows shorter and longer than the frame (K = 1, K = 9,
-# dilation), several phase-1 bands, grad_query accumulated in tiles (frames up to 512 KiB of
+# dilation), several phase-1 bands, AVX-512's 16- and 8-lane tiles (8 where the channel planes
+# are a multiple of 4 KiB apart), grad_query accumulated in tiles (frames up to 512 KiB of
 # tiles) or gathered into its planes per frame, the query transposed once into whole-frame tiles
 # (up to 256 KiB) or a row at a time, zero-padded selections, and a value and key with
 # infinities (NaN gradients where they are selected). More threads than 8-channel tiles runs
@@ -461,6 +462,7 @@ CHANNEL_TILE_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation), border
     ((1, 2, 20, 16, 6, 7), (1, 1), "exclude"),
     ((1, 3, 16, 16, 70, 33), (7, 3), "zeros"), ((1, 2, 48, 64, 12, 40), (9, 1), "exclude"),
     ((1, 2, 16, 16, 33, 260), (5, 1), "zeros"),  # grad_query's tiles too large: gathered per frame
+    ((1, 2, 32, 24, 32, 32), (9, 1), "zeros"),  # planes 4 KiB apart: 8-lane tiles with AVX-512 too
 ]
 
 

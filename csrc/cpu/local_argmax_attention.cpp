@@ -266,7 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 //    term they can receive: rows below the band's last row + reach). On this Zen 5 core the
 //    vector gathers and scatters cost about as much per element as scalar accesses: see
 //    benchmarks/NOTES.md, session 4.
-// Where the ISA has them (float32, AVX-512 or AVX2: tile_channels = 16 or 8), both phases move
+// Where the ISA has them (float32, AVX-512 or AVX2: tile_channels = 16 or 8 with AVX-512, by
+// the planes' stride, 8 with AVX2), both phases move
 // each block of that many channels through channels-last tiles instead
 // (local_argmax_attention_tiles.h): phase 1's value gathers, and phase 2 as one task per (b,
 // block of channels that are key and value channels alike),
@@ -296,11 +297,12 @@ void value_band(Isa isa, const ValueBandArgs<T>& a) {
   VSR_CPU_ISA_CALL(isa, value_band, a);
 }
 
-// The tile width where the ISA has the tiled backward for T (float32 only), else 0.
+// The tile width where the ISA has the tiled backward for T (float32 only) over channel planes
+// of P pixels, else 0.
 template <typename T>
-int tile_channels(Isa isa) {
+int tile_channels(Isa isa, int64_t P) {
   if constexpr (std::is_same_v<T, float>)
-    return VSR_CPU_ISA_CALL(isa, tile_channels, 0.0f);
+    return VSR_CPU_ISA_CALL(isa, tile_channels, 0.0f, P * int64_t(sizeof(float)));
   else
     return 0;
 }
@@ -317,7 +319,7 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
   std::vector<T> g(B * T_ * P);
   // The reach in pixels of a band's selections is band_reach * (W + 1) (capped: H + W covers the frame).
   const int64_t band_reach = std::min(reach, H + W);
-  const int tile = tile_channels<T>(isa);
+  const int tile = tile_channels<T>(isa, P);
   const int64_t rows1 = std::max<int64_t>(1, std::min<int64_t>(H, kSelectionBandPixels / W)),
                 bands1 = (H + rows1 - 1) / rows1;
   at::parallel_for(0, B * T_ * bands1, 1, [&](int64_t begin, int64_t end) {
@@ -330,7 +332,7 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
       const SelectionArgs<T> a{ix + o, go + bt * Cv * P, v + bt * Cv * P, gs + o, P, sel.data() + o, g.data() + o,
                                acc.data(), window.data(), Cv, H, W, band * rows1 * W,
                                std::min(H, (band + 1) * rows1) * W, band_reach, w.kernel_size,
-                               w.dilation, scale};
+                               w.dilation, scale, tile};
       selection_grad<T>(isa, a);
     }
   });
@@ -352,7 +354,7 @@ void backward_planes(Isa isa, const Window& w, int64_t B, int64_t T_, int64_t C,
                            TileArgs{sel.data() + b * T_ * P, g.data() + b * T_ * P, sc + b * T_ * P,
                                     q + (b * C + c) * P, go + (b * T_ * Cv + c) * P, k + (b * T_ * C + c) * P,
                                     grad_query + (b * C + c) * P, grad_key + (b * T_ * C + c) * P,
-                                    grad_value + (b * T_ * Cv + c) * P, H, W, T_, reach, C * P, Cv * P});
+                                    grad_value + (b * T_ * Cv + c) * P, H, W, T_, reach, C * P, Cv * P, tile});
           continue;
         }
       const int64_t c0 = tiled + (i - tiles) * kChannelBlock;

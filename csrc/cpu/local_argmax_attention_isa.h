@@ -74,9 +74,9 @@ struct SelectArgs {
 // Pixels [p0, p1) of one frame: sel[p] = the selected key/value pixel (-1: none, or a
 // zero-padded one) from index[p], and g[p] = scale * (gs[p] + <go[:, p], v[:, sel[p]]>), the
 // sum taken in increasing channel (go, v: the frame's grad_out and value, channel c at
-// c * channel_stride). acc: scratch of p1 - p0 elements; window: scratch of
-// (p1 - p0 + 2 * reach * (width + 1)) * tile_channels() elements, for the copies with tiles
-// (see tile_channels).
+// c * channel_stride). acc: scratch of p1 - p0 elements; tile_lanes: tile_channels() (0: the
+// per-element kernels); window: scratch of (p1 - p0 + 2 * reach * (width + 1)) * tile_lanes
+// elements.
 template <typename T>
 struct SelectionArgs {
   const int64_t* index;
@@ -87,6 +87,7 @@ struct SelectionArgs {
   int64_t channels, height, width, p0, p1, reach;
   int kernel_size, dilation;
   T scale;
+  int tile_lanes;
 };
 
 // One value channel: gv_t[sel_t[p]] += score_t[p] * go_t[p] in increasing p, after
@@ -119,8 +120,8 @@ struct KeyBandArgs {
   const ValueBandArgs<T>* value;
 };
 
-// Phase 2 of the backward for tile_channels() consecutive channels (16 with AVX-512, 8 with
-// AVX2: one float32 vector per pixel) that are key and value channels alike, over every frame
+// Phase 2 of the backward for `lanes` = tile_channels() consecutive channels (one float32
+// vector per pixel) that are key and value channels alike, over every frame
 // and pixel of one batch element, through channels-last tiles (the copies where tile_channels
 // is non-zero): per frame, a ring of the key rows a query row can select (transposed to one
 // vector per pixel) and of the rows of grad_key and grad_value they receive, so each gather and
@@ -134,12 +135,14 @@ struct TileArgs {
   const float *g, *score, *q, *go, *k;
   float *gq, *gk, *gv;
   int64_t height, width, frames, reach, key_frame_stride, value_frame_stride;
+  int lanes;
 };
 
 // score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
 // folded into best and best_j. tile_channels: the tile width where this copy has the tiled
-// float32 backward (selection_grad's then use the window scratch, key_value_tiles runs), else 0
-// (key_value_tiles must not be called); float64 never has it.
+// float32 backward for channel planes `plane_bytes` apart (16 or 8 with AVX-512, 8 with AVX2;
+// selection_grad's then use the window scratch, key_value_tiles runs), else 0 (key_value_tiles
+// must not be called); float64 never has it.
 #define VSR_DECLARE_ISA(ns)                                                                                  \
   namespace ns {                                                                                             \
   void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
@@ -152,7 +155,7 @@ struct TileArgs {
   void key_band(const KeyBandArgs<double>& a);                                                               \
   void value_band(const ValueBandArgs<float>& a);                                                            \
   void value_band(const ValueBandArgs<double>& a);                                                           \
-  int tile_channels(float);                                                                                  \
+  int tile_channels(float, int64_t plane_bytes);                                                             \
   void key_value_tiles(const TileArgs& a);                                                                   \
   }
 VSR_DECLARE_ISA(base)

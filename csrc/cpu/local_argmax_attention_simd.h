@@ -398,8 +398,8 @@ inline void selection_grad_impl(const SelectionArgs<T>& a) {
   // The window of value pixels the band's pixels can select.
   const int64_t lo = std::max<int64_t>(0, a.p0 - a.reach * (W + 1)), hi = std::min(H * W, a.p1 + a.reach * (W + 1));
   int64_t c = 0;
-  if constexpr (std::is_same_v<T, float> && kTileLanes > 0)
-    for (; c + kTileLanes <= a.channels; c += kTileLanes) selection_tile(a, c, sel, acc, n, lo, hi);
+  if constexpr (std::is_same_v<T, float>)
+    if (a.tile_lanes) c = selection_tiles(a, sel, acc, n, lo, hi);
   if (c < a.channels) Prefetcher(a.v + c * a.channel_stride + lo, a.v + c * a.channel_stride + hi, 1).all();
   for (; c < a.channels; ++c) {
     const T* __restrict go = a.go + c * a.channel_stride + a.p0;

@@ -1,17 +1,15 @@
 // The vector operations of the tiled backward (local_argmax_attention_tiles.h), one struct per
-// instruction set: TileVector::Vec holds kLanes floats (one pixel's channels of a tile, or one
-// channel's pixels), TileVector::Lanes a lane mask. AVX-512: 16 lanes and k-masks; AVX2: 8
-// lanes and vector masks. Included inside the per-ISA namespace; defines VSR_TILE_VECTOR to 1
-// where one exists (not in the base copy).
+// tile width: Vec holds kLanes floats (one pixel's channels of a tile, or one channel's pixels),
+// Lanes a lane mask. TileVector16 (AVX-512 copy): 16 lanes and k-masks; TileVector8 (AVX2 and
+// AVX-512 copies): 8 lanes and vector masks. Included inside the per-ISA namespace; defines
+// VSR_TILE_VECTOR to 1 where tiles exist (not in the base copy).
 //
 // load_first / store_first touch only the first lanes of a mask built by first(n) (no access past
 // them, so they may run off an allocation's end); fma_where(lanes, a, b, c) is a * b + c fused on
 // the lanes, c elsewhere: the same bits per lane as the fused multiply-add itself.
 
 #if VSR_SIMD_FMA && VSR_SIMD_BYTES == 64
-#define VSR_TILE_VECTOR 1
-
-struct TileVector {
+struct TileVector16 {
   static constexpr int kLanes = 16;
   using Vec = __m512;
   using Lanes = __mmask16;
@@ -73,10 +71,12 @@ struct TileVector {
   }
 };
 
-#elif VSR_SIMD_FMA && VSR_SIMD_BYTES == 32
+#endif
+
+#if VSR_SIMD_FMA && VSR_SIMD_BYTES >= 32
 #define VSR_TILE_VECTOR 1
 
-struct TileVector {
+struct TileVector8 {
   static constexpr int kLanes = 8;
   using Vec = __m256;
   using Lanes = __m256i;  // all ones in a lane that is set

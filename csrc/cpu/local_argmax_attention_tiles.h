@@ -1,8 +1,9 @@
 // The tiled backward of local argmax attention (float32, AVX-512 and AVX2): the gathers and
 // scatters of the selected key and value pixels go through channels-last tiles of L channels, one
-// vector per pixel (L = TileVector::kLanes: 16 with AVX-512, 8 with AVX2), made and unmade by
-// L x L transposes in registers. Included by local_argmax_attention_simd.h, inside its per-ISA
-// namespace; the base copy reports tile_channels() = 0 and keeps the per-element kernels.
+// vector per pixel (L = V::kLanes of the tile vector V: 16 or 8 with AVX-512, see tile_channels;
+// 8 with AVX2), made and unmade by L x L transposes in registers. Included by
+// local_argmax_attention_simd.h, inside its per-ISA namespace; the base copy reports
+// tile_channels() = 0 and keeps the per-element kernels.
 //
 // Why: on this Zen 5 core a hardware gather costs ~0.43 ns per element even from L1, and a
 // scalar read-modify-write scatter ~0.5 ns, while a transpose costs ~0.03 ns per element, so
@@ -14,30 +15,29 @@
 #include "local_argmax_attention_tile_vectors.h"
 
 #if VSR_TILE_VECTOR
-constexpr int kTileLanes = TileVector::kLanes;
-using TileVec = TileVector::Vec;
-using TileLanes = TileVector::Lanes;
 
 // tiles[i * L + c] = planes[c * stride + i] for i < m <= L, c < L. Whole groups store with
 // L fixed instructions: a loop over a variable count became a spill of r and a `rep movsq`
 // copy of it, whose 8-byte reads of the 64-byte spills stall on store forwarding.
+template <typename V>
 inline void to_tile_group(const float* planes, int64_t stride, int64_t m, float* tiles) {
-  using V = TileVector;
-  const TileLanes lanes = V::first(m);
-  TileVec r[kTileLanes];
-  for (int c = 0; c < kTileLanes; ++c) r[c] = V::load_first(lanes, planes + c * stride);
+  constexpr int L = V::kLanes;
+  const typename V::Lanes lanes = V::first(m);
+  typename V::Vec r[L];
+  for (int c = 0; c < L; ++c) r[c] = V::load_first(lanes, planes + c * stride);
   V::transpose(r);
-  if (m == kTileLanes)
-    for (int i = 0; i < kTileLanes; ++i) V::store(tiles + i * kTileLanes, r[i]);
+  if (m == L)
+    for (int i = 0; i < L; ++i) V::store(tiles + i * L, r[i]);
   else
-    for (int i = 0; i < kTileLanes; ++i)
-      if (i < m) V::store(tiles + i * kTileLanes, r[i]);
+    for (int i = 0; i < L; ++i)
+      if (i < m) V::store(tiles + i * L, r[i]);
 }
 
 // tiles[x * L + c] = planes[c * stride + x] for x < n, c < L.
+template <typename V>
 inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tiles) {
-  for (int64_t x = 0; x < n; x += kTileLanes)
-    to_tile_group(planes + x, stride, std::min<int64_t>(kTileLanes, n - x), tiles + x * kTileLanes);
+  constexpr int L = V::kLanes;
+  for (int64_t x = 0; x < n; x += L) to_tile_group<V>(planes + x, stride, std::min<int64_t>(L, n - x), tiles + x * L);
 }
 
 // planes[c * stride + x] = tiles[x * L + c] for x < n, c < L, and the tiles zeroed behind (the
@@ -47,29 +47,29 @@ inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tile
 // stores, as the results are not read again here and a plain store would first read the line
 // from memory. (AVX2 stores of a line's halves a group apart left lines half written in the
 // write-combining buffers: at two threads, up to twice as slow.)
+template <typename V>
 inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t stride) {
-  using V = TileVector;
-  constexpr int kGroups = 16 / kTileLanes;  // transposed groups per line
+  constexpr int L = V::kLanes, kGroups = 16 / L;  // transposed groups per line
   const bool whole_lines = reinterpret_cast<uintptr_t>(planes) % 64 == 0 && stride % 16 == 0;
   for (int64_t x = 0; x < n; x += 16) {
-    TileVec r[kGroups][kTileLanes];
+    typename V::Vec r[kGroups][L];
     int64_t m[kGroups];
     for (int h = 0; h < kGroups; ++h) {
-      m[h] = std::clamp<int64_t>(n - x - h * kTileLanes, 0, kTileLanes);
-      float* group = tiles + (x + h * kTileLanes) * kTileLanes;
-      for (int i = 0; i < kTileLanes; ++i) {
-        r[h][i] = i < m[h] ? V::load(group + i * kTileLanes) : V::zero();
-        if (i < m[h]) V::store(group + i * kTileLanes, V::zero());
+      m[h] = std::clamp<int64_t>(n - x - h * L, 0, L);
+      float* group = tiles + (x + h * L) * L;
+      for (int i = 0; i < L; ++i) {
+        r[h][i] = i < m[h] ? V::load(group + i * L) : V::zero();
+        if (i < m[h]) V::store(group + i * L, V::zero());
       }
       V::transpose(r[h]);
     }
     if (whole_lines && n - x >= 16) {
-      for (int c = 0; c < kTileLanes; ++c)
-        for (int h = 0; h < kGroups; ++h) V::stream(planes + c * stride + x + h * kTileLanes, r[h][c]);
+      for (int c = 0; c < L; ++c)
+        for (int h = 0; h < kGroups; ++h) V::stream(planes + c * stride + x + h * L, r[h][c]);
     } else {
-      for (int c = 0; c < kTileLanes; ++c)
+      for (int c = 0; c < L; ++c)
         for (int h = 0; h < kGroups; ++h)
-          if (m[h] > 0) V::store_first(planes + c * stride + x + h * kTileLanes, V::first(m[h]), r[h][c]);
+          if (m[h] > 0) V::store_first(planes + c * stride + x + h * L, V::first(m[h]), r[h][c]);
     }
   }
 }
@@ -77,34 +77,35 @@ inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t 
 // The tiles of up to L pixels' selections sel[0 .. m) (tile(s): where pixel s's tile starts;
 // `none`: what a pixel selecting nothing, and lanes from m on, read), transposed back into one
 // vector per channel, lanes = pixels. Returns the lanes whose pixel selects one.
-template <typename TileOf>
-inline TileLanes gather_columns(const int32_t* sel, int64_t m, const float* none, TileOf tile,
-                                TileVec r[kTileLanes]) {
-  for (int j = 0; j < kTileLanes; ++j) {
+template <typename V, typename TileOf>
+inline typename V::Lanes gather_columns(const int32_t* sel, int64_t m, const float* none, TileOf tile,
+                                        typename V::Vec r[V::kLanes]) {
+  for (int j = 0; j < V::kLanes; ++j) {
     const int32_t s = j < m ? sel[j] : -1;
-    r[j] = TileVector::load(s < 0 ? none : tile(s));
+    r[j] = V::load(s < 0 ? none : tile(s));
   }
-  TileVector::transpose(r);
-  return TileVector::selecting(TileVector::first(m), sel);
+  V::transpose(r);
+  return V::selecting(V::first(m), sel);
 }
 
 // Channels [c, c + L) of selection_grad's sum over pixels [p0, p0 + n) (sel, acc: the band's):
 // acc[i] = fma(go[c'][p0 + i], v[c'][sel[i]], acc[i]) for c' in increasing order, the value
 // pixels read from tiles of the window [lo, hi) that holds every selected one. A pixel that
 // selects nothing reads the window's first pixel (its sum is never used).
+template <typename V>
 inline void selection_tile(const SelectionArgs<float>& a, int64_t c, const int32_t* sel, float* acc, int64_t n,
                            int64_t lo, int64_t hi) {
-  using V = TileVector;
+  constexpr int L = V::kLanes;
   const int64_t stride = a.channel_stride;
-  to_tiles(a.v + c * stride + lo, stride, hi - lo, a.window);
+  to_tiles<V>(a.v + c * stride + lo, stride, hi - lo, a.window);
   const float* go = a.go + c * stride + a.p0;
-  for (int64_t i = 0; i < n; i += kTileLanes) {
-    const int64_t m = std::min<int64_t>(kTileLanes, n - i);
-    const TileLanes lanes = V::first(m);
-    TileVec r[kTileLanes];
-    gather_columns(sel + i, m, a.window, [&](int32_t s) { return a.window + (s - lo) * kTileLanes; }, r);
-    TileVec sum = V::load_first(lanes, acc + i);
-    for (int k = 0; k < kTileLanes; ++k) sum = V::fma(V::load_first(lanes, go + k * stride + i), r[k], sum);
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t m = std::min<int64_t>(L, n - i);
+    const typename V::Lanes lanes = V::first(m);
+    typename V::Vec r[L];
+    gather_columns<V>(sel + i, m, a.window, [&](int32_t s) { return a.window + (s - lo) * L; }, r);
+    typename V::Vec sum = V::load_first(lanes, acc + i);
+    for (int k = 0; k < L; ++k) sum = V::fma(V::load_first(lanes, go + k * stride + i), r[k], sum);
     V::store_first(acc + i, lanes, sum);
   }
 }
@@ -133,11 +134,11 @@ class TileBuffer {
 // transposed out into grad_key and grad_value.
 constexpr int64_t kMaxFrameTileBytes = 512 << 10;
 
+template <typename V>
 inline void key_value_tiles_impl(const TileArgs& a) {
   const int64_t H = a.height, W = a.width, P = H * W;
   const int64_t reach = std::min(a.reach, H - 1), S = std::min(2 * reach + 1, H), ring = S * W;
-  using V = TileVector;
-  constexpr int L = kTileLanes;
+  constexpr int L = V::kLanes;
   // Tiles of the whole frame, where they fit in L2 beside the rings (kMaxFrameTileBytes in all):
   // grad_query's, accumulated over the frames and transposed out once (else each frame's terms
   // are gathered into its planes); and, where both fit, the query's, transposed once rather than
@@ -150,7 +151,7 @@ inline void key_value_tiles_impl(const TileArgs& a) {
                *const qrow = gvalues + ring * L, *const gorow = qrow + W * L, *const zeros = gorow + W * L,
                *const gq_tiles = gq_pixels ? zeros + L : nullptr,
                *const q_tiles = q_pixels ? zeros + L + gq_pixels * L : nullptr;
-  if (q_tiles) to_tiles(a.q, P, P, q_tiles);
+  if (q_tiles) to_tiles<V>(a.q, P, P, q_tiles);
   auto slot = [&](int64_t y) { return y % S * W * L; };  // where row y's tiles start in a ring
   for (int64_t t = 0; t < a.frames; ++t) {
     const int32_t* sel = a.sel + t * P;
@@ -158,17 +159,17 @@ inline void key_value_tiles_impl(const TileArgs& a) {
                 *go = a.go + t * a.value_frame_stride;
     float *gk = a.gk + t * a.key_frame_stride, *gv = a.gv + t * a.value_frame_stride;
     auto flush = [&](int64_t y) {
-      from_tiles_clearing(gkeys + slot(y), W, gk + y * W, P);
-      from_tiles_clearing(gvalues + slot(y), W, gv + y * W, P);
+      from_tiles_clearing<V>(gkeys + slot(y), W, gk + y * W, P);
+      from_tiles_clearing<V>(gvalues + slot(y), W, gv + y * W, P);
     };
     int64_t entered = 0, flushed = 0;  // rows taken into the ring, and out of it
     for (int64_t y = 0; y < H; ++y) {
       for (; entered < H && entered <= y + reach; ++entered) {
-        to_tiles(k + entered * W, P, W, keys + slot(entered));  // its gradient rows are zero
+        to_tiles<V>(k + entered * W, P, W, keys + slot(entered));  // its gradient rows are zero
       }
       const float* q = q_tiles ? q_tiles + y * W * L : qrow;  // the row's query tiles
-      if (!q_tiles) to_tiles(a.q + y * W, P, W, qrow);
-      to_tiles(go + y * W, P, W, gorow);
+      if (!q_tiles) to_tiles<V>(a.q + y * W, P, W, qrow);
+      to_tiles<V>(go + y * W, P, W, gorow);
       // Pixel s's tile in a ring: rows [y0, y0 + S) hold every pixel row y can select.
       const int64_t y0 = std::max<int64_t>(0, y - reach), shift = y0 % S * W - y0 * W;
       auto tile = [&](int32_t s) {
@@ -191,14 +192,14 @@ inline void key_value_tiles_impl(const TileArgs& a) {
         if (gq_tiles) continue;
         for (int64_t x = line; x < std::min(W, line + 16); x += L) {
           const int64_t m = std::min<int64_t>(L, W - x);
-          const TileLanes lanes = V::first(m);
-          TileVec r[L];
-          const TileLanes selected =
-              gather_columns(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s); }, r);
-          const TileVec gp = V::load_first(lanes, g + p0 + x);
+          const typename V::Lanes lanes = V::first(m);
+          typename V::Vec r[L];
+          const typename V::Lanes selected =
+              gather_columns<V>(sel + p0 + x, m, zeros, [&](int32_t s) { return keys + tile(s); }, r);
+          const typename V::Vec gp = V::load_first(lanes, g + p0 + x);
           for (int c = 0; c < L; ++c) {
             float* gq = a.gq + c * P + p0 + x;
-            const TileVec old = t == 0 ? V::zero() : V::load_first(lanes, gq);
+            const typename V::Vec old = t == 0 ? V::zero() : V::load_first(lanes, gq);
             V::store_first(gq, lanes, V::fma_where(selected, gp, r[c], old));
           }
         }
@@ -218,17 +219,54 @@ inline void key_value_tiles_impl(const TileArgs& a) {
     }
     for (; flushed < H; ++flushed) flush(flushed);
   }
-  if (gq_tiles) from_tiles_clearing(gq_tiles, P, a.gq, P);
+  if (gq_tiles) from_tiles_clearing<V>(gq_tiles, P, a.gq, P);
   _mm_sfence();  // the non-temporal stores are visible before the task ends
 }
 
-int tile_channels(float) { return kTileLanes; }
-void key_value_tiles(const TileArgs& a) { key_value_tiles_impl(a); }
+// Calls f(V()) with the tile vector V of `lanes` lanes (16: the AVX-512 copy only).
+template <typename F>
+inline void with_tile_vector(int lanes, F&& f) {
+#if VSR_SIMD_BYTES == 64
+  if (lanes == 16) return f(TileVector16());
+#endif
+  f(TileVector8());
+}
+
+// selection_tile over the leading whole tiles of a.tile_lanes channels; returns how far.
+inline int64_t selection_tiles(const SelectionArgs<float>& a, const int32_t* sel, float* acc, int64_t n, int64_t lo,
+                               int64_t hi) {
+  int64_t c = 0;
+  with_tile_vector(a.tile_lanes, [&](auto vector) {
+    using V = decltype(vector);
+    for (; c + V::kLanes <= a.channels; c += V::kLanes) selection_tile<V>(a, c, sel, acc, n, lo, hi);
+  });
+  return c;
+}
+
+// 16-lane tiles (AVX-512) except where the channel planes lie a multiple of 4 KiB apart (square
+// training crops: 64x64, 96x96, 128x128, ...): there the 16 planes a 16-lane tile reads or
+// writes at one pixel all fall into one set of the 12-way L1 (sets repeat every 4 KiB), and
+// 8-lane tiles measured 5-20 % faster; elsewhere (80x80, 90x128, 180x320) 16 lanes measured
+// 12-20 % faster (benchmarks/NOTES.md, session 10).
+int tile_channels(float, int64_t plane_bytes) {
+#if VSR_SIMD_BYTES == 64
+  return plane_bytes % 4096 == 0 ? 8 : 16;
+#else
+  (void)plane_bytes;
+  return 8;
+#endif
+}
+
+void key_value_tiles(const TileArgs& a) {
+  with_tile_vector(a.lanes, [&](auto vector) { key_value_tiles_impl<decltype(vector)>(a); });
+}
 
 #else
-constexpr int kTileLanes = 0;  // no tiles in this copy
-
-int tile_channels(float) { return 0; }
-void key_value_tiles(const TileArgs&) { __builtin_trap(); }  // tile_channels() == 0: never called
+int tile_channels(float, int64_t) { return 0; }  // no tiles in this copy
+// tile_channels() == 0: never called.
+inline int64_t selection_tiles(const SelectionArgs<float>&, const int32_t*, float*, int64_t, int64_t, int64_t) {
+  __builtin_trap();
+}
+void key_value_tiles(const TileArgs&) { __builtin_trap(); }
 
 #endif
