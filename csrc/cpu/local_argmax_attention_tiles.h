@@ -40,7 +40,7 @@ inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tile
   for (int64_t x = 0; x < n; x += L) to_tile_group<V>(planes + x, stride, std::min<int64_t>(L, n - x), tiles + x * L);
 }
 
-// planes[c * stride + x] = tiles[x * L + c] for x < n, c < L, and the tiles zeroed behind (the
+// planes[c * stride + x] = tiles[x * tile_stride + c] for x < n, c < L, and those tiles zeroed behind (the
 // ring row is reused next, as accumulators). A 64-byte line of each plane (16 pixels: one
 // transposed group with AVX-512, two with AVX2) at a time: where the planes' lines are whole
 // lines (aligned, stride a multiple of 16), each line is stored non-temporally by consecutive
@@ -48,7 +48,7 @@ inline void to_tiles(const float* planes, int64_t stride, int64_t n, float* tile
 // from memory. (AVX2 stores of a line's halves a group apart left lines half written in the
 // write-combining buffers: at two threads, up to twice as slow.)
 template <typename V>
-inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t stride) {
+inline void from_tiles_clearing(float* tiles, int64_t tile_stride, int64_t n, float* planes, int64_t stride) {
   constexpr int L = V::kLanes, kGroups = 16 / L;  // transposed groups per line
   const bool whole_lines = reinterpret_cast<uintptr_t>(planes) % 64 == 0 && stride % 16 == 0;
   for (int64_t x = 0; x < n; x += 16) {
@@ -56,10 +56,10 @@ inline void from_tiles_clearing(float* tiles, int64_t n, float* planes, int64_t 
     int64_t m[kGroups];
     for (int h = 0; h < kGroups; ++h) {
       m[h] = std::clamp<int64_t>(n - x - h * L, 0, L);
-      float* group = tiles + (x + h * L) * L;
+      float* group = tiles + (x + h * L) * tile_stride;
       for (int i = 0; i < L; ++i) {
-        r[h][i] = i < m[h] ? V::load(group + i * L) : V::zero();
-        if (i < m[h]) V::store(group + i * L, V::zero());
+        r[h][i] = i < m[h] ? V::load(group + i * tile_stride) : V::zero();
+        if (i < m[h]) V::store(group + i * tile_stride, V::zero());
       }
       V::transpose(r[h]);
     }
@@ -147,8 +147,9 @@ inline void key_value_tiles_impl(const TileArgs& a) {
   const int64_t gq_pixels = frame_tile_bytes <= kMaxFrameTileBytes ? P : 0,
                 q_pixels = 2 * frame_tile_bytes <= kMaxFrameTileBytes ? P : 0;
   TileBuffer buffer((3 * ring + 2 * W + 1 + gq_pixels + q_pixels) * L);
-  float *const keys = buffer.data(), *const gkeys = keys + ring * L, *const gvalues = gkeys + ring * L,
-               *const qrow = gvalues + ring * L, *const gorow = qrow + W * L, *const zeros = gorow + W * L,
+  // The gradient ring interleaves each pixel's grad_key and grad_value tiles (a 64-byte line
+  // for both with 8 lanes), which the scatter below updates together.
+  float *const keys = buffer.data(), *const gkv = keys + ring * L, *const qrow = gkv + 2 * ring * L, *const gorow = qrow + W * L, *const zeros = gorow + W * L,
                *const gq_tiles = gq_pixels ? zeros + L : nullptr,
                *const q_tiles = q_pixels ? zeros + L + gq_pixels * L : nullptr;
   if (q_tiles) to_tiles<V>(a.q, P, P, q_tiles);
@@ -159,8 +160,8 @@ inline void key_value_tiles_impl(const TileArgs& a) {
                 *go = a.go + t * a.value_frame_stride;
     float *gk = a.gk + t * a.key_frame_stride, *gv = a.gv + t * a.value_frame_stride;
     auto flush = [&](int64_t y) {
-      from_tiles_clearing<V>(gkeys + slot(y), W, gk + y * W, P);
-      from_tiles_clearing<V>(gvalues + slot(y), W, gv + y * W, P);
+      from_tiles_clearing<V>(gkv + 2 * slot(y), 2 * L, W, gk + y * W, P);
+      from_tiles_clearing<V>(gkv + 2 * slot(y) + L, 2 * L, W, gv + y * W, P);
     };
     int64_t entered = 0, flushed = 0;  // rows taken into the ring, and out of it
     for (int64_t y = 0; y < H; ++y) {
@@ -211,7 +212,7 @@ inline void key_value_tiles_impl(const TileArgs& a) {
           float* gqt = gq_tiles + (p0 + x) * L;
           V::store(gqt, V::fma(V::broadcast(g[p0 + x]), V::load(keys + tile(s)), V::load(gqt)));
         }
-        float *gkt = gkeys + tile(s), *gvt = gvalues + tile(s);
+        float *gkt = gkv + 2 * tile(s), *gvt = gkt + L;
         V::store(gkt, V::fma(V::broadcast(g[p0 + x]), V::load(q + x * L), V::load(gkt)));
         V::store(gvt, V::fma(V::broadcast(score[p0 + x]), V::load(gorow + x * L), V::load(gvt)));
       }
@@ -219,7 +220,7 @@ inline void key_value_tiles_impl(const TileArgs& a) {
     }
     for (; flushed < H; ++flushed) flush(flushed);
   }
-  if (gq_tiles) from_tiles_clearing<V>(gq_tiles, P, a.gq, P);
+  if (gq_tiles) from_tiles_clearing<V>(gq_tiles, L, P, a.gq, P);
   _mm_sfence();  // the non-temporal stores are visible before the task ends
 }
 
