@@ -16,21 +16,25 @@
 
 #if VSR_TILE_VECTOR
 
-// tiles[i * L + c] = planes[c * stride + i] for i < m <= L, c < L. Whole groups store with
-// L fixed instructions: a loop over a variable count became a spill of r and a `rep movsq`
-// copy of it, whose 8-byte reads of the 64-byte spills stall on store forwarding.
+// tiles[i * L + c] = planes[c * stride + i] for i < m <= L, c < L. Whole groups load and store
+// with L fixed plain instructions: AVX2's masked loads and stores (vmaskmovps) cost several
+// plain ones on this Zen core, and a loop over a variable count became a spill of r and a
+// `rep movsq` copy of it, whose 8-byte reads of the 64-byte spills stall on store forwarding.
 template <typename V>
 inline void to_tile_group(const float* planes, int64_t stride, int64_t m, float* tiles) {
   constexpr int L = V::kLanes;
-  const typename V::Lanes lanes = V::first(m);
   typename V::Vec r[L];
-  for (int c = 0; c < L; ++c) r[c] = V::load_first(lanes, planes + c * stride);
-  V::transpose(r);
-  if (m == L)
+  if (m == L) {
+    for (int c = 0; c < L; ++c) r[c] = V::load(planes + c * stride);
+    V::transpose(r);
     for (int i = 0; i < L; ++i) V::store(tiles + i * L, r[i]);
-  else
+  } else {
+    const typename V::Lanes lanes = V::first(m);
+    for (int c = 0; c < L; ++c) r[c] = V::load_first(lanes, planes + c * stride);
+    V::transpose(r);
     for (int i = 0; i < L; ++i)
       if (i < m) V::store(tiles + i * L, r[i]);
+  }
 }
 
 // tiles[x * L + c] = planes[c * stride + x] for x < n, c < L.
@@ -101,12 +105,18 @@ inline void selection_tile(const SelectionArgs<float>& a, int64_t c, const int32
   const float* go = a.go + c * stride + a.p0;
   for (int64_t i = 0; i < n; i += L) {
     const int64_t m = std::min<int64_t>(L, n - i);
-    const typename V::Lanes lanes = V::first(m);
     typename V::Vec r[L];
     gather_columns<V>(sel + i, m, a.window, [&](int32_t s) { return a.window + (s - lo) * L; }, r);
-    typename V::Vec sum = V::load_first(lanes, acc + i);
-    for (int k = 0; k < L; ++k) sum = V::fma(V::load_first(lanes, go + k * stride + i), r[k], sum);
-    V::store_first(acc + i, lanes, sum);
+    if (m == L) {  // plain loads and stores: see to_tile_group
+      typename V::Vec sum = V::load(acc + i);
+      for (int k = 0; k < L; ++k) sum = V::fma(V::load(go + k * stride + i), r[k], sum);
+      V::store(acc + i, sum);
+    } else {
+      const typename V::Lanes lanes = V::first(m);
+      typename V::Vec sum = V::load_first(lanes, acc + i);
+      for (int k = 0; k < L; ++k) sum = V::fma(V::load_first(lanes, go + k * stride + i), r[k], sum);
+      V::store_first(acc + i, lanes, sum);
+    }
   }
 }
 
