@@ -266,8 +266,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 //    term they can receive: rows below the band's last row + reach). On this Zen 5 core the
 //    vector gathers and scatters cost about as much per element as scalar accesses: see
 //    benchmarks/NOTES.md, session 4.
-// Where the ISA has them (float32, AVX-512 or AVX2: tile_channels = 16 or 8 with AVX-512, by
-// the planes' stride, 8 with AVX2), both phases move
+// Where the ISA has them (float32 with AVX-512 or AVX2: tile_channels = 16 or 8 on AVX-512,
+// chosen by the planes' stride, 8 on AVX2), both phases move
 // each block of that many channels through channels-last tiles instead
 // (local_argmax_attention_tiles.h): phase 1's value gathers, and phase 2 as one task per (b,
 // block of channels that are key and value channels alike),

@@ -120,7 +120,7 @@ struct KeyBandArgs {
   const ValueBandArgs<T>* value;
 };
 
-// Phase 2 of the backward for `lanes` = tile_channels() consecutive channels (one float32
+// Phase 2 of the backward for tile_lanes = tile_channels() consecutive channels (one float32
 // vector per pixel) that are key and value channels alike, over every frame
 // and pixel of one batch element, through channels-last tiles (the copies where tile_channels
 // is non-zero): per frame, a ring of the key rows a query row can select (transposed to one
@@ -135,7 +135,7 @@ struct TileArgs {
   const float *g, *score, *q, *go, *k;
   float *gq, *gk, *gv;
   int64_t height, width, frames, reach, key_frame_stride, value_frame_stride;
-  int lanes;
+  int tile_lanes;
 };
 
 // score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,

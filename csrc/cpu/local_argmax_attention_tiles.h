@@ -254,11 +254,12 @@ inline int64_t selection_tiles(const SelectionArgs<float>& a, const int32_t* sel
   return c;
 }
 
-// 16-lane tiles (AVX-512) except where the channel planes lie a multiple of 4 KiB apart (square
-// training crops: 64x64, 96x96, 128x128, ...): there the 16 planes a 16-lane tile reads or
-// writes at one pixel all fall into one set of the 12-way L1 (sets repeat every 4 KiB), and
-// 8-lane tiles measured 5-20 % faster; elsewhere (80x80, 90x128, 180x320) 16 lanes measured
-// 12-20 % faster (benchmarks/NOTES.md, session 10).
+// 16-lane tiles (AVX-512) except where the channel planes lie a multiple of 4 KiB apart (e.g.
+// 64x64, 96x96, 128x128 frames): there 8-lane tiles measured 4-19 % faster on 12 such shapes,
+// likely because the 16 planes a 16-lane tile reads or writes at one pixel all fall into one set
+// of the 12-way L1 (sets repeat every 4 KiB; no counters to confirm it); on the 5 other shapes
+// (80x80, 90x128, 90x160, 180x128, 180x320) 16 lanes measured 7-24 % faster (benchmarks/NOTES.md,
+// session 10).
 int tile_channels(float, int64_t plane_bytes) {
 #if VSR_SIMD_BYTES == 64
   return plane_bytes % 4096 == 0 ? 8 : 16;
@@ -269,7 +270,7 @@ int tile_channels(float, int64_t plane_bytes) {
 }
 
 void key_value_tiles(const TileArgs& a) {
-  with_tile_vector(a.lanes, [&](auto vector) { key_value_tiles_impl<decltype(vector)>(a); });
+  with_tile_vector(a.tile_lanes, [&](auto vector) { key_value_tiles_impl<decltype(vector)>(a); });
 }
 
 #else
