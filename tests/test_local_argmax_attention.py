@@ -355,6 +355,44 @@ def test_cpu_isa_matches_reference(backend, isa, case, monkeypatch):
     check_against_reference(backend, shape, window, 1.0, border, seed, canary=True, integers=True)
 
 
+# With dilation 1 the forward scores two query rows of one frame per pass over a key row (the
+# AVX-512 float kernel shares each shifted key vector between them), else one; a thread's range
+# of rows ends its last pair early. 1, 2 and 3 threads put the ranges' ends on even and odd rows,
+# mid-frame and at frame ends, so each count pairs the rows differently: float32 integer inputs
+# (exact sums and planted ties) must give the float64 reference's outputs exactly, and random
+# ones the same bits for every count. Odd H, H = 1, B > 1, both borders, K = 9 reaching past W.
+FORWARD_PAIR_CASES = [  # (B, T, C, Cv, H, W), (kernel_size, dilation 1), border
+    ((1, 2, 3, 2, 5, 17), (3, 1), "zeros"), ((2, 1, 4, 3, 7, 33), (9, 1), "exclude"),
+    ((1, 3, 5, 2, 1, 20), (5, 1), "zeros"), ((1, 1, 6, 4, 10, 7), (9, 1), "zeros"),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_ONLY)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", FORWARD_PAIR_CASES, ids=_case_id)
+def test_cpu_forward_row_pairs_match_reference_for_any_thread_count(backend, isa, case, monkeypatch):
+    monkeypatch.setenv("VSR_KERNELS_CPU_ISA", isa)
+    shape, (kernel_size, _), border = case
+    forward = torch.ops.vsr_kernels.local_argmax_attention
+    q, k, v = make_inputs(*shape, seed=11, integers=True)
+    want = reference.local_argmax_attention(q, k, v, kernel_size, 1, 1.0, border)
+    random = [x.float() for x in make_inputs(*shape, seed=12)]
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            got = forward(q.float(), k.float(), v.float(), kernel_size, 1, 1.0, border == "zeros")
+            assert torch.equal(got[2], want[2])
+            H.assert_same(got[:2], tuple(w.float() for w in want[:2]), rtol=0, atol=0)
+            results.append(forward(*random, kernel_size, 1, 0.3, border == "zeros"))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second)
+
+
 # float32 shapes (B, T, C, Cv, H, W), kernel_size: the AVX-512 float kernel reads dilation-1
 # windows of K <= 9 columns through aligned loads shifted in registers: W below, at and above
 # the 16 lanes, K = 9 wider than W / 2, candidates reaching into both paddings.

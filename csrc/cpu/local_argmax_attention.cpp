@@ -40,8 +40,8 @@ void check_int32_pixels(const char* op, int64_t H, int64_t W) {
 }
 
 template <typename T>
-void score_row(Isa isa, const RowArgs<T>& a, int jy, T* best, LaneIndex<T>* best_j) {
-  VSR_CPU_ISA_CALL(isa, score_row, a, jy, best, best_j);
+void score_rows(Isa isa, const RowArgs<T>& a, const QueryRow<T>* rows, int n) {
+  VSR_CPU_ISA_CALL(isa, score_rows, a, rows, n);
 }
 
 template <typename T>
@@ -70,11 +70,12 @@ class AlignedBuffer {
 };
 
 // The most recently used rows of a (T, C, H, W) frame stack, converted to T, with unit
-// pixel stride and zero padding: slot i holds a row cy with cy / dilation = i (mod K), so
-// the K rows y + (jy - r) * dilation one query row reads sit in K different slots, channel c at
-// data[(i * C + c) * stride + pad + x], x in [0, W), zero for x in [-pad, W + pad') (the
-// padding is never written). Slot K is an all-zero row: what outside candidates read. With
-// stride and pad multiples of 16 elements, every row's x = 0 starts a 64-byte line.
+// pixel stride and zero padding: slot i holds a row cy with cy / dilation = i (mod K + 1), so
+// the K rows y + (jy - r) * dilation one query row reads, and the K + 1 two neighbouring query
+// rows read (dilation 1), sit in different slots, channel c at data[(i * C + c) * stride + pad +
+// x], x in [0, W), zero for x in [-pad, W + pad') (the padding is never written). Slot K + 1 is
+// an all-zero row: what outside candidates read. With stride and pad multiples of 16 elements,
+// every row's x = 0 starts a 64-byte line.
 template <typename T>
 struct RowCache {
   int64_t channels, stride, pad, dilation;
@@ -82,8 +83,8 @@ struct RowCache {
   std::vector<int64_t> tags;  // the (frame, row) each slot holds, -1: none
 
   RowCache(int kernel_size, int dilation, int64_t channels, int64_t stride, int64_t pad)
-      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 1) * channels * stride),
-        tags(kernel_size, -1) {}
+      : channels(channels), stride(stride), pad(pad), dilation(dilation), data((kernel_size + 2) * channels * stride),
+        tags(kernel_size + 1, -1) {}
 
   T* zeros() { return row(static_cast<int64_t>(tags.size())); }
   T* row(int64_t slot) { return data.data() + slot * channels * stride + pad; }
@@ -105,9 +106,9 @@ struct RowCache {
   }
 };
 
-// The channel rows the next query row will copy that this row does not (its query row, and
-// the key and value rows entering its window), prefetched into L2 a part at a time while this
-// row computes: without it the copies wait on memory, one 64-byte line of each of C planes a
+// The channel rows the next query rows will copy that these rows do not (their query rows, and
+// the key and value rows entering their window), prefetched into L2 a part at a time while these
+// rows compute: without it the copies wait on memory, one 64-byte line of each of C planes a
 // power of two apart at a time, which the hardware prefetchers do not follow.
 class RowPrefetch {
  public:
@@ -143,82 +144,105 @@ class RowPrefetch {
 };
 
 // The forward of rows [begin, end) of the (B, T, H) rows, computed in T (float32 for
-// float16 and bfloat16). Query and key rows are copied (converted, padded) into the kernel's
-// buffers, the key rows through a RowCache, so consecutive query rows of a frame share K - 1 of
-// them and a frame's rows are read from memory about once. out is gathered from v (in T) in
-// place: each channel's selected pixels lie in a window of 2 * reach + 1 contiguous rows.
+// float16 and bfloat16), one or two query rows at a time (two where the dilation is 1 and the
+// next row is of the same frame and range: they share K - 1 key rows, see score_rows). Query and
+// key rows are copied (converted, padded) into the kernel's buffers, the key rows through a
+// RowCache, so consecutive query rows of a frame share them and a frame's rows are read from
+// memory about once. out is gathered from v (in T) in place: each channel's selected pixels lie
+// in a window of 2 * reach + 1 contiguous rows.
 template <typename scalar_t, typename T>
 void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                   at::Tensor& score, at::Tensor& index, const Window& w, const Extent& e, T scale, int64_t begin,
                   int64_t end) {
   const int64_t T_ = e.frames, C = e.channels, Cv = e.value_channels, H = w.height, W = w.width;
-  const int K = w.kernel_size, r = K / 2;
-  const int64_t reach = static_cast<int64_t>(r) * w.dilation;
+  const int K = w.kernel_size, r = K / 2, d = w.dilation;
+  const int64_t reach = static_cast<int64_t>(r) * d;
   auto align = [](int64_t n) { return (n + kRowAlign - 1) / kRowAlign * kRowAlign; };
   const int64_t Wr = align(W), pad = align(std::max<int64_t>(reach < W ? reach : W, 1)), Ws = Wr + 2 * pad;
-  AlignedBuffer<T> qbuf(C * Wr);
-  std::vector<T> best(Wr);
-  RowCache<T> keys(K, w.dilation, C, Ws, pad);
-  std::vector<LaneIndex<T>> best_j(Wr);
+  // Per query row of a pair: its channels, running best and candidate.
+  AlignedBuffer<T> qbuf(2 * C * Wr);
+  std::vector<T> best(2 * Wr);
+  std::vector<LaneIndex<T>> best_j(2 * Wr);
+  RowCache<T> keys(K, d, C, Ws, pad);
   std::vector<int32_t> sel(W);
   // out's row in T, converted into out where out is not in T.
   std::vector<T> out_row(std::is_same_v<scalar_t, T> ? 0 : Cv * W);
+  // How many query rows from `row` on are scored together.
+  auto rows_at = [&](int64_t row) -> int { return d == 1 && row + 1 < end && row % H + 1 < H ? 2 : 1; };
   RowPrefetch ahead;
-  for (int64_t row = begin; row < end; ++row) {
+  for (int64_t row = begin, n = 0; row < end; row += n) {
+    n = rows_at(row);
     const int64_t b = row / (T_ * H), t = row / H % T_, y = row % H, bt = b * T_ + t;
+    // Key rows y - reach .. y + n - 1 + reach, every d-th.
+    const int64_t first_key = y - reach, last_key = y + n - 1 + reach;
     const auto qf = frames_at<const scalar_t>(q, b), kf = frames_at<const scalar_t>(k, b),
                vf = frames_at<const T>(v, b);
     ahead.clear();
-    if (row + 1 < end) {
-      const int64_t nb = (row + 1) / (T_ * H), nt = (row + 1) / H % T_, ny = (row + 1) % H, nbt = nb * T_ + nt;
+    if (row + n < end) {
+      const int64_t next = row + n, nn = rows_at(next);
+      const int64_t nb = next / (T_ * H), nt = next / H % T_, ny = next % H, nbt = nb * T_ + nt;
       const auto nqf = frames_at<const scalar_t>(q, nb), nkf = frames_at<const scalar_t>(k, nb),
                  nvf = frames_at<const T>(v, nb);
       constexpr int64_t e_ = sizeof(scalar_t);
-      ahead.add(&nqf.at(0, 0, ny * W), nqf.stride.channel * e_, C, W * e_);
-      for (int jy = 0; jy < K; ++jy) {
-        const int64_t cy = ny + static_cast<int64_t>(jy - r) * w.dilation;
-        const bool cached = nbt == bt && (cy - y) % w.dilation == 0 && std::abs(cy - y) <= reach;
+      ahead.add(&nqf.at(0, 0, ny * W), nqf.stride.channel * e_, C, nn * W * e_);
+      for (int64_t cy = ny - reach; cy <= ny + nn - 1 + reach; cy += d) {
+        const bool cached = nbt == bt && (cy - y) % d == 0 && cy >= first_key && cy <= last_key;
         if (cy < 0 || cy >= H || cached) continue;
         ahead.add(&nkf.at(nt, 0, cy * W), nkf.stride.channel * e_, C, W * e_);
         ahead.add(&nvf.at(nt, 0, cy * W), nvf.stride.channel * sizeof(T), Cv, W * sizeof(T));
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* src = &qf.at(0, c, y * W);
-      for (int64_t x = 0; x < W; ++x) qbuf[c * Wr + x] = vsr_kernels::convert<T>(src[x]);
+    QueryRow<T> rows[2];
+    for (int i = 0; i < n; ++i) {
+      T* qrow = qbuf.data() + i * C * Wr;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* src = &qf.at(0, c, (y + i) * W);
+        for (int64_t x = 0; x < W; ++x) qrow[c * Wr + x] = vsr_kernels::convert<T>(src[x]);
+      }
+      rows[i] = QueryRow<T>{qrow, 0, best.data() + i * Wr, best_j.data() + i * Wr};
+      std::fill_n(rows[i].best_j, Wr, LaneIndex<T>(-1));
+      std::fill_n(rows[i].best, Wr, T(0));
     }
-    std::fill(best_j.begin(), best_j.end(), LaneIndex<T>(-1));
-    std::fill(best.begin(), best.end(), T(0));
-    for (int jy = 0; jy < K; ++jy) {
-      ahead.step(K);
-      const int64_t cy = y + static_cast<int64_t>(jy - r) * w.dilation;
+    const int steps = K + static_cast<int>(n) - 1;
+    for (int64_t cy = first_key; cy <= last_key; cy += d) {
+      ahead.step(steps);
       const bool inside = cy >= 0 && cy < H;
       if (!inside && !w.zero_border) continue;
+      // The query rows this key row is a candidate row of, in increasing y.
+      QueryRow<T> targets[2];
+      int m = 0;
+      for (int i = 0; i < n; ++i)
+        if (const int64_t jy = (cy - y - i) / d + r; jy >= 0 && jy < K) {
+          targets[m] = rows[i];
+          targets[m++].jy = static_cast<int>(jy);
+        }
       const T* key = inside ? keys.fetch(kf, bt, t, cy, H, W) : keys.zeros();
-      const RowArgs<T> a{qbuf.data(), Wr, key, keys.zeros(), Ws, C, W, Wr, K, w.dilation, scale,
-                         w.zero_border, inside};
-      score_row<T>(isa, a, jy, best.data(), best_j.data());
+      const RowArgs<T> a{Wr, key, keys.zeros(), Ws, C, W, Wr, K, d, scale, w.zero_border, inside};
+      score_rows<T>(isa, a, targets, m);
     }
-    scalar_t* sc = score.data_ptr<scalar_t>() + bt * H * W + y * W;
-    int64_t* ix = index.data_ptr<int64_t>() + bt * H * W + y * W;
-    for (int64_t x = 0; x < W; ++x) {
-      const int64_t j = best_j[x];
-      // The selected value pixel, -1 for none or a zero-padded one (H * W < 2^31: checked).
-      sel[x] = static_cast<int32_t>(j < 0 ? -1 : w.candidate_pixel(y, x, static_cast<int>(j)));
-      sc[x] = vsr_kernels::convert<scalar_t>(best[x]);
-      ix[x] = j;
-    }
-    // out = score * the selected value (0 for a zero-padded one, multiplied for real).
-    const auto of = frames_at<scalar_t>(out, b);
-    if constexpr (std::is_same_v<scalar_t, T>) {
-      select_values<T>(isa, SelectArgs<T>{best.data(), sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
-                                          &of.at(t, 0, y * W), of.stride.channel, Cv, W});
-    } else {
-      select_values<T>(isa, SelectArgs<T>{best.data(), sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
-                                          out_row.data(), W, Cv, W});
-      for (int64_t c = 0; c < Cv; ++c) {
-        scalar_t* dst = &of.at(t, c, y * W);
-        for (int64_t x = 0; x < W; ++x) dst[x] = vsr_kernels::convert<scalar_t>(out_row[c * W + x]);
+    for (int i = 0; i < n; ++i) {
+      const int64_t yi = y + i;
+      scalar_t* sc = score.data_ptr<scalar_t>() + bt * H * W + yi * W;
+      int64_t* ix = index.data_ptr<int64_t>() + bt * H * W + yi * W;
+      for (int64_t x = 0; x < W; ++x) {
+        const int64_t j = rows[i].best_j[x];
+        // The selected value pixel, -1 for none or a zero-padded one (H * W < 2^31: checked).
+        sel[x] = static_cast<int32_t>(j < 0 ? -1 : w.candidate_pixel(yi, x, static_cast<int>(j)));
+        sc[x] = vsr_kernels::convert<scalar_t>(rows[i].best[x]);
+        ix[x] = j;
+      }
+      // out = score * the selected value (0 for a zero-padded one, multiplied for real).
+      const auto of = frames_at<scalar_t>(out, b);
+      if constexpr (std::is_same_v<scalar_t, T>) {
+        select_values<T>(isa, SelectArgs<T>{rows[i].best, sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
+                                            &of.at(t, 0, yi * W), of.stride.channel, Cv, W});
+      } else {
+        select_values<T>(isa, SelectArgs<T>{rows[i].best, sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
+                                            out_row.data(), W, Cv, W});
+        for (int64_t c = 0; c < Cv; ++c) {
+          scalar_t* dst = &of.at(t, c, yi * W);
+          for (int64_t x = 0; x < W; ++x) dst[x] = vsr_kernels::convert<scalar_t>(out_row[c * W + x]);
+        }
       }
     }
   }

@@ -32,18 +32,16 @@ inline void prefetch_line(const void* p) {
 #endif
 }
 
-// One query row against one candidate row, in buffers laid out by the launcher:
-// - query[c * qstride + x]: the row's channels, x < rounded_width (a multiple of every
-//   vector width, 16), zero for x >= width;
+// One candidate (key) row against one or two query rows, in buffers laid out by the launcher:
 // - key[c * kstride + x] for x in [-pad, rounded_width + pad), pad >= min(r * dilation, width)
 //   and >= 16: the candidate row's channels, zero outside [0, width); `zeros` is an all-zero
 //   row laid out the same (read for candidates outside the frame). Where key + c * kstride
 //   starts a 64-byte line, the AVX-512 float kernel reads it with aligned loads;
-// - best[x], best_j[x] (rounded_width long): the running best score and candidate, best_j -1
-//   before the first.
+// - per query row (QueryRow): query[c * qstride + x], the row's channels, x < rounded_width (a
+//   multiple of every vector width, 16), zero for x >= width; best[x], best_j[x]
+//   (rounded_width long): the running best score and candidate, best_j -1 before the first.
 template <typename T>
 struct RowArgs {
-  const T* query;
   int64_t qstride;
   const T* key;
   const T* zeros;
@@ -53,6 +51,15 @@ struct RowArgs {
   T scale;
   bool zero_border;  // every candidate counts; else only those inside the frame
   bool row_inside;   // the candidate row lies inside the frame
+};
+
+// A query row whose candidate row jy the key row of a score_rows call is.
+template <typename T>
+struct QueryRow {
+  const T* query;
+  int jy;
+  T* best;
+  LaneIndex<T>* best_j;
 };
 
 // The forward's output of one query row: out[c * out_stride + x] = best[x] *
@@ -138,15 +145,16 @@ struct TileArgs {
   int tile_lanes;
 };
 
-// score_row: candidates (jy, 0 .. K - 1) of every pixel of the row, visited in increasing jx,
-// folded into best and best_j. tile_channels: the tile width where this copy has the tiled
-// float32 backward for channel planes `plane_bytes` apart (16 or 8 with AVX-512, 8 with AVX2;
-// selection_grad's then use the window scratch, key_value_tiles runs), else 0 (key_value_tiles
+// score_rows: candidates (rows[i].jy, 0 .. K - 1) of every pixel of rows[i], i < n (1 or 2),
+// visited in increasing jx, folded into rows[i].best and best_j: two query rows share each
+// loaded and shifted key vector where the AVX-512 float kernel can (dilation 1).
+// tile_channels: the tile width where this copy has the tiled float32 backward for channel
+// planes `plane_bytes` apart (16 or 8 with AVX-512, 8 with AVX2; selection_grad's then use the window scratch, key_value_tiles runs), else 0 (key_value_tiles
 // must not be called); float64 never has it.
 #define VSR_DECLARE_ISA(ns)                                                                                  \
   namespace ns {                                                                                             \
-  void score_row(const RowArgs<float>& a, int jy, float* best, int32_t* best_j);                             \
-  void score_row(const RowArgs<double>& a, int jy, double* best, int64_t* best_j);                           \
+  void score_rows(const RowArgs<float>& a, const QueryRow<float>* rows, int n);                              \
+  void score_rows(const RowArgs<double>& a, const QueryRow<double>* rows, int n);                            \
   void select_values(const SelectArgs<float>& a);                                                            \
   void select_values(const SelectArgs<double>& a);                                                           \
   void selection_grad(const SelectionArgs<float>& a);                                                        \
