@@ -148,6 +148,22 @@ def check_against_reference(backend, shape, window, scale, border, seed, canary=
     H.assert_same(got, want, OUTPUT_NAMES, **FLOAT64)
 
 
+def same_bits_at_thread_counts(run, counts=(1, 2, 3)):
+    """Calls run(n) with n torch threads for each n in `counts` (the thread count restored after)
+    and asserts that every call returns the same tensors, bit for bit."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in counts:
+            torch.set_num_threads(n)
+            results.append(run(n))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for first, second in zip(results[0], other):
+            assert torch.equal(first, second)
+
+
 # ---------------------------------------------------------------------------------------
 # The oracle.
 
@@ -377,20 +393,14 @@ def test_cpu_forward_row_pairs_match_reference_for_any_thread_count(backend, isa
     q, k, v = make_inputs(*shape, seed=11, integers=True)
     want = reference.local_argmax_attention(q, k, v, kernel_size, 1, 1.0, border)
     random = [x.float() for x in make_inputs(*shape, seed=12)]
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            got = forward(q.float(), k.float(), v.float(), kernel_size, 1, 1.0, border == "zeros")
-            assert torch.equal(got[2], want[2])
-            H.assert_same(got[:2], tuple(w.float() for w in want[:2]), rtol=0, atol=0)
-            results.append(forward(*random, kernel_size, 1, 0.3, border == "zeros"))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for first, second in zip(results[0], other):
-            assert torch.equal(first, second)
+
+    def run(_):
+        got = forward(q.float(), k.float(), v.float(), kernel_size, 1, 1.0, border == "zeros")
+        assert torch.equal(got[2], want[2])
+        H.assert_same(got[:2], tuple(w.float() for w in want[:2]), rtol=0, atol=0)
+        return forward(*random, kernel_size, 1, 0.3, border == "zeros")
+
+    same_bits_at_thread_counts(run)
 
 
 # float32 shapes (B, T, C, Cv, H, W), kernel_size: the AVX-512 float kernel reads dilation-1
@@ -466,18 +476,12 @@ def test_cpu_backward_tiles_match_reference_with_the_same_bits_for_any_thread_co
     out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, *window, 0.5, border == "zeros")
     go, gs = H.upstream_grads([out, score])
     args = (go, gs, q, k, v, score, index, *window, 0.5, border == "zeros")
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(torch.ops.vsr_kernels.local_argmax_attention_backward(*args))
-            check_against_reference(backend, shape, window, 0.5, border, seed + n, canary=True)
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for first, second in zip(results[0], other):
-            assert torch.equal(first, second)
+
+    def run(n):
+        check_against_reference(backend, shape, window, 0.5, border, seed + n, canary=True)
+        return torch.ops.vsr_kernels.local_argmax_attention_backward(*args)
+
+    same_bits_at_thread_counts(run)
 
 
 # The float32 backward moves the selected key and value pixels through channels-last tiles of 16
@@ -792,17 +796,7 @@ def test_cpu_backward_same_bits_for_any_thread_count(dtype):
     out, score, index = torch.ops.vsr_kernels.local_argmax_attention(q, k, v, 3, 2, 0.3, False)
     go, gs = H.upstream_grads([out, score])
     args = (go, gs, q, k, v, score, index, 3, 2, 0.3, False)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(backward(*args))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for first, second in zip(results[0], other):
-            assert torch.equal(first, second)
+    same_bits_at_thread_counts(lambda _: backward(*args))
 
 
 @needs_cpu_kernels
