@@ -177,6 +177,7 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
     const int64_t first_key = y - reach, last_key = y + n - 1 + reach;
     const auto qf = frames_at<const scalar_t>(q, b), kf = frames_at<const scalar_t>(k, b),
                vf = frames_at<const T>(v, b);
+    const auto of = frames_at<scalar_t>(out, b);
     ahead.clear();
     if (row + n < end) {
       const int64_t next = row + n, nn = rows_at(next);
@@ -232,7 +233,6 @@ void forward_rows(Isa isa, const at::Tensor& q, const at::Tensor& k, const at::T
         ix[x] = j;
       }
       // out = score * the selected value (0 for a zero-padded one, multiplied for real).
-      const auto of = frames_at<scalar_t>(out, b);
       if constexpr (std::is_same_v<scalar_t, T>) {
         select_values<T>(isa, SelectArgs<T>{rows[i].best, sel.data(), &vf.at(t, 0, 0), vf.stride.channel,
                                             &of.at(t, 0, yi * W), of.stride.channel, Cv, W});
@@ -291,10 +291,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
 //    vector gathers and scatters cost about as much per element as scalar accesses: see
 //    benchmarks/NOTES.md, session 4.
 // Where the ISA has them (float32 with AVX-512 or AVX2: tile_channels = 16 or 8 on AVX-512,
-// chosen by the planes' stride, 8 on AVX2), both phases move
-// each block of that many channels through channels-last tiles instead
-// (local_argmax_attention_tiles.h): phase 1's value gathers, and phase 2 as one task per (b,
-// block of channels that are key and value channels alike),
+// chosen by the planes' stride, 8 on AVX2), both phases move each block of that many channels
+// through channels-last tiles instead (local_argmax_attention_tiles.h): phase 1's value gathers,
+// and phase 2 as one task per (b, block of channels that are key and value channels alike),
 // frames outer, rows inner; the leftover channels take the kernels above. Same terms, same order.
 // Each output element receives its terms in increasing p (and grad_query its frames in
 // increasing t) whatever the number of threads: the same bits for any of them. A band's rows

@@ -149,8 +149,9 @@ struct TileArgs {
 // visited in increasing jx, folded into rows[i].best and best_j: two query rows share each
 // loaded and shifted key vector where the AVX-512 float kernel can (dilation 1).
 // tile_channels: the tile width where this copy has the tiled float32 backward for channel
-// planes `plane_bytes` apart (16 or 8 with AVX-512, 8 with AVX2; selection_grad's then use the window scratch, key_value_tiles runs), else 0 (key_value_tiles
-// must not be called); float64 never has it.
+// planes `plane_bytes` apart (16 or 8 with AVX-512, 8 with AVX2; selection_grad's then use the
+// window scratch, key_value_tiles runs), else 0 (key_value_tiles must not be called); float64
+// never has it.
 #define VSR_DECLARE_ISA(ns)                                                                                  \
   namespace ns {                                                                                             \
   void score_rows(const RowArgs<float>& a, const QueryRow<float>* rows, int n);                              \
