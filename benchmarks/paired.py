@@ -106,6 +106,9 @@ def main(argv=None):
     if args.threads < 1 or args.pairs < 3 or args.seconds < 0:
         parser.error("--threads must be at least 1, --pairs at least 3 and --seconds not negative")
     against = None if args.against is None else set(args.against.split(","))
+    known = {FWD} | {name for workload in workloads.registered().values() for name in workload.baselines}
+    if against is not None and not against <= known:
+        parser.error(f"--against: unknown {', '.join(sorted(against - known))} (known: {', '.join(sorted(known))})")
     saved = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     print(f"Paired timing on {measure.device_name('cpu')}, torch {torch.__version__}, {args.threads} threads: "

@@ -84,7 +84,8 @@ def test_main_prints_a_row_per_comparison_with_its_ratios(capsys):
     assert float(rows[0].group(7)) > 1 and float(rows[1].group(7)) > 0
 
 
-@pytest.mark.parametrize("argv", [["--threads", "0"], ["--pairs", "2"], ["--seconds", "-1"]])
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--pairs", "2"], ["--seconds", "-1"],
+                                  ["--against", "careful,carefull"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit):
         paired.main(argv)
