@@ -40,7 +40,7 @@ def comparisons(quick, words, against=None):
     for workload in workloads.registered().values():
         cases = [case for case in workload.cases("cpu", quick) if case.unavailable() is None]
         for case in cases:
-            if case.backend in workload.baselines or not all(word in case.id for word in words):
+            if not workload.selects(case, words):
                 continue
             others = [other for other in cases if other.backend in workload.baselines
                       and dataclasses.replace(other, backend=case.backend) == case]

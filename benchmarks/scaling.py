@@ -35,7 +35,7 @@ def selected_cases(quick, words):
     """The probes, then the CPU cases of the ops' own backends whose id contains every word."""
     probes = measure.probe_cases("cpu", quick)
     cases = [case for workload in workloads.registered().values() for case in workload.cases("cpu", quick)
-             if case.backend not in workload.baselines and all(word in case.id for word in words)]
+             if workload.selects(case, words)]
     return probes + [case for case in cases if case.unavailable() is None]
 
 

@@ -168,6 +168,11 @@ class Workload:
     columns: Sequence[Column] | None = None
     notes: Sequence[str] = ()
 
+    def selects(self, case, words):
+        """Whether `case` runs one of the op's own backends (not a baseline) and its id contains
+        every word: the cases benchmarks.scaling and benchmarks.paired time."""
+        return case.backend not in self.baselines and all(word in case.id for word in words)
+
 
 def registered() -> dict[str, Workload]:
     """{name: Workload} of every workload module in this package, by module name."""
